@@ -1,0 +1,69 @@
+"""The Python API: the same four verbs as the command line.
+
+>>> import anoseg
+>>> model = anoseg.train(anoseg.profile_config("fast"), "mvtec/bottle", "runs/bottle")
+>>> result = anoseg.evaluate(model, "mvtec/bottle", "runs/bottle/eval")
+>>> records = anoseg.predict(model, ["new_photos/"], "runs/bottle/pred")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import train as _train
+from .config import Config, profile_config
+from .data import folder_test_samples, load_stack, mvtec_test_samples, train_images
+from .demo import make_demo_dataset
+from .evaluate import evaluate as _evaluate
+from .inference import AnoSegModel
+from .predict import predict as _predict
+from .visualize import synthetic_examples_grid
+
+
+def train(config: Config, data: str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True) -> AnoSegModel:
+    """Train on normal images (MVTec category or folder) and save the model to `out`."""
+    return _train.train(config, data, out, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def load(folder: str | Path, device: str | None = None) -> AnoSegModel:
+    """Load a trained model folder (safetensors + JSON; nothing is unpickled)."""
+    return AnoSegModel.load(folder, device=device)
+
+
+def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, *, threshold: float | None = None,
+            map_format: str = "png", progress: bool = True) -> list[dict[str, Any]]:
+    """Anomaly maps, overlays and verdicts for image files, folders or globs."""
+    return _predict(model, inputs, out, threshold=threshold, map_format=map_format, progress=progress)
+
+
+def evaluate(model: AnoSegModel, data: str | Path | None, out: str | Path | None, *, threshold: float | None = None,
+             normal: str | Path | None = None, abnormal: str | Path | None = None, masks: str | Path | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Metrics on an MVTec category's test split (`data`), or on plain folders (normal/abnormal/masks)."""
+    samples = mvtec_test_samples(data) if data else folder_test_samples(normal, abnormal, masks)
+    return _evaluate(model, samples, out, threshold=threshold, progress=progress)
+
+
+def save_synthetic_examples(config: Config, data: str | Path, path: str | Path, n: int = 16) -> None:
+    """A PNG grid of synthetic anomalies (outlined in green) as training makes them."""
+    files = train_images(data)[: max(n, 1) * 2]
+    synthetic_examples_grid(Path(path), load_stack(files, config.image_size), config, n, config.seed)
+
+
+def demo(data: str | Path = "demo_data", out: str | Path = "demo_run", steps: int | None = None,
+         progress: bool = True) -> dict[str, Any]:
+    """Make the synthetic demo data set (if absent), train the tiny profile, evaluate and predict."""
+    from .demo import CATEGORY
+
+    category = Path(data) / CATEGORY
+    if not (category / "train" / "good").is_dir():
+        make_demo_dataset(data)
+    cfg = profile_config("tiny", **({"steps": steps} if steps else {}))
+    out = Path(out)
+    save_synthetic_examples(cfg, category, out / "synthetic_examples.png", 16)
+    model = train(cfg, category, out / "model", overwrite=True, progress=progress)
+    result = evaluate(model, category, out / "eval", progress=progress)
+    predict(model, [category / "test"], out / "predictions", progress=progress)
+    return result

@@ -1,0 +1,190 @@
+"""Command line: ``anoseg train | predict | evaluate | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import api
+from .config import PROFILES, Config, profile_config
+from .errors import AnosegError, ConfigError
+
+# Common settings get their own flags; every other Config field is reachable with --set KEY=VALUE.
+TRAIN_FLAGS = {
+    "steps": (int, "training iterations"),
+    "batch_size": (int, "images per training batch"),
+    "image_size": (int, "model input size in pixels (8 times a power of two)"),
+    "lr": (float, "generator learning rate (Adam)"),
+    "seed": (int, "random seed; the same seed reproduces a run"),
+    "device": (str, "auto, cpu, cuda or cuda:N"),
+    "num_threads": (int, "CPU threads for torch (0 = default)"),
+    "max_minutes": (float, "stop training after this many minutes (0 = no limit)"),
+    "checkpoint_every": (int, "save a checkpoint every N steps"),
+}
+
+
+def _parse_value(field: dataclasses.Field, text: str) -> Any:
+    kind = str(field.type)
+    try:
+        if kind == "bool":
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind.startswith("tuple"):
+            return tuple(s.strip() for s in text.split(",") if s.strip())
+        if kind.startswith("dict"):
+            return json.loads(text)
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"--set {field.name}={text}: expected a value of type {kind}") from None
+    return text
+
+
+def parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings to typed Config overrides."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
+        if key not in fields or key in ("version", "profile"):
+            raise ConfigError(f"--set {key}: unknown setting (see docs/settings.md or anoseg train --help)")
+        out[key] = _parse_value(fields[key], value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="anoseg", description="AnoSeg anomaly segmentation: learn normal parts from "
+                                "defect-free images, then paint where new images show defects (1 = defect).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on defect-free images",
+                       description="Train on the normal images of DATA: an MVTec AD category folder "
+                       "(uses DATA/train/good) or a folder of images. Writes the model to --out.")
+    t.add_argument("data", help="MVTec category folder or folder of normal images")
+    t.add_argument("--out", required=True, help="model folder to write (config, checkpoints, weights)")
+    t.add_argument("--profile", default="fast", choices=list(PROFILES),
+                   help="settings preset: paper (256 px, as in the paper), fast (CPU), tiny (tests/demo)")
+    t.add_argument("--config", help="start from a saved config.json instead of a profile")
+    for name, (kind, text) in TRAIN_FLAGS.items():
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting, e.g. --set lambda_adv=0.05 (repeatable; see docs/settings.md)")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace a model or checkpoint already in --out")
+    t.add_argument("--save-examples", type=int, default=0, metavar="N",
+                   help="also save a grid of N synthetic training examples (--out/synthetic_examples.png)")
+    t.add_argument("--evaluate", action="store_true",
+                   help="evaluate on DATA/test afterwards (MVTec layout) into --out/eval")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pr = sub.add_parser("predict", help="anomaly maps for new images",
+                        description="Write, per image, a heat-map overlay PNG (defect regions outlined), the raw "
+                        "map (16-bit PNG, value/65535, or .npy) and a line in predictions.csv/.jsonl.")
+    pr.add_argument("model", help="trained model folder")
+    pr.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (quote globs)")
+    pr.add_argument("--out", required=True, help="folder for the results")
+    pr.add_argument("--threshold", type=float, help="override the model's stored threshold")
+    pr.add_argument("--map-format", choices=["png", "npy"], default="png", help="raw map format")
+    pr.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the model's setting)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("evaluate", help="metrics on a labelled test set",
+                        description="Pixel AUROC, AUPRO (FPR <= 0.3), pixel AP, image AUROC, F1-max, IoU at the "
+                        "model threshold and best IoU. Writes metrics.json, metrics.md, scores.csv, roc.png, pro.png.")
+    ev.add_argument("model", help="trained model folder")
+    ev.add_argument("data", nargs="?", help="MVTec category folder (uses DATA/test and DATA/ground_truth)")
+    ev.add_argument("--normal", help="folder of normal test images (plain layout)")
+    ev.add_argument("--abnormal", help="folder of defect test images (plain layout)")
+    ev.add_argument("--masks", help="folder of masks named like the defect images (NAME.png or NAME_mask.png)")
+    ev.add_argument("--out", required=True, help="folder for the results")
+    ev.add_argument("--threshold", type=float, help="override the model's stored threshold")
+    ev.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    d = sub.add_parser("demo", help="make a small synthetic data set, train, evaluate and predict on it",
+                       description="Generates DATA (MVTec layout) if absent, trains the tiny profile, evaluates "
+                       "and writes overlays: the whole pipeline in a few minutes on a CPU.")
+    d.add_argument("--data", default="demo_data", help="where to write the synthetic data set")
+    d.add_argument("--out", default="demo_run", help="folder for the model and results")
+    d.add_argument("--steps", type=int, default=None, help="training iterations (default: tiny profile's)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _train_config(args: argparse.Namespace) -> Config:
+    base = Config.load(args.config) if args.config else profile_config(args.profile)
+    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    overrides.update(parse_sets(args.set))
+    return base.replace(**overrides)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = not getattr(args, "quiet", False)
+    if args.command == "train":
+        cfg = _train_config(args)
+        if args.save_examples:
+            api.save_synthetic_examples(cfg, args.data, Path(args.out) / "synthetic_examples.png", args.save_examples)
+        model = api.train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
+        print(f"model written to {args.out} (threshold {model.threshold:.4f}, "
+              f"{model.meta['train_seconds']:.0f} s)")
+        if args.evaluate:
+            result = api.evaluate(model, args.data, Path(args.out) / "eval", progress=progress)
+            _print_metrics(result)
+    elif args.command == "predict":
+        model = api.load(args.model, device=args.device)
+        records = api.predict(model, args.inputs, args.out, threshold=args.threshold,
+                              map_format=args.map_format, progress=progress)
+        n_def = sum(r["verdict"] == "defect" for r in records)
+        print(f"{len(records)} image(s) scored, {n_def} defect; results in {args.out}/predictions.csv")
+    elif args.command == "evaluate":
+        if not args.data and not (args.normal or args.abnormal):
+            raise AnosegError("give an MVTec category folder, or --normal/--abnormal/--masks folders")
+        model = api.load(args.model, device=args.device)
+        result = api.evaluate(model, args.data, args.out, threshold=args.threshold, normal=args.normal,
+                              abnormal=args.abnormal, masks=args.masks, progress=progress)
+        _print_metrics(result)
+        print(f"results in {args.out}/metrics.json and metrics.md")
+    elif args.command == "demo":
+        start = time.perf_counter()
+        result = api.demo(args.data, args.out, steps=args.steps, progress=progress)
+        _print_metrics(result)
+        print(f"demo finished in {time.perf_counter() - start:.0f} s; open {args.out}/eval/metrics.md and "
+              f"{args.out}/predictions/*_overlay.png")
+    return 0
+
+
+def _print_metrics(result: dict[str, Any]) -> None:
+    from .evaluate import markdown_table
+
+    print(markdown_table(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"anoseg: warning: {msg}\n"
+    try:
+        return run(argv)
+    except AnosegError as e:
+        print(f"anoseg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anoseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

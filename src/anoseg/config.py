@@ -1,0 +1,179 @@
+"""All settings of a run in one typed dataclass, saved as JSON beside every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+
+SEG_LOSSES = ("focal", "bce", "l1")
+REGION_SHAPES = ("rect", "ellipse", "scar")
+
+
+@dataclass
+class Config:
+    """Settings for model, synthetic anomalies, training, scoring and thresholds.
+
+    Use :func:`profile_config` for the named profiles (``paper``, ``fast``, ``tiny``)
+    and override single fields with :meth:`replace`.
+    """
+
+    profile: str = "fast"
+    # --- model -------------------------------------------------------------------
+    image_size: int = 128  # square model input; the encoder always ends at 8x8
+    base_channels: int = 32  # width of the first encoder stage, doubled per stage
+    max_channels: int = 256  # cap on the width (512 in the paper profile)
+    seg_skips: bool = True  # U-Net skips from encoder into the map decoder (not in the paper)
+    coord_channels: bool = True  # append x, y in [-1, 1] to the input (CoordConv)
+    # --- synthetic anomalies (hard augmentation) -----------------------------------
+    anomaly_ratio: float = 0.5  # share of each batch that gets a pasted anomaly
+    region_min: float = 0.005  # pasted area as a share of the image, lower bound
+    region_max: float = 0.08  # upper bound
+    region_shapes: tuple[str, ...] = ("rect", "ellipse", "scar")
+    p_rotate: float = 0.5
+    p_permute: float = 0.5
+    p_jitter: float = 0.5
+    permute_grid: int = 4  # the augmented copy is cut into grid x grid patches and shuffled
+    jitter_strength: float = 0.4  # brightness/contrast/saturation range, hue is a quarter of it
+    mask_min_diff: float = 0.02  # pasted pixels that changed less than this are not marked as defect
+    # --- training --------------------------------------------------------------------
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    seg_loss: str = "focal"
+    lambda_seg: float = 10.0
+    lambda_rec: float = 1.0
+    lambda_adv: float = 0.1
+    train_augment_flip: bool = False  # random flips of training images (off: many parts are not symmetric)
+    checkpoint_every: int = 500
+    max_minutes: float = 0.0  # stop training after this wall time (0 = no limit); makes runs non-repeatable
+    seed: int = 0
+    device: str = "auto"  # "auto" picks CUDA when available, else CPU
+    num_threads: int = 0  # CPU threads for torch (0 = torch's default)
+    # --- maps, scores and thresholds -------------------------------------------------
+    smoothing_sigma: float = 4.0  # Gaussian smoothing of the map before scoring, in pixels of the original image
+    holdout_fraction: float = 0.1  # share of normal training images kept out to choose the threshold
+    holdout_min: int = 2
+    threshold_quantile: float = 0.99  # quantile of held-out normal scores used as threshold
+    batch_size_infer: int = 16
+    version: int = CONFIG_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # free notes, kept with the model
+
+    def __post_init__(self) -> None:
+        self.region_shapes = tuple(self.region_shapes)
+        self.validate()
+
+    # ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid setting."""
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"setting {name}={getattr(self, name)!r}: {why}")
+
+        n = self.image_size
+        if n < 16 or n % 8 or not math.log2(n // 8).is_integer():
+            raise bad("image_size", "must be 8 times a power of two, at least 16 (e.g. 64, 128, 256)")
+        for name in ("base_channels", "max_channels", "steps", "batch_size", "batch_size_infer", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        if self.max_channels < self.base_channels:
+            raise bad("max_channels", "must be at least base_channels")
+        for name in ("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "must lie in [0, 1]")
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            raise bad("threshold_quantile", "must lie in (0, 1]")
+        if not 0.0 < self.region_min <= self.region_max < 1.0:
+            raise bad("region_min", "need 0 < region_min <= region_max < 1")
+        if not self.region_shapes or any(s not in REGION_SHAPES for s in self.region_shapes):
+            raise bad("region_shapes", f"choose from {', '.join(REGION_SHAPES)}")
+        if self.seg_loss not in SEG_LOSSES:
+            raise bad("seg_loss", f"choose from {', '.join(SEG_LOSSES)}")
+        if self.permute_grid < 1:
+            raise bad("permute_grid", "must be at least 1")
+        for name in ("lr", "lr_d"):
+            if not getattr(self, name) > 0:
+                raise bad(name, "must be positive")
+        for name in ("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength",
+                     "mask_min_diff"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must not be negative")
+        if self.holdout_min < 1:
+            raise bad("holdout_min", "must be at least 1")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise bad("device", "use auto, cpu, cuda or cuda:N")
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (validated)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["region_shapes"] = list(self.region_shapes)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        if not isinstance(data, dict):
+            raise ConfigError("configuration must be a JSON object")
+        version = data.get("version")
+        if version != CONFIG_VERSION:
+            raise ConfigError(
+                f"configuration version {version!r} is not supported by this anoseg (expects {CONFIG_VERSION})"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"configuration has unknown setting(s): {', '.join(sorted(unknown))}")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ConfigError(f"configuration is invalid: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        from .fileio import write_text_atomic
+
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: configuration file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # As close to the paper as its text allows: 256 px, 8x8x512 code, decoders of the same shape.
+    "paper": dict(image_size=256, base_channels=64, max_channels=512, seg_skips=False,
+                  steps=20000, batch_size=16),
+    # Sized to train one category on 2 CPU cores in well under 30 minutes.
+    "fast": dict(image_size=128, base_channels=16, max_channels=256, seg_skips=True,
+                 steps=2000, batch_size=16, smoothing_sigma=2.0),
+    # For tests and the demo: seconds, not minutes.
+    "tiny": dict(image_size=64, base_channels=8, max_channels=32, seg_skips=True,
+                 steps=200, batch_size=8, checkpoint_every=100, holdout_min=2),
+}
+
+
+def profile_config(profile: str = "fast", **overrides: Any) -> Config:
+    """The configuration of a named profile, with optional overrides."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}: choose from {', '.join(PROFILES)}")
+    return Config(profile=profile, **PROFILES[profile]).replace(**overrides)

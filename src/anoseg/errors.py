@@ -1,0 +1,20 @@
+"""The project's own error types: anything a user did wrong surfaces as one of these."""
+
+
+class AnosegError(Exception):
+    """Base class for errors caused by user input (paths, files, settings).
+
+    The CLI prints these as one line and exits with status 2, without a traceback.
+    """
+
+
+class DataError(AnosegError):
+    """A data folder, image or mask cannot be used."""
+
+
+class ConfigError(AnosegError):
+    """A setting or a saved configuration is invalid."""
+
+
+class ModelFileError(AnosegError):
+    """A saved model or checkpoint is missing, damaged or does not fit the configuration."""

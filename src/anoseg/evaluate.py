@@ -1,0 +1,132 @@
+"""Evaluate a trained model on a labelled test set: metrics JSON + Markdown, per-image scores, curve plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from . import metrics
+from .data import Sample, load_sample_mask
+from .fileio import load_image, write_text_atomic
+from .inference import AnoSegModel
+from .visualize import plot_pro, plot_roc
+
+PRO_FPR_LIMIT = 0.3
+
+METRIC_NAMES = {
+    "pixel_auroc": "pixel AUROC",
+    "aupro": f"AUPRO (FPR <= {PRO_FPR_LIMIT})",
+    "pixel_ap": "pixel AP",
+    "pixel_f1_max": "pixel F1-max",
+    "image_auroc": "image AUROC",
+    "image_ap": "image AP",
+    "image_f1_max": "image F1-max",
+    "iou": "IoU at the model threshold",
+    "best_iou": "best IoU (upper bound)",
+    "image_accuracy": "image accuracy at the model threshold",
+}
+
+
+def collect(model: AnoSegModel, samples: list[Sample], progress: bool = True):
+    """Maps, masks and scores for every sample (masks checked against their image's size)."""
+    maps, masks, scores = [], [], []
+    bs = model.config.batch_size_infer
+    bar = tqdm(total=len(samples), desc="evaluating", disable=not progress, leave=False)
+    for i in range(0, len(samples), bs):
+        chunk = samples[i:i + bs]
+        images = [load_image(s.path) for s in chunk]
+        for s, im, pred in zip(chunk, images, model.maps_for_batch(images)):
+            masks.append(load_sample_mask(s, im.shape[:2]))
+            maps.append(pred.anomaly_map)
+            scores.append(pred.score)
+        bar.update(len(chunk))
+    bar.close()
+    return maps, masks, np.array(scores)
+
+
+def compute_metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray, scores: np.ndarray,
+                    threshold: float | None, curves: dict[str, metrics.Curve] | None = None) -> dict[str, Any]:
+    """Every metric the data allows; ones it does not allow are None. `curves` receives the ROC curves."""
+    out: dict[str, Any] = dict.fromkeys(METRIC_NAMES)
+    curves = {} if curves is None else curves
+    if 0 < labels.sum() < len(labels):
+        image = metrics.threshold_curve(labels, scores)
+        out["image_auroc"] = image.auroc()
+        out["image_ap"] = image.average_precision()
+        out["image_f1_max"] = image.f1_max()[0]
+        curves["image"] = image
+    if threshold is not None:
+        out["image_accuracy"] = float(np.mean((scores > threshold) == labels.astype(bool)))
+    flat_masks = np.concatenate([m.ravel() for m in masks])
+    if 0 < flat_masks.sum() < flat_masks.size:
+        flat_maps = np.concatenate([m.ravel() for m in maps])
+        pixel = metrics.threshold_curve(flat_masks, flat_maps)  # one sort serves all pixel metrics
+        out["pixel_auroc"] = pixel.auroc()
+        out["pixel_ap"] = pixel.average_precision()
+        out["pixel_f1_max"] = pixel.f1_max()[0]
+        out["best_iou"] = pixel.best_iou()[0]
+        out["aupro"] = metrics.aupro(masks, maps, PRO_FPR_LIMIT)
+        if threshold is not None:
+            out["iou"] = metrics.iou_at(flat_masks, flat_maps, threshold)
+        curves["pixel"] = pixel
+    return out
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = ["| metric | value |", "|---|---|"]
+    for key, name in METRIC_NAMES.items():
+        v = result["metrics"].get(key)
+        lines.append(f"| {name} | {'n/a' if v is None else f'{v:.4f}'} |")
+    info = (f"\n{result['n_images']} images ({result['n_defect']} defect), threshold "
+            f"{result['threshold']}, {result['seconds']:.1f} s.\n")
+    return "\n".join(lines) + "\n" + info
+
+
+def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None = None,
+             threshold: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the model on labelled samples; write metrics.json, metrics.md, scores.csv, roc.png, pro.png to `out`."""
+    start = time.perf_counter()
+    t = model.threshold if threshold is None else threshold
+    maps, masks, scores = collect(model, samples, progress)
+    labels = np.array([s.label for s in samples])
+    curves: dict[str, metrics.Curve] = {}
+    result = {
+        "metrics": compute_metrics(maps, masks, labels, scores, t, curves),
+        "threshold": t,
+        "n_images": len(samples),
+        "n_defect": int(labels.sum()),
+        "seconds": time.perf_counter() - start,
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out / "metrics.md", markdown_table(result))
+        write_text_atomic(out / "scores.csv", _scores_csv(samples, scores, t))
+        _plots(out, maps, masks, curves, result["metrics"])
+    return result
+
+
+def _scores_csv(samples: list[Sample], scores: np.ndarray, threshold: float | None) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "defect_type", "label", "score", "verdict"])
+    for s, score in zip(samples, scores):
+        verdict = "" if threshold is None else ("defect" if score > threshold else "normal")
+        w.writerow([s.path, s.defect_type, s.label, f"{score:.6f}", verdict])
+    return buf.getvalue()
+
+
+def _plots(out: Path, maps, masks, curves: dict[str, metrics.Curve], m: dict[str, Any]) -> None:
+    if curves:
+        plot_roc(out / "roc.png", {k: (c.fpr, c.tpr, m[f"{k}_auroc"]) for k, c in curves.items()})
+    if m["aupro"] is not None:
+        fpr, pro = metrics.pro_curve(masks, maps)
+        plot_pro(out / "pro.png", fpr, pro, PRO_FPR_LIMIT, m["aupro"])

@@ -1,0 +1,159 @@
+"""Reading images and masks of any common kind, and writing files atomically."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# Refuse images whose declared size is absurd before decoding them (decompression bombs).
+MAX_PIXELS = 100_000_000
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode an image, turning every failure into a one-line DataError."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise DataError(f"{path}: image is {w}x{h}, more than {MAX_PIXELS} pixels")
+            if w == 0 or h == 0:
+                raise DataError(f"{path}: image has no pixels ({w}x{h})")
+            im.load()
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path}: image declares a huge size (decompression bomb?)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: damaged or truncated image ({e})") from None
+    return im
+
+
+def _to_float_gray_or_rgb(im: Image.Image) -> np.ndarray:
+    """Pixel values as float32 in [0, 1], HxW or HxWxC, whatever the bit depth."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("CMYK", "YCbCr", "LAB", "HSV", "1"):
+        im = im.convert("RGB" if im.mode != "1" else "L")
+    arr = np.asarray(im)
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.bool_:
+        out = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.integer):
+        # 16-bit files arrive as I;16 or as 32-bit I; both hold 0..65535
+        out = np.clip(arr.astype(np.float32), 0, 65535) / 65535.0
+    else:
+        out = arr.astype(np.float32)
+        hi = float(np.nanmax(out)) if out.size else 0.0
+        out = np.nan_to_num(out / (255.0 if hi > 1.0 else 1.0), nan=0.0)
+        out = np.clip(out, 0.0, 1.0)
+    if out.ndim == 3 and out.shape[2] in (2, 4):  # drop alpha (LA, RGBA)
+        out = out[..., :-1]
+    if out.ndim == 3 and out.shape[2] == 1:
+        out = out[..., 0]
+    return out
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Load any supported image as RGB uint8, HxWx3 (grey is repeated to 3 channels)."""
+    im = _open(Path(path))
+    arr = _to_float_gray_or_rgb(im)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DataError(f"{path}: unsupported channel layout {arr.shape}")
+    return np.round(arr * 255.0).astype(np.uint8)
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Load a ground-truth mask as bool HxW, True = defect.
+
+    Masks stored as 0/255 (MVTec), 0/65535 or 0/1 all work; colour masks count any channel.
+    """
+    im = _open(Path(path))
+    raw = np.asarray(im.convert("L") if im.mode in ("P", "RGB", "RGBA", "LA", "CMYK", "1") else im)
+    if raw.ndim == 3:
+        raw = raw.max(axis=2)
+    raw = raw.astype(np.float64)
+    top = raw.max() if raw.size else 0.0
+    if top <= 1.0:
+        return raw > 0
+    full = 255.0 if top <= 255 else 65535.0
+    return raw > full / 2
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """Image files directly inside a folder, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------------------
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be readable like any other
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _write_atomic(path, lambda p: p.write_text(text))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    _write_atomic(path, lambda p: p.write_bytes(data))
+
+
+def save_png_atomic(path: Path, image: Image.Image) -> None:
+    _write_atomic(path, lambda p: image.save(p, format="PNG"))
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, array)
+
+    _write_atomic(path, write)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str) -> str:
+    """A file name that cannot leave its folder: separators and odd characters become '_'."""
+    parts = [p for p in re.split(r"[\\/]+", name) if p not in ("", ".", "..")]
+    cleaned = _UNSAFE.sub("_", "__".join(parts)).strip("._") or "image"
+    return cleaned[:200]

@@ -1,0 +1,97 @@
+"""Pictures a user can open: heat-map overlays, outlined defect regions, synthetic-anomaly grids, curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from .fileio import _write_atomic, save_png_atomic  # noqa: E402
+
+OUTLINE_RGB = np.array([0, 255, 0], dtype=np.uint8)
+
+
+def heatmap(amap: np.ndarray) -> np.ndarray:
+    """A [0, 1] map as RGB uint8 in the 'jet' colour map (blue = normal, red = defect)."""
+    return (matplotlib.colormaps["jet"](np.clip(amap, 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+def outline(region: np.ndarray, width: int = 2) -> np.ndarray:
+    """The boundary pixels of a bool region."""
+    inner = ndimage.binary_erosion(region, iterations=width, border_value=0)
+    return region & ~inner
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None, alpha: float = 0.45) -> np.ndarray:
+    """Image blended with the heat map, regions above the threshold outlined in green."""
+    out = (image.astype(np.float32) * (1 - alpha) + heatmap(amap).astype(np.float32) * alpha).astype(np.uint8)
+    if threshold is not None:
+        width = max(1, round(max(image.shape[:2]) / 256))
+        out[outline(amap > threshold, width)] = OUTLINE_RGB
+    return out
+
+
+def save_map_png16(path: Path, amap: np.ndarray) -> None:
+    """The raw map as a 16-bit grey PNG: value / 65535 is the map value (1 = defect)."""
+    arr = np.round(np.clip(amap, 0, 1) * 65535).astype(np.uint16)
+    save_png_atomic(path, Image.fromarray(arr))
+
+
+def save_grid(path: Path, tiles: list[np.ndarray], columns: int) -> None:
+    """Tile same-size RGB images into one PNG."""
+    h, w = tiles[0].shape[:2]
+    rows = -(-len(tiles) // columns)
+    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, dtype=np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, columns)
+        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = t
+    save_png_atomic(path, Image.fromarray(grid))
+
+
+def save_figure(path: Path, fig: plt.Figure) -> None:
+    _write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> None:
+    """ROC curves: name -> (fpr, tpr, auroc)."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, (fpr, tpr, area) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {area:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01), title="ROC")
+    ax.legend(loc="lower right")
+    save_figure(path, fig)
+
+
+def plot_pro(path: Path, fpr: np.ndarray, pro: np.ndarray, limit: float, area: float) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    keep = fpr <= min(1.0, limit * 1.5)
+    ax.plot(fpr[keep], pro[keep], label=f"AUPRO@{limit} = {area:.3f}")
+    ax.axvline(limit, ls=":", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="per-region overlap", ylim=(0, 1.01), title="PRO curve")
+    ax.legend(loc="lower right")
+    save_figure(path, fig)
+
+
+def synthetic_examples_grid(path: Path, images: np.ndarray, cfg, n: int = 16, seed: int = 0) -> None:
+    """Save what training sees: synthetic anomalies (outlined) and normal images, from uint8 N x 3 x S x S."""
+    import torch
+
+    from .augment import make_batch
+
+    rng = np.random.default_rng([seed, 99])
+    idx = rng.choice(len(images), n, replace=len(images) < n)
+    x, masks = make_batch(torch.from_numpy(images[idx]).float() / 255.0, cfg, rng)
+    tiles = []
+    for img, m in zip(x, masks):
+        tile = (img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        tile[outline(m[0].numpy() > 0.5, 1)] = OUTLINE_RGB
+        tiles.append(tile)
+    save_grid(path, tiles, columns=int(np.ceil(np.sqrt(n))))

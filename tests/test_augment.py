@@ -1,0 +1,68 @@
+"""Hard augmentation and coordinate channels."""
+
+import numpy as np
+import torch
+
+from anoseg import profile_config
+from anoseg.augment import color_jitter, make_batch, permute_patches, region_mask, synthesize
+from anoseg.models import coord_channels
+
+
+def _images(n=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g)
+
+
+def test_permutation_keeps_the_pixels():
+    img = _images(1)[0]
+    out = permute_patches(img, 4, np.random.default_rng(1))
+    assert not torch.equal(out, img)
+    assert torch.equal(out.flatten().sort().values, img.flatten().sort().values)
+
+
+def test_jitter_stays_in_range():
+    out = color_jitter(_images(1)[0], 0.8, np.random.default_rng(0))
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_region_area_close_to_target():
+    rng = np.random.default_rng(0)
+    for shape in ("rect", "ellipse", "scar"):
+        m = region_mask(128, shape, 0.02, rng)
+        # a region partly outside the image may be cut; never larger than asked (+ rounding)
+        assert 0 <= m.mean() <= 0.03
+
+
+def test_mask_marks_exactly_the_changed_pixels():
+    cfg = profile_config("tiny", region_min=0.05, region_max=0.1)
+    imgs = _images()
+    out, mask = synthesize(imgs[0], imgs[1], cfg, np.random.default_rng(3))
+    changed = (out - imgs[0]).abs().amax(0) > cfg.mask_min_diff
+    assert mask.shape == (1, 32, 32)
+    assert torch.equal(mask[0].bool(), changed)
+    assert mask.sum() > 0
+
+
+def test_batch_ratio_and_normal_masks():
+    cfg = profile_config("tiny", anomaly_ratio=0.0)
+    imgs = _images(8)
+    out, masks = make_batch(imgs, cfg, np.random.default_rng(0))
+    assert torch.equal(out, imgs) and masks.sum() == 0
+    cfg = profile_config("tiny", anomaly_ratio=1.0)
+    out, masks = make_batch(imgs, cfg, np.random.default_rng(0))
+    assert (masks.flatten(1).sum(1) > 0).all()
+
+
+def test_same_seed_same_batch():
+    cfg = profile_config("tiny")
+    a = make_batch(_images(), cfg, np.random.default_rng([5, 1]))
+    b = make_batch(_images(), cfg, np.random.default_rng([5, 1]))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_coord_channels():
+    x = coord_channels(torch.zeros(2, 3, 4, 6))
+    assert x.shape == (2, 5, 4, 6)
+    xs, ys = x[0, 3], x[0, 4]
+    assert xs[0, 0] == -1 and xs[0, -1] == 1 and torch.all(xs[0] == xs[-1])
+    assert ys[0, 0] == -1 and ys[-1, 0] == 1 and torch.all(ys[:, 0] == ys[:, -1])

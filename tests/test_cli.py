@@ -1,0 +1,94 @@
+"""The command line: help, and one clear line (exit 2) for every kind of bad input."""
+
+import numpy as np
+import pytest
+
+from anoseg.cli import main
+from tests.conftest import write_png
+
+
+def _err(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("anoseg: error:") and "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+@pytest.mark.parametrize("cmd", ["train", "predict", "evaluate", "demo"])
+def test_help_explains_options(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+def test_missing_and_empty_training_folder(tmp_path, capsys):
+    assert "folder not found" in _err(capsys, ["train", str(tmp_path / "nope"), "--out", str(tmp_path / "m")])
+    (tmp_path / "empty").mkdir()
+    assert "no training images" in _err(capsys, ["train", str(tmp_path / "empty"), "--out", str(tmp_path / "m")])
+
+
+def test_training_folder_with_a_bad_file(tmp_path, capsys):
+    for i in range(4):
+        write_png(tmp_path / "d" / f"{i}.png", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "d" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n trunc")
+    err = _err(capsys, ["train", str(tmp_path / "d"), "--out", str(tmp_path / "m"), "--profile", "tiny"])
+    assert "x.png" in err
+
+
+def test_bad_setting(tmp_path, capsys):
+    assert "lambda_xyz" in _err(capsys, ["train", str(tmp_path), "--out", str(tmp_path / "m"),
+                                         "--set", "lambda_xyz=1"])
+    assert "expected a value" in _err(capsys, ["train", str(tmp_path), "--out", str(tmp_path / "m"),
+                                               "--set", "steps=many"])
+
+
+def _mvtec(tmp_path, mask_shape=(16, 16), orphan=False):
+    root = tmp_path / "cat"
+    for i in range(3):
+        write_png(root / "train" / "good" / f"{i}.png", np.zeros((16, 16, 3), np.uint8))
+    write_png(root / "test" / "good" / "0.png", np.zeros((16, 16, 3), np.uint8))
+    write_png(root / "test" / "dent" / "0.png", np.zeros((16, 16, 3), np.uint8))
+    write_png(root / "ground_truth" / "dent" / "0_mask.png", np.full(mask_shape, 255, np.uint8))
+    if orphan:
+        write_png(root / "ground_truth" / "dent" / "7_mask.png", np.zeros(mask_shape, np.uint8))
+    return root
+
+
+def test_evaluate_mask_size_mismatch(tiny_model_dir, tmp_path, capsys):
+    root = _mvtec(tmp_path, mask_shape=(16, 20))
+    err = _err(capsys, ["evaluate", str(tiny_model_dir), str(root), "--out", str(tmp_path / "e"), "--quiet"])
+    assert "0_mask.png" in err and "20x16" in err
+    assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_evaluate_mask_without_image(tiny_model_dir, tmp_path, capsys):
+    root = _mvtec(tmp_path, orphan=True)
+    err = _err(capsys, ["evaluate", str(tiny_model_dir), str(root), "--out", str(tmp_path / "e")])
+    assert "7_mask.png: mask has no matching image" in err
+
+
+def test_evaluate_defect_without_mask(tiny_model_dir, tmp_path, capsys):
+    root = _mvtec(tmp_path)
+    (root / "ground_truth" / "dent" / "0_mask.png").unlink()
+    assert "has no mask" in _err(capsys, ["evaluate", str(tiny_model_dir), str(root), "--out", str(tmp_path / "e")])
+
+
+def test_predict_missing_input_and_model(tiny_model_dir, tmp_path, capsys):
+    assert "nope.png: no such file" in _err(capsys, ["predict", str(tiny_model_dir), str(tmp_path / "nope.png"),
+                                                    "--out", str(tmp_path / "p")])
+    assert "model folder not found" in _err(capsys, ["predict", str(tmp_path / "m"), str(tmp_path),
+                                                    "--out", str(tmp_path / "p")])
+
+
+def test_cli_train_predict_evaluate(demo_root, tmp_path, capsys):
+    model = tmp_path / "m"
+    assert main(["train", str(demo_root), "--out", str(model), "--profile", "tiny", "--steps", "3",
+                 "--batch-size", "4", "--save-examples", "4", "--quiet"]) == 0
+    assert (model / "synthetic_examples.png").exists()
+    assert main(["predict", str(model), str(demo_root / "test" / "good"), "--out", str(tmp_path / "p"),
+                 "--threshold", "0.5", "--map-format", "npy", "--quiet"]) == 0
+    assert len(list((tmp_path / "p").glob("*_map.npy"))) == 4
+    assert main(["evaluate", str(model), str(demo_root), "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    assert "pixel AUROC" in capsys.readouterr().out

@@ -1,0 +1,90 @@
+"""Loading every common image kind, and clear errors for broken files."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anoseg.errors import DataError
+from anoseg.fileio import load_image, load_mask, safe_name, write_text_atomic
+
+
+def _save(tmp_path, name, im, **kw):
+    p = tmp_path / name
+    im.save(p, **kw)
+    return p
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "I;16", "I", "F", "1", "CMYK"])
+def test_modes_load_as_rgb_uint8(tmp_path, mode):
+    im = Image.new("RGB", (7, 5), (200, 100, 50)).convert(mode)
+    suffix = "tiff" if mode in ("F", "CMYK", "I") else "png"
+    arr = load_image(_save(tmp_path, f"x.{suffix}", im))
+    assert arr.shape == (5, 7, 3) and arr.dtype == np.uint8
+
+
+def test_16bit_scaled_to_8bit(tmp_path):
+    arr16 = np.array([[0, 65535, 32896]], dtype=np.uint16)
+    p = _save(tmp_path, "x.png", Image.fromarray(arr16))
+    assert load_image(p)[0, :, 0].tolist() == [0, 255, 128]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "BMP", "TIFF"])
+def test_other_formats(tmp_path, fmt):
+    p = _save(tmp_path, f"x.{fmt.lower()}", Image.new("RGB", (9, 4), (10, 20, 30)), format=fmt)
+    assert load_image(p).shape == (4, 9, 3)
+
+
+def test_rgba_drops_alpha(tmp_path):
+    p = _save(tmp_path, "x.png", Image.new("RGBA", (3, 3), (10, 20, 30, 0)))
+    assert load_image(p)[0, 0].tolist() == [10, 20, 30]
+
+
+def test_not_an_image(tmp_path):
+    p = tmp_path / "notes.png"
+    p.write_text("hello")
+    with pytest.raises(DataError, match="notes.png: not an image"):
+        load_image(p)
+
+
+def test_truncated_image(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    p = tmp_path / "cut.png"
+    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(DataError, match="cut.png: damaged or truncated"):
+        load_image(p)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        load_image(tmp_path / "nope.png")
+    with pytest.raises(DataError, match="is a folder"):
+        load_image(tmp_path)
+
+
+@pytest.mark.parametrize("high", [1, 255])
+def test_mask_conventions(tmp_path, high):
+    arr = np.array([[0, high], [high, 0]], dtype=np.uint8)
+    m = load_mask(_save(tmp_path, "m.png", Image.fromarray(arr)))
+    assert m.tolist() == [[False, True], [True, False]]
+
+
+def test_mask_16bit(tmp_path):
+    arr = np.array([[0, 65535]], dtype=np.uint16)
+    assert load_mask(_save(tmp_path, "m.png", Image.fromarray(arr))).tolist() == [[False, True]]
+
+
+@pytest.mark.parametrize("name,expected", [("../../etc/passwd", "etc__passwd"), ("a/b c.png", "a__b_c.png"),
+                                           ("..", "image"), ("/abs/x", "abs__x")])
+def test_safe_name_stays_inside(name, expected):
+    assert safe_name(name) == expected
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "a.txt"
+    write_text_atomic(p, "one")
+    write_text_atomic(p, "two")
+    assert p.read_text() == "two"
+    assert [q.name for q in tmp_path.iterdir()] == ["a.txt"]

@@ -1,0 +1,64 @@
+"""Network shapes and the config."""
+
+import json
+
+import pytest
+import torch
+
+from anoseg import Config, ConfigError, profile_config
+from anoseg.models import Discriminator, Generator
+
+
+def test_paper_profile_code_is_8x8x512():
+    cfg = profile_config("paper")
+    g = Generator(cfg).eval()
+    x = torch.zeros(1, 5, 256, 256)
+    with torch.no_grad():
+        code = g.encoder(x)[-1]
+        recon, amap = g(torch.zeros(1, 3, 256, 256))
+    assert code.shape == (1, 512, 8, 8)
+    assert recon.shape == (1, 3, 256, 256) and amap.shape == (1, 1, 256, 256)
+    # the two decoders have the same shape in the paper profile
+    shapes = lambda m: [p.shape for n, p in m.named_parameters() if not n.startswith("head")]  # noqa: E731
+    assert shapes(g.image_decoder) == shapes(g.map_decoder)
+
+
+@pytest.mark.parametrize("profile", ["fast", "tiny"])
+def test_outputs_in_range(profile):
+    cfg = profile_config(profile)
+    g, d = Generator(cfg).eval(), Discriminator(cfg)
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    with torch.no_grad():
+        recon, amap = g(x)
+        logits, feats = d(recon, amap)
+    assert recon.min() >= -1 and recon.max() <= 1
+    assert amap.min() >= 0 and amap.max() <= 1
+    assert feats.shape[-1] == 8 and logits.shape[1] == 1
+    assert torch.allclose(g.anomaly_map(x), amap)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = profile_config("fast", seed=7, region_shapes=("rect",))
+    cfg.save(tmp_path / "c.json")
+    assert Config.load(tmp_path / "c.json") == cfg
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"image_size": 100}, "image_size"), ({"p_rotate": 1.5}, "p_rotate"), ({"seg_loss": "dice"}, "seg_loss"),
+    ({"region_min": 0.5, "region_max": 0.1}, "region_min"), ({"device": "tpu"}, "device"),
+])
+def test_config_rejects_bad_values(change, match):
+    with pytest.raises(ConfigError, match=match):
+        profile_config("tiny", **change)
+
+
+def test_config_from_other_version_or_unknown_keys(tmp_path):
+    d = profile_config("tiny").to_dict()
+    (tmp_path / "a.json").write_text(json.dumps({**d, "version": 99}))
+    with pytest.raises(ConfigError, match="version 99"):
+        Config.load(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text(json.dumps({**d, "colour": 1}))
+    with pytest.raises(ConfigError, match="colour"):
+        Config.load(tmp_path / "b.json")
+    with pytest.raises(ConfigError, match="unknown profile"):
+        profile_config("huge")

@@ -1,0 +1,95 @@
+"""Train -> save/load -> predict -> evaluate on the small synthetic data set, and resume."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anoseg import AnosegError, ModelFileError, evaluate, load, predict, profile_config, train
+from anoseg.checkpoint import load_tensors
+
+
+def test_model_round_trip(tiny_model_dir, demo_root):
+    model = load(tiny_model_dir)
+    assert model.threshold is not None and model.meta["steps_done"] == 6
+    img = np.asarray(Image.open(next((demo_root / "test" / "spot").iterdir())).convert("RGB"))
+    a = model.predict_images([img])[0]
+    b = load(tiny_model_dir).predict_images([img])[0]
+    assert a.anomaly_map.shape == img.shape[:2]
+    np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    assert a.score == pytest.approx(b.score)
+
+
+def test_predict_writes_outputs(tiny_model_dir, demo_root, tmp_path):
+    model = load(tiny_model_dir)
+    bad = tmp_path / "in" / "broken.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a png")
+    good = demo_root / "test" / "good" / "000.png"
+    with pytest.warns(UserWarning, match="broken.png"):
+        records = predict(model, [good, bad, str(demo_root / "test" / "s*" / "*.png")], tmp_path / "out",
+                          progress=False)
+    assert len(records) == 1 + 3 + 3
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert len(rows) == len(records) and {r["verdict"] for r in rows} <= {"defect", "normal"}
+    first = records[0]
+    assert Image.open(tmp_path / "out" / first["overlay"]).size == (64, 64)
+    raw = np.asarray(Image.open(tmp_path / "out" / first["map"]))
+    assert raw.dtype == np.uint16 and abs(raw.max() / 65535 - first["score"]) < 0.1
+    assert "broken.png" in (tmp_path / "out" / "skipped.txt").read_text()
+
+
+def test_evaluate_writes_metrics(tiny_model_dir, demo_root, tmp_path):
+    result = evaluate(load(tiny_model_dir), demo_root, tmp_path, progress=False)
+    m = result["metrics"]
+    for key in ("pixel_auroc", "aupro", "pixel_ap", "image_auroc", "iou", "best_iou", "pixel_f1_max"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["best_iou"] >= m["iou"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_images"] == 4 + 3 + 3
+    for name in ("metrics.md", "scores.csv", "roc.png", "pro.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_resume_reaches_the_same_weights(demo_root, tmp_path):
+    cfg = profile_config("tiny", steps=4, checkpoint_every=2, batch_size=4)
+    train(cfg, demo_root, tmp_path / "full", progress=False)
+    train(cfg.replace(steps=2), demo_root, tmp_path / "part", progress=False)
+    train(cfg, demo_root, tmp_path / "part", resume=True, progress=False)
+    a = load_tensors(tmp_path / "full" / "checkpoint.safetensors")
+    b = load_tensors(tmp_path / "part" / "checkpoint.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_same_seed_same_model_and_existing_work_is_kept(demo_root, tmp_path):
+    cfg = profile_config("tiny", steps=2, batch_size=4)
+    train(cfg, demo_root, tmp_path / "a", progress=False)
+    train(cfg, demo_root, tmp_path / "b", progress=False)
+    a = load_tensors(tmp_path / "a" / "model.safetensors")
+    b = load_tensors(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = (tmp_path / "a" / "model.safetensors").read_bytes()
+    with pytest.raises(AnosegError, match="already holds a model"):
+        train(cfg, demo_root, tmp_path / "a", progress=False)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == before
+
+
+def test_model_file_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelFileError, match="model folder not found"):
+        load(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["base_channels"] *= 2  # weights no longer fit
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFileError, match="do not fit"):
+        load(broken)
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelFileError, match="not a readable safetensors"):
+        load(broken)
