@@ -6,6 +6,7 @@ import csv
 import glob
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ from tqdm import tqdm
 from .errors import DataError
 from .fileio import (
     IMAGE_SUFFIXES,
-    image_files,
     load_image,
     safe_name,
     save_npy_atomic,
@@ -54,7 +54,7 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
 def output_names(paths: list[Path]) -> list[str]:
     """Distinct, safe output stems: the path below the inputs' common folder."""
     parents = [str(p.parent) for p in paths]
-    root = Path(parents[0]) if len(set(parents)) == 1 else Path(_common(parents))
+    root = Path(os.path.commonpath(parents))
     names, seen = [], set()
     for p in paths:
         try:
@@ -69,12 +69,6 @@ def output_names(paths: list[Path]) -> list[str]:
         seen.add(name)
         names.append(name)
     return names
-
-
-def _common(parents: list[str]) -> str:
-    import os
-
-    return os.path.commonpath(parents)
 
 
 def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, threshold: float | None = None,

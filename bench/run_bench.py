@@ -1,0 +1,143 @@
+"""Benchmark: train a profile on each real category in ../shared/data, evaluate, time inference.
+
+    python bench/run_bench.py                      # every category found, fast profile
+    python bench/run_bench.py --only bottle        # one category; other records in results.json are kept
+
+Each category runs in its own process so that its peak memory is its own. Writes bench/results.json
+and bench/results.md (records are updated in place, keyed by dataset/category/profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+CATEGORIES = [("mvtec_ad", "bottle"), ("kolektorsdd", "commutator"), ("magnetic_tile", "magnetic_tile")]
+KEYS = ["pixel_auroc", "aupro", "pixel_ap", "pixel_f1_max", "image_auroc", "image_f1_max", "iou", "best_iou"]
+
+
+def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[str], reuse: bool) -> dict:
+    """Train + evaluate + time one category (runs inside the child process)."""
+    import numpy as np
+    import torch
+
+    import anoseg
+    from anoseg.cli import parse_sets
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    root = DATA / dataset / category
+    out = work / f"{dataset}_{category}_{profile}"
+    cfg = anoseg.profile_config(profile, **parse_sets(sets))
+    if reuse and (out / "model.safetensors").exists():
+        model = anoseg.load(out)
+    else:
+        model = anoseg.train(cfg, root, out, overwrite=True, progress=sys.stderr.isatty())
+    train_seconds = model.meta["train_seconds"]
+    result = anoseg.evaluate(model, root, out / "eval", progress=False)
+
+    # inference speed on 256 px images, end to end (resize, network, smoothing, upsampling back to 256 px)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(64)]
+    model.predict_images(images[:8])  # warm-up
+    t = time.perf_counter()
+    model.predict_images(images)
+    batch_ips = len(images) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for im in images[:16]:
+        model.predict_images([im])
+    single_ips = 16 / (time.perf_counter() - t)
+
+    return {
+        "dataset": dataset, "category": category, "profile": profile,
+        **{k: result["metrics"][k] for k in KEYS},
+        "threshold": model.threshold,
+        "train_seconds": round(train_seconds, 1),
+        "steps": model.meta["steps_done"],
+        "eval_seconds": round(result["seconds"], 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "images_per_second": round(batch_ips, 1),
+        "images_per_second_single": round(single_ips, 1),
+        "batch_size_infer": model.config.batch_size_infer,
+        "settings": sets,
+    }
+
+
+def write_tables(records: list[dict], command: str) -> None:
+    meta = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+            f"{platform.python_implementation()} {platform.python_version()}",
+            "date": time.strftime("%Y-%m-%d")}
+    (HERE / "results.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [
+        "# Benchmark results", "",
+        f"Command: `{command}`  ", f"Machine: {meta['machine']}; date {meta['date']}.", "",
+        "| dataset | category | profile | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | image F1-max | "
+        "IoU@thr | best IoU | train s | peak RSS MB | img/s batch | img/s single |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['dataset']} | {r['category']} | {r['profile']} | {f(r['pixel_auroc'])} | {f(r['aupro'])} | "
+            f"{f(r['pixel_ap'])} | {f(r['image_auroc'])} | {f(r['image_f1_max'])} | {f(r['iou'])} | "
+            f"{f(r['best_iou'])} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['images_per_second']:.1f} | {r['images_per_second_single']:.1f} |")
+    lines += ["", "Image score: maximum of the smoothed anomaly map. IoU@thr uses the threshold chosen from "
+              "held-out normal training images only; best IoU picks the threshold with the labels (upper bound). "
+              "Inference: 256 px RGB images, end to end (resize, network, smoothing, map back to 256 px).", ""]
+    (HERE / "results.md").write_text("\n".join(lines))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="fast")
+    p.add_argument("--only", action="append", default=[], help="category name(s) to run")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE config overrides")
+    p.add_argument("--work", default=str(HERE / "work"), help="folder for models and evaluation outputs")
+    p.add_argument("--reuse", action="store_true", help="reuse trained models found in --work")
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    work = Path(args.work)
+    if args.child:
+        record = run_one(*args.child, args.profile, work, args.set, args.reuse)
+        print("RESULT " + json.dumps(record))
+        return 0
+
+    results_file = HERE / "results.json"
+    records = json.loads(results_file.read_text())["results"] if results_file.exists() else []
+    command = "python bench/run_bench.py " + " ".join(sys.argv[1:])
+    for dataset, category in CATEGORIES:
+        if args.only and category not in args.only:
+            continue
+        if not (DATA / dataset / category / "train").is_dir():
+            print(f"skipping {dataset}/{category}: not found under {DATA}")
+            continue
+        print(f"== {dataset}/{category} ({args.profile})", flush=True)
+        cmd = [sys.executable, __file__, "--child", dataset, category, "--profile", args.profile, "--work", str(work)]
+        cmd += [x for s in args.set for x in ("--set", s)] + (["--reuse"] if args.reuse else [])
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"failed: {dataset}/{category} (exit {proc.returncode})\n{proc.stdout[-2000:]}")
+            continue
+        record = {**json.loads(lines[-1][len("RESULT "):]), "command": command}
+        print(json.dumps(record), flush=True)
+        key = (dataset, category, args.profile)
+        records = [r for r in records if (r["dataset"], r["category"], r["profile"]) != key] + [record]
+        write_tables(records, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
