@@ -62,3 +62,12 @@ def test_config_from_other_version_or_unknown_keys(tmp_path):
         Config.load(tmp_path / "b.json")
     with pytest.raises(ConfigError, match="unknown profile"):
         profile_config("huge")
+
+
+def test_settings_doc_is_current():
+    from pathlib import Path
+
+    from anoseg.config import settings_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
+    assert doc.read_text() == settings_markdown(), "regenerate docs/settings.md with anoseg.config.settings_markdown()"

@@ -25,10 +25,10 @@ class Config:
     and override single fields with :meth:`replace`.
     """
 
-    profile: str = "fast"
+    profile: str = "fast"  # name of the preset these settings started from
     # --- model -------------------------------------------------------------------
     image_size: int = 128  # square model input; the encoder always ends at 8x8
-    base_channels: int = 32  # width of the first encoder stage, doubled per stage
+    base_channels: int = 16  # width of the first encoder stage, doubled per stage
     max_channels: int = 256  # cap on the width (512 in the paper profile)
     seg_skips: bool = True  # U-Net skips from encoder into the map decoder (not in the paper)
     coord_channels: bool = True  # append x, y in [-1, 1] to the input (CoordConv)
@@ -36,36 +36,36 @@ class Config:
     anomaly_ratio: float = 0.5  # share of each batch that gets a pasted anomaly
     region_min: float = 0.005  # pasted area as a share of the image, lower bound
     region_max: float = 0.08  # upper bound
-    region_shapes: tuple[str, ...] = ("rect", "ellipse", "scar")
-    p_rotate: float = 0.5
-    p_permute: float = 0.5
-    p_jitter: float = 0.5
+    region_shapes: tuple[str, ...] = ("rect", "ellipse", "scar")  # shapes of pasted regions, one drawn per anomaly
+    p_rotate: float = 0.5  # probability that the pasted source is rotated (any angle)
+    p_permute: float = 0.5  # probability that its patches are shuffled
+    p_jitter: float = 0.5  # probability of colour jitter
     permute_grid: int = 4  # the augmented copy is cut into grid x grid patches and shuffled
     jitter_strength: float = 0.4  # brightness/contrast/saturation range, hue is a quarter of it
     mask_min_diff: float = 0.02  # pasted pixels that changed less than this are not marked as defect
     # --- training --------------------------------------------------------------------
-    steps: int = 3000
-    batch_size: int = 16
-    lr: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    seg_loss: str = "focal"
-    lambda_seg: float = 10.0
-    lambda_rec: float = 1.0
-    lambda_adv: float = 0.1
+    steps: int = 2000  # training iterations (one batch each)
+    batch_size: int = 16  # images per batch
+    lr: float = 2e-4  # generator learning rate (Adam)
+    lr_d: float = 2e-4  # discriminator learning rate
+    beta1: float = 0.5  # Adam betas, as usual for GANs
+    beta2: float = 0.999  # second Adam beta
+    seg_loss: str = "focal"  # pixel-wise map loss: focal (gamma 2), bce or l1
+    lambda_seg: float = 10.0  # weight of the segmentation loss
+    lambda_rec: float = 1.0  # weight of the masked (normal pixels only) L1 reconstruction loss
+    lambda_adv: float = 0.1  # weight of the adversarial loss on (image, map) pairs
     train_augment_flip: bool = False  # random flips of training images (off: many parts are not symmetric)
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # save a resumable checkpoint every N steps
     max_minutes: float = 0.0  # stop training after this wall time (0 = no limit); makes runs non-repeatable
-    seed: int = 0
+    seed: int = 0  # the same seed and settings reproduce a run (on the same device)
     device: str = "auto"  # "auto" picks CUDA when available, else CPU
     num_threads: int = 0  # CPU threads for torch (0 = torch's default)
     # --- maps, scores and thresholds -------------------------------------------------
-    smoothing_sigma: float = 4.0  # Gaussian smoothing of the map before scoring, in pixels of the original image
+    smoothing_sigma: float = 4.0  # Gaussian smoothing of the map before scoring, in model-input pixels
     holdout_fraction: float = 0.1  # share of normal training images kept out to choose the threshold
-    holdout_min: int = 2
+    holdout_min: int = 2  # at least this many held-out images (when holdout_fraction > 0)
     threshold_quantile: float = 0.99  # quantile of held-out normal scores used as threshold
-    batch_size_infer: int = 16
+    batch_size_infer: int = 16  # images per forward pass in predict and evaluate
     version: int = CONFIG_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # free notes, kept with the model
 
@@ -177,3 +177,32 @@ def profile_config(profile: str = "fast", **overrides: Any) -> Config:
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}: choose from {', '.join(PROFILES)}")
     return Config(profile=profile, **PROFILES[profile]).replace(**overrides)
+
+
+def settings_markdown() -> str:
+    """docs/settings.md, generated from this file's field comments so the two never disagree."""
+    import inspect
+    import re
+
+    lines = [
+        "# Settings", "",
+        "All settings live in one dataclass, `anoseg.config.Config`, saved as `config.json` beside every model",
+        "and checkpoint. Change any of them with `anoseg train --set KEY=VALUE` (lists comma-separated) or",
+        "`profile_config(\"fast\", KEY=VALUE)` in Python. Defaults are the `fast` profile's; the other profiles",
+        "override some of them (table at the end).",
+        "Generated from `src/anoseg/config.py` by `anoseg.config.settings_markdown()`.",
+    ]
+    for line in inspect.getsource(Config).splitlines():
+        head = re.match(r"\s+# --- (.+?) -+$", line)
+        if head:
+            lines += ["", f"## {head.group(1).capitalize()}", "", "| setting | default | meaning |", "|---|---|---|"]
+            continue
+        m = re.match(r"\s{4}(\w+): [^=]+ = (.+?)(?:\s+# (.*))?$", line)
+        if m and m.group(1) not in ("version", "extra", "profile"):
+            lines.append(f"| `{m.group(1)}` | `{m.group(2)}` | {m.group(3) or ''} |")
+    lines += ["", "`profile` names the preset a configuration started from; `version` marks the file format (a model",
+              "saved with another format version is refused with a clear error); `extra` is a free dictionary.",
+              "", "## Profiles", "", "| profile | overrides |", "|---|---|"]
+    for name, values in PROFILES.items():
+        lines.append(f"| `{name}` | " + ", ".join(f"`{k}={v}`" for k, v in values.items()) + " |")
+    return "\n".join(lines) + "\n"
