@@ -92,3 +92,20 @@ def test_cli_train_predict_evaluate(demo_root, tmp_path, capsys):
     assert len(list((tmp_path / "p").glob("*_map.npy"))) == 4
     assert main(["evaluate", str(model), str(demo_root), "--out", str(tmp_path / "e"), "--quiet"]) == 0
     assert "pixel AUROC" in capsys.readouterr().out
+
+
+def test_mvtec_root_instead_of_category(tmp_path, capsys):
+    _mvtec(tmp_path)
+    err = _err(capsys, ["train", str(tmp_path), "--out", str(tmp_path / "m")])
+    assert "several MVTec categories" in err and "cat" in err
+
+
+def test_predict_rejects_nan_threshold_and_skips_own_outputs(tiny_model_dir, demo_root, tmp_path, capsys):
+    assert "finite" in _err(capsys, ["predict", str(tiny_model_dir), str(demo_root / "test" / "good"),
+                                     "--out", str(tmp_path / "p"), "--threshold", "nan"])
+    photos = tmp_path / "photos"
+    for i in range(2):
+        write_png(photos / f"{i}.png", np.zeros((16, 16, 3), np.uint8))
+    for _ in range(2):  # the second run must not pick up the first run's overlays
+        assert main(["predict", str(tiny_model_dir), str(photos), "--out", str(photos / "pred"), "--quiet"]) == 0
+    assert len(list((photos / "pred").glob("*_overlay.png"))) == 2

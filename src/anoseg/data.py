@@ -36,6 +36,9 @@ def train_images(root: str | Path) -> list[Path]:
         raise DataError(f"{root}: not a folder")
     folder = root / "train" / "good" if is_mvtec_category(root) else root
     files = image_files(folder)
+    if not files and any(is_mvtec_category(p) for p in root.iterdir() if p.is_dir()):
+        example = next(p for p in sorted(root.iterdir()) if p.is_dir() and is_mvtec_category(p))
+        raise DataError(f"{root}: holds several MVTec categories; train one at a time, e.g. {example}")
     if not files:
         raise DataError(f"{folder}: no training images (looked for {', '.join(IMAGE_SUFFIXES)})")
     return files

@@ -16,6 +16,7 @@ from . import metrics
 from .data import Sample, load_sample_mask
 from .fileio import load_image, write_text_atomic
 from .inference import AnoSegModel
+from .predict import check_threshold
 from .visualize import plot_pro, plot_roc
 
 PRO_FPR_LIMIT = 0.3
@@ -72,7 +73,7 @@ def compute_metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.
         out["pixel_ap"] = pixel.average_precision()
         out["pixel_f1_max"] = pixel.f1_max()[0]
         out["best_iou"] = pixel.best_iou()[0]
-        out["aupro"] = metrics.aupro(masks, maps, PRO_FPR_LIMIT)
+        out["aupro"] = float(metrics.aupro(masks, maps, PRO_FPR_LIMIT))
         if threshold is not None:
             out["iou"] = metrics.iou_at(flat_masks, flat_maps, threshold)
         curves["pixel"] = pixel
@@ -93,7 +94,7 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
              threshold: float | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the model on labelled samples; write metrics.json, metrics.md, scores.csv, roc.png, pro.png to `out`."""
     start = time.perf_counter()
-    t = model.threshold if threshold is None else threshold
+    t = model.threshold if threshold is None else check_threshold(threshold)
     maps, masks, scores = collect(model, samples, progress)
     labels = np.array([s.label for s in samples])
     curves: dict[str, metrics.Curve] = {}

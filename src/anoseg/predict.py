@@ -30,6 +30,13 @@ from .visualize import overlay, save_map_png16
 RESULT_FIELDS = ["path", "score", "verdict", "threshold", "width", "height", "overlay", "map"]
 
 
+def check_threshold(threshold: float) -> float:
+    """A user-given threshold must be a finite number."""
+    if not np.isfinite(threshold):
+        raise DataError(f"threshold {threshold}: must be a finite number (maps lie in [0, 1])")
+    return float(threshold)
+
+
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
     """Image files from a mix of files, folders and glob patterns, in order, without repeats."""
     found: list[Path] = []
@@ -79,10 +86,13 @@ def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, thres
     """
     if map_format not in ("png", "npy"):
         raise DataError(f"map format {map_format!r}: choose png or npy")
-    t = model.threshold if threshold is None else threshold
-    paths = expand_inputs(inputs)
-    names = output_names(paths)
+    t = model.threshold if threshold is None else check_threshold(threshold)
     out = Path(out)
+    # never score our own earlier outputs when --out lies inside an input folder
+    paths = [p for p in expand_inputs(inputs) if not p.is_relative_to(out.resolve())]
+    if not paths:
+        raise DataError(f"no images to score outside the output folder {out}")
+    names = output_names(paths)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     skipped: list[str] = []
