@@ -27,23 +27,33 @@ def train(config: Config, data: str | Path, out: str | Path, *, resume: bool = F
     return _train.train(config, data, out, resume=resume, overwrite=overwrite, progress=progress)
 
 
+def train_detector(folder: str | Path, data: str | Path | None = None, *, overrides: dict[str, Any] | None = None,
+                   progress: bool = True) -> AnoSegModel:
+    """Train the image-level anomaly detector (paper 3.4) for a trained model folder; saved beside it."""
+    return _train.train_detector(folder, data, overrides, progress=progress)
+
+
 def load(folder: str | Path, device: str | None = None) -> AnoSegModel:
     """Load a trained model folder (safetensors + JSON; nothing is unpickled)."""
     return AnoSegModel.load(folder, device=device)
 
 
 def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, *, threshold: float | None = None,
-            map_format: str = "png", progress: bool = True) -> list[dict[str, Any]]:
+            detector_threshold: float | None = None, map_format: str = "png",
+            progress: bool = True) -> list[dict[str, Any]]:
     """Anomaly maps, overlays and verdicts for image files, folders or globs."""
-    return _predict(model, inputs, out, threshold=threshold, map_format=map_format, progress=progress)
+    return _predict(model, inputs, out, threshold=threshold, detector_threshold=detector_threshold,
+                    map_format=map_format, progress=progress)
 
 
 def evaluate(model: AnoSegModel, data: str | Path | None, out: str | Path | None, *, threshold: float | None = None,
-             normal: str | Path | None = None, abnormal: str | Path | None = None, masks: str | Path | None = None,
+             detector_threshold: float | None = None, normal: str | Path | None = None,
+             abnormal: str | Path | None = None, masks: str | Path | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Metrics on an MVTec category's test split (`data`), or on plain folders (normal/abnormal/masks)."""
     samples = mvtec_test_samples(data) if data else folder_test_samples(normal, abnormal, masks)
-    return _evaluate(model, samples, out, threshold=threshold, progress=progress)
+    return _evaluate(model, samples, out, threshold=threshold, detector_threshold=detector_threshold,
+                     progress=progress)
 
 
 def save_synthetic_examples(config: Config, data: str | Path, path: str | Path, n: int = 16) -> None:

@@ -87,9 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a model or checkpoint already in --out")
     t.add_argument("--save-examples", type=int, default=0, metavar="N",
                    help="also save a grid of N synthetic training examples (--out/synthetic_examples.png)")
+    t.add_argument("--detector", action="store_true",
+                   help="also train the image-level anomaly detector (paper section 3.4) afterwards")
     t.add_argument("--evaluate", action="store_true",
                    help="evaluate on DATA/test afterwards (MVTec layout) into --out/eval")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    td = sub.add_parser("train-detector", help="train the image-level anomaly detector for a trained model",
+                        description="Train the second GAN of paper section 3.4 on the model's normal training "
+                        "images; its score then decides the image verdict in predict and evaluate.")
+    td.add_argument("model", help="trained model folder (the detector is saved into it)")
+    td.add_argument("data", nargs="?", help="normal images (default: the data the model was trained on)")
+    td.add_argument("--steps", type=int, help="detector training iterations (setting detector_steps)")
+    td.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="detector settings, e.g. --set detector_w_feat=0.1 (see docs/settings.md)")
+    td.add_argument("--quiet", action="store_true", help="no progress bars")
 
     pr = sub.add_parser("predict", help="anomaly maps for new images",
                         description="Write, per image, a heat-map overlay PNG (defect regions outlined), the raw "
@@ -97,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model", help="trained model folder")
     pr.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (quote globs)")
     pr.add_argument("--out", required=True, help="folder for the results")
-    pr.add_argument("--threshold", type=float, help="override the model's stored threshold")
+    pr.add_argument("--threshold", type=float,
+                    help="override the map threshold (outlined pixels; the verdict too when there is no detector)")
+    pr.add_argument("--detector-threshold", type=float, help="override the detector's threshold (verdict)")
     pr.add_argument("--map-format", choices=["png", "npy"], default="png", help="raw map format")
     pr.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the model's setting)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -111,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--abnormal", help="folder of defect test images (plain layout)")
     ev.add_argument("--masks", help="folder of masks named like the defect images (NAME.png or NAME_mask.png)")
     ev.add_argument("--out", required=True, help="folder for the results")
-    ev.add_argument("--threshold", type=float, help="override the model's stored threshold")
+    ev.add_argument("--threshold", type=float,
+                    help="override the map threshold (outlined pixels; the verdict too when there is no detector)")
+    ev.add_argument("--detector-threshold", type=float, help="override the detector's threshold (verdict)")
     ev.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -142,20 +158,36 @@ def run(argv: list[str] | None = None) -> int:
         model = api.train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
         print(f"model written to {args.out} (threshold {model.threshold:.4f}, "
               f"{model.meta['train_seconds']:.0f} s)")
+        if args.detector:
+            model = api.train_detector(args.out, args.data, progress=progress)
+            print(f"detector written to {args.out} (threshold {model.detector.threshold:.4f}, "
+                  f"{model.detector.meta['train_seconds']:.0f} s)")
         if args.evaluate:
             result = api.evaluate(model, args.data, Path(args.out) / "eval", progress=progress)
             _print_metrics(result)
+    elif args.command == "train-detector":
+        overrides = parse_sets(args.set)
+        if args.steps is not None:
+            overrides["detector_steps"] = args.steps
+        bad = [k for k in overrides if not k.startswith("detector_")]
+        if bad:
+            raise ConfigError(f"train-detector takes detector settings only, not {', '.join(bad)}")
+        model = api.train_detector(args.model, args.data, overrides=overrides, progress=progress)
+        print(f"detector written to {args.model} (threshold {model.detector.threshold:.4f}, "
+              f"{model.detector.meta['train_seconds']:.0f} s)")
     elif args.command == "predict":
         model = api.load(args.model, device=args.device)
         records = api.predict(model, args.inputs, args.out, threshold=args.threshold,
-                              map_format=args.map_format, progress=progress)
+                              detector_threshold=args.detector_threshold, map_format=args.map_format,
+                              progress=progress)
         n_def = sum(r["verdict"] == "defect" for r in records)
         print(f"{len(records)} image(s) scored, {n_def} defect; results in {args.out}/predictions.csv")
     elif args.command == "evaluate":
         if not args.data and not (args.normal or args.abnormal):
             raise AnosegError("give an MVTec category folder, or --normal/--abnormal/--masks folders")
         model = api.load(args.model, device=args.device)
-        result = api.evaluate(model, args.data, args.out, threshold=args.threshold, normal=args.normal,
+        result = api.evaluate(model, args.data, args.out, threshold=args.threshold,
+                              detector_threshold=args.detector_threshold, normal=args.normal,
                               abnormal=args.abnormal, masks=args.masks, progress=progress)
         _print_metrics(result)
         print(f"results in {args.out}/metrics.json and metrics.md")

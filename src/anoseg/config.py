@@ -66,6 +66,16 @@ class Config:
     holdout_min: int = 2  # at least this many held-out images (when holdout_fraction > 0)
     threshold_quantile: float = 0.99  # quantile of held-out normal scores used as threshold
     batch_size_infer: int = 16  # images per forward pass in predict and evaluate
+    topk_fraction: float = 0.01  # the top-k image score averages this share of the highest map pixels
+    # --- anomaly detector (paper section 3.4; trained with train --detector) -----------
+    detector_steps: int = 600  # detector training iterations
+    detector_lr: float = 2e-4  # Adam learning rate of both detector networks
+    detector_lambda_adv: float = 1.0  # adversarial loss weight (generator side)
+    detector_lambda_rec: float = 10.0  # L1 reconstruction loss weight
+    detector_lambda_cls: float = 1.0  # auxiliary normal-vs-synthetic classification loss weight
+    detector_lambda_fm: float = 1.0  # feature matching loss weight (penultimate discriminator layer)
+    detector_w_mse: float = 1.0  # score = w_mse * MSE(real pair, fake pair) + w_feat * feature distance
+    detector_w_feat: float = 0.1
     version: int = CONFIG_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # free notes, kept with the model
 
@@ -82,7 +92,8 @@ class Config:
         n = self.image_size
         if n < 16 or n % 8 or not math.log2(n // 8).is_integer():
             raise bad("image_size", "must be 8 times a power of two, at least 16 (e.g. 64, 128, 256)")
-        for name in ("base_channels", "max_channels", "steps", "batch_size", "batch_size_infer", "checkpoint_every"):
+        for name in ("base_channels", "max_channels", "steps", "batch_size", "batch_size_infer", "checkpoint_every",
+                     "detector_steps"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         if self.max_channels < self.base_channels:
@@ -100,11 +111,14 @@ class Config:
             raise bad("seg_loss", f"choose from {', '.join(SEG_LOSSES)}")
         if self.permute_grid < 1:
             raise bad("permute_grid", "must be at least 1")
-        for name in ("lr", "lr_d"):
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise bad("topk_fraction", "must lie in (0, 1]")
+        for name in ("lr", "lr_d", "detector_lr"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be positive")
         for name in ("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength",
-                     "mask_min_diff"):
+                     "mask_min_diff", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls",
+                     "detector_lambda_fm", "detector_w_mse", "detector_w_feat"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if self.holdout_min < 1:

@@ -15,8 +15,8 @@ from tqdm import tqdm
 from . import metrics
 from .data import Sample, load_sample_mask
 from .fileio import load_image, write_text_atomic
-from .inference import AnoSegModel
-from .predict import check_threshold
+from .inference import AnoSegModel, Prediction
+from .predict import thresholds
 from .visualize import plot_pro, plot_roc
 
 PRO_FPR_LIMIT = 0.3
@@ -32,12 +32,15 @@ METRIC_NAMES = {
     "iou": "IoU at the model threshold",
     "best_iou": "best IoU (upper bound)",
     "image_accuracy": "image accuracy at the model threshold",
+    "image_auroc_max": "image AUROC, score = max of the map",
+    "image_auroc_topk": "image AUROC, score = mean of the top-k map pixels",
+    "image_auroc_detector": "image AUROC, score = detector",
 }
 
 
 def collect(model: AnoSegModel, samples: list[Sample], progress: bool = True):
-    """Maps, masks and scores for every sample (masks checked against their image's size)."""
-    maps, masks, scores = [], [], []
+    """Maps, masks and predictions for every sample (masks checked against their image's size)."""
+    maps, masks, preds = [], [], []
     bs = model.config.batch_size_infer
     bar = tqdm(total=len(samples), desc="evaluating", disable=not progress, leave=False)
     for i in range(0, len(samples), bs):
@@ -46,25 +49,35 @@ def collect(model: AnoSegModel, samples: list[Sample], progress: bool = True):
         for s, im, pred in zip(chunk, images, model.maps_for_batch(images)):
             masks.append(load_sample_mask(s, im.shape[:2]))
             maps.append(pred.anomaly_map)
-            scores.append(pred.score)
+            pred.anomaly_map = None  # kept once, in `maps`
+            preds.append(pred)
         bar.update(len(chunk))
     bar.close()
-    return maps, masks, np.array(scores)
+    return maps, masks, preds
 
 
-def compute_metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray, scores: np.ndarray,
-                    threshold: float | None, curves: dict[str, metrics.Curve] | None = None) -> dict[str, Any]:
-    """Every metric the data allows; ones it does not allow are None. `curves` receives the ROC curves."""
+def compute_metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray, preds: list[Prediction],
+                    threshold: float | None, image_threshold: float | None,
+                    curves: dict[str, metrics.Curve] | None = None) -> dict[str, Any]:
+    """Every metric the data allows; ones it does not allow are None. `curves` receives the ROC curves.
+
+    `threshold` is the map's (pixels, IoU); `image_threshold` the one of the image score (verdicts).
+    """
     out: dict[str, Any] = dict.fromkeys(METRIC_NAMES)
     curves = {} if curves is None else curves
+    scores = np.array([p.score for p in preds])
     if 0 < labels.sum() < len(labels):
         image = metrics.threshold_curve(labels, scores)
         out["image_auroc"] = image.auroc()
         out["image_ap"] = image.average_precision()
         out["image_f1_max"] = image.f1_max()[0]
         curves["image"] = image
-    if threshold is not None:
-        out["image_accuracy"] = float(np.mean((scores > threshold) == labels.astype(bool)))
+        out["image_auroc_max"] = metrics.auroc(labels, [p.map_score for p in preds])
+        out["image_auroc_topk"] = metrics.auroc(labels, [p.topk_score for p in preds])
+        if preds and preds[0].detector_score is not None:
+            out["image_auroc_detector"] = metrics.auroc(labels, [p.detector_score for p in preds])
+    if image_threshold is not None:
+        out["image_accuracy"] = float(np.mean((scores > image_threshold) == labels.astype(bool)))
     flat_masks = np.concatenate([m.ravel() for m in masks])
     if 0 < flat_masks.sum() < flat_masks.size:
         flat_maps = np.concatenate([m.ravel() for m in maps])
@@ -85,22 +98,25 @@ def markdown_table(result: dict[str, Any]) -> str:
     for key, name in METRIC_NAMES.items():
         v = result["metrics"].get(key)
         lines.append(f"| {name} | {'n/a' if v is None else f'{v:.4f}'} |")
-    info = (f"\n{result['n_images']} images ({result['n_defect']} defect), threshold "
-            f"{result['threshold']}, {result['seconds']:.1f} s.\n")
+    info = (f"\n{result['n_images']} images ({result['n_defect']} defect); image score: {result['image_score']}, "
+            f"threshold {result['image_threshold']}; map threshold {result['threshold']}; {result['seconds']:.1f} s.\n")
     return "\n".join(lines) + "\n" + info
 
 
 def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None = None,
-             threshold: float | None = None, progress: bool = True) -> dict[str, Any]:
+             threshold: float | None = None, progress: bool = True,
+             detector_threshold: float | None = None) -> dict[str, Any]:
     """Run the model on labelled samples; write metrics.json, metrics.md, scores.csv, roc.png, pro.png to `out`."""
     start = time.perf_counter()
-    t = model.threshold if threshold is None else check_threshold(threshold)
-    maps, masks, scores = collect(model, samples, progress)
+    t_map, t_img = thresholds(model, threshold, detector_threshold)
+    maps, masks, preds = collect(model, samples, progress)
     labels = np.array([s.label for s in samples])
     curves: dict[str, metrics.Curve] = {}
     result = {
-        "metrics": compute_metrics(maps, masks, labels, scores, t, curves),
-        "threshold": t,
+        "metrics": compute_metrics(maps, masks, labels, preds, t_map, t_img, curves),
+        "threshold": t_map,
+        "image_threshold": t_img,
+        "image_score": "detector" if model.detector is not None else "map maximum",
         "n_images": len(samples),
         "n_defect": int(labels.sum()),
         "seconds": time.perf_counter() - start,
@@ -110,18 +126,20 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
         write_text_atomic(out / "metrics.md", markdown_table(result))
-        write_text_atomic(out / "scores.csv", _scores_csv(samples, scores, t))
+        write_text_atomic(out / "scores.csv", _scores_csv(samples, preds, t_img))
         _plots(out, maps, masks, curves, result["metrics"])
     return result
 
 
-def _scores_csv(samples: list[Sample], scores: np.ndarray, threshold: float | None) -> str:
+def _scores_csv(samples: list[Sample], preds: list[Prediction], threshold: float | None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "defect_type", "label", "score", "verdict"])
-    for s, score in zip(samples, scores):
-        verdict = "" if threshold is None else ("defect" if score > threshold else "normal")
-        w.writerow([s.path, s.defect_type, s.label, f"{score:.6f}", verdict])
+    w.writerow(["path", "defect_type", "label", "score", "verdict", "map_score", "topk_score", "detector_score"])
+    for s, p in zip(samples, preds):
+        verdict = "" if threshold is None else ("defect" if p.score > threshold else "normal")
+        det = "" if p.detector_score is None else f"{p.detector_score:.6f}"
+        w.writerow([s.path, s.defect_type, s.label, f"{p.score:.6f}", verdict, f"{p.map_score:.6f}",
+                    f"{p.topk_score:.6f}", det])
     return buf.getvalue()
 
 

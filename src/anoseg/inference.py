@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .checkpoint import load_json, load_module, load_tensors, module_state, save_json, save_tensors
 from .config import Config
 from .data import resize_rgb
+from .detector import DETECTOR_WEIGHTS, Detector
 from .errors import AnosegError, ModelFileError
 from .fileio import load_image
 from .models import Generator
@@ -49,11 +50,18 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @dataclass
 class Prediction:
-    """One image's result: the map at the image's own size (1 = defect) and its score."""
+    """One image's result: the map at the image's own size (1 = defect) and its image-level scores.
+
+    `score` is the one that decides the verdict: the detector's when the model has a detector,
+    else `map_score` (maximum of the smoothed map).
+    """
 
     path: Path | None
     anomaly_map: np.ndarray  # float32 H x W in [0, 1]
     score: float
+    map_score: float
+    topk_score: float
+    detector_score: float | None = None
 
 
 class AnoSegModel:
@@ -64,8 +72,14 @@ class AnoSegModel:
         self.config = config
         self.device = resolve_device(device or config.device)
         self.generator = (generator or Generator(config)).to(self.device).eval()
-        self.threshold = threshold
+        self.threshold = threshold  # for the map: pixels (and map scores) above it are defect
         self.meta = dict(meta or {})
+        self.detector: Detector | None = None
+
+    @property
+    def image_threshold(self) -> float | None:
+        """The threshold of `Prediction.score`: the detector's when there is one."""
+        return self.detector.threshold if self.detector is not None else self.threshold
 
     # --- persistence -------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
@@ -91,7 +105,10 @@ class AnoSegModel:
         threshold = meta.pop("threshold", None)
         if threshold is not None and not isinstance(threshold, (int, float)):
             raise ModelFileError(f"{folder / META_FILE}: threshold must be a number")
-        return cls(config, generator, threshold, meta, device)
+        model = cls(config, generator, threshold, meta, device)
+        if (folder / DETECTOR_WEIGHTS).exists():
+            model.detector = Detector.load(folder, config, model.device)
+        return model
 
     # --- inference ------------------------------------------------------------------------
     @torch.no_grad()
@@ -100,13 +117,20 @@ class AnoSegModel:
         size = self.config.image_size
         batch = np.stack([resize_rgb(im, size).transpose(2, 0, 1) for im in images])
         x = torch.from_numpy(batch).to(self.device, torch.float32) / 127.5 - 1.0
-        maps = gaussian_blur(self.generator.anomaly_map(x), self.config.smoothing_sigma)
-        scores = maps.amax(dim=(1, 2, 3)).cpu().numpy()
+        raw = self.generator.anomaly_map(x)
+        maps = gaussian_blur(raw, self.config.smoothing_sigma)
+        flat = maps.flatten(1)
+        k = max(1, round(self.config.topk_fraction * flat.shape[1]))
+        map_scores = flat.amax(1).cpu().numpy()
+        topk_scores = flat.topk(k, dim=1).values.mean(1).cpu().numpy()
+        det_scores = self.detector.score(x, raw).cpu().numpy() if self.detector is not None else [None] * len(images)
         out = []
-        for m, im, s in zip(maps, images, scores):
+        for m, im, s, t, d in zip(maps, images, map_scores, topk_scores, det_scores):
             h, w = im.shape[:2]
             full = F.interpolate(m[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            out.append(Prediction(None, full.clamp(0, 1).cpu().numpy().astype(np.float32), float(s)))
+            score = float(d) if d is not None else float(s)
+            out.append(Prediction(None, full.clamp(0, 1).cpu().numpy().astype(np.float32), score, float(s),
+                                  float(t), None if d is None else float(d)))
         return out
 
     def predict_images(self, images: Iterable[np.ndarray]) -> list[Prediction]:
@@ -134,8 +158,7 @@ class AnoSegModel:
             pred.path = p
             yield pred
 
-    def is_defect(self, score: float, threshold: float | None = None) -> bool:
-        t = self.threshold if threshold is None else threshold
-        if t is None:
-            raise AnosegError("the model has no threshold; give one with --threshold")
-        return score > t
+    def is_defect(self, pred: Prediction, threshold: float | None = None) -> bool | None:
+        """The verdict for a prediction at the image threshold (or the given one); None without a threshold."""
+        t = self.image_threshold if threshold is None else threshold
+        return None if t is None else pred.score > t

@@ -24,10 +24,11 @@ from .fileio import (
     save_png_atomic,
     write_text_atomic,
 )
-from .inference import AnoSegModel
+from .inference import AnoSegModel, Prediction
 from .visualize import overlay, save_map_png16
 
-RESULT_FIELDS = ["path", "score", "verdict", "threshold", "width", "height", "overlay", "map"]
+RESULT_FIELDS = ["path", "score", "verdict", "threshold", "map_score", "topk_score", "detector_score",
+                 "map_threshold", "width", "height", "overlay", "map"]
 
 
 def check_threshold(threshold: float) -> float:
@@ -78,15 +79,32 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def thresholds(model: AnoSegModel, threshold: float | None,
+               detector_threshold: float | None) -> tuple[float | None, float | None]:
+    """(map threshold, image threshold), the model's own unless overridden.
+
+    The map threshold outlines defect pixels; the image threshold decides the verdict on
+    `Prediction.score` (the detector's score when the model has a detector, else the map's maximum).
+    """
+    t_map = model.threshold if threshold is None else check_threshold(threshold)
+    if model.detector is None:
+        if detector_threshold is not None:
+            raise DataError("--detector-threshold given, but the model has no detector")
+        return t_map, t_map
+    t_det = model.detector.threshold if detector_threshold is None else check_threshold(detector_threshold)
+    return t_map, t_det
+
+
 def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, threshold: float | None = None,
-            map_format: str = "png", progress: bool = True) -> list[dict[str, Any]]:
+            map_format: str = "png", progress: bool = True,
+            detector_threshold: float | None = None) -> list[dict[str, Any]]:
     """Score images and write overlays, raw maps and ``predictions.csv`` / ``predictions.jsonl`` into `out`.
 
     Files that cannot be read are skipped with a warning (listed in ``skipped.txt``).
     """
     if map_format not in ("png", "npy"):
         raise DataError(f"map format {map_format!r}: choose png or npy")
-    t = model.threshold if threshold is None else check_threshold(threshold)
+    t_map, t_img = thresholds(model, threshold, detector_threshold)
     out = Path(out)
     # never score our own earlier outputs when --out lies inside an input folder
     paths = [p for p in expand_inputs(inputs) if not p.is_relative_to(out.resolve())]
@@ -108,7 +126,7 @@ def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, thres
                 skipped.append(str(e))
         preds = model.maps_for_batch([im for _, _, im in batch]) if batch else []
         for (p, name, image), pred in zip(batch, preds):
-            records.append(_write_one(out, name, p, image, pred.anomaly_map, pred.score, t, map_format))
+            records.append(_write_one(out, name, p, image, pred, t_map, t_img, map_format))
         bar.update(len(paths[i:i + bs]))
     bar.close()
     _write_tables(out, records)
@@ -117,18 +135,24 @@ def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, thres
     return records
 
 
-def _write_one(out: Path, name: str, path: Path, image: np.ndarray, amap: np.ndarray, score: float,
-               threshold: float | None, map_format: str) -> dict[str, Any]:
+def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Prediction, t_map: float | None,
+               t_img: float | None, map_format: str) -> dict[str, Any]:
     overlay_file = f"{name}_overlay.png"
-    save_png_atomic(out / overlay_file, Image.fromarray(overlay(image, amap, threshold)))
+    save_png_atomic(out / overlay_file, Image.fromarray(overlay(image, pred.anomaly_map, t_map)))
     map_file = f"{name}_map.{map_format}"
     if map_format == "png":
-        save_map_png16(out / map_file, amap)
+        save_map_png16(out / map_file, pred.anomaly_map)
     else:
-        save_npy_atomic(out / map_file, amap)
-    verdict = None if threshold is None else ("defect" if score > threshold else "normal")
-    return {"path": str(path), "score": round(score, 6), "verdict": verdict, "threshold": threshold,
-            "width": image.shape[1], "height": image.shape[0], "overlay": overlay_file, "map": map_file}
+        save_npy_atomic(out / map_file, pred.anomaly_map)
+    verdict = None if t_img is None else ("defect" if pred.score > t_img else "normal")
+
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v, 6)
+
+    return {"path": str(path), "score": r(pred.score), "verdict": verdict, "threshold": t_img,
+            "map_score": r(pred.map_score), "topk_score": r(pred.topk_score), "detector_score": r(pred.detector_score),
+            "map_threshold": t_map, "width": image.shape[1], "height": image.shape[0],
+            "overlay": overlay_file, "map": map_file}
 
 
 def _write_tables(out: Path, records: list[dict[str, Any]]) -> None:

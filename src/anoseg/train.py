@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import time
 import warnings
@@ -27,6 +28,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .data import load_stack, train_images
+from .detector import DETECTOR_META, DETECTOR_WEIGHTS, Detector
 from .errors import AnosegError, DataError
 from .fileio import write_text_atomic
 from .inference import CONFIG_FILE, WEIGHTS_FILE, AnoSegModel, resolve_device
@@ -37,6 +39,9 @@ CKPT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.csv"
 # Settings that may change when a run is resumed; the rest must match the saved run.
 RESUMABLE = ("steps", "device", "num_threads", "max_minutes", "checkpoint_every", "batch_size_infer")
+# Settings that only matter after AnoSeg training (scoring, detector): taken from the user on resume too.
+LATER = ("topk_fraction", "smoothing_sigma", "threshold_quantile") + tuple(
+    f.name for f in dataclasses.fields(Config) if f.name.startswith("detector_"))
 
 
 def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -169,10 +174,10 @@ def _prepare_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) -> Co
             raise AnosegError(f"{out}: nothing to resume (no {CKPT_STATE})")
         saved = Config.load(out / CONFIG_FILE)
         ignored = [k for k, v in cfg.to_dict().items()
-                   if k not in RESUMABLE and k != "profile" and saved.to_dict()[k] != v]
+                   if k not in RESUMABLE + LATER and k != "profile" and saved.to_dict()[k] != v]
         if ignored:
             warnings.warn(f"resuming with the saved settings; ignored: {', '.join(ignored)}", stacklevel=3)
-        return saved.replace(**{k: getattr(cfg, k) for k in RESUMABLE})
+        return saved.replace(**{k: getattr(cfg, k) for k in RESUMABLE + LATER})
     if (has_ckpt or has_model) and not overwrite:
         raise AnosegError(f"{out}: already holds a model or checkpoint; use --resume to continue it, "
                           "--overwrite to start again, or another --out")
@@ -188,6 +193,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     """
     out = Path(out)
     cfg = _prepare_folder(out, cfg, resume, overwrite)
+    remove_detector(out)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     files = train_images(data)
@@ -241,12 +247,58 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     return model
 
 
-def calibrate(model: AnoSegModel, normal_files: list[Path]) -> float:
-    """Choose the decision threshold from normal images only: a high quantile of their scores."""
-    scores = np.array([p.score for p in model.iter_predict_files(normal_files)])
+def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
+    """Choose thresholds from normal images only: a high quantile of their scores.
+
+    Sets the map threshold (maximum of the smoothed map) and, when the model has a detector, the
+    detector's. Returns what was done, for the model's metadata.
+    """
+    preds = list(model.iter_predict_files(normal_files))
     q = model.config.threshold_quantile
-    model.threshold = float(np.quantile(scores, q))
-    model.meta.update({"threshold_source": f"quantile {q} of {len(scores)} held-out normal image scores",
-                       "holdout_scores": [round(float(s), 6) for s in scores],
-                       "holdout_files": [str(f) for f in normal_files]})
-    return model.threshold
+    map_scores = np.array([p.map_score for p in preds])
+    model.threshold = float(np.quantile(map_scores, q))
+    info = {"threshold_source": f"quantile {q} of {len(preds)} held-out normal image scores",
+            "holdout_scores": [round(float(s), 6) for s in map_scores],
+            "holdout_files": [str(f) for f in normal_files]}
+    model.meta.update(info)
+    if model.detector is not None:
+        det_scores = np.array([p.detector_score for p in preds])
+        model.detector.threshold = float(np.quantile(det_scores, q))
+        model.detector.meta.update({**info, "holdout_scores": [round(float(s), 6) for s in det_scores]})
+    return info
+
+
+def remove_detector(folder: Path) -> None:
+    """A detector belongs to the generator it was trained on: drop it when the generator changes."""
+    stale = [folder / DETECTOR_WEIGHTS, folder / DETECTOR_META]
+    if any(p.exists() for p in stale):
+        warnings.warn(f"{folder}: the AnoSeg model changes, so its detector is removed; "
+                      "train a new one with train-detector", stacklevel=3)
+        for p in stale:
+            p.unlink(missing_ok=True)
+
+
+def train_detector(folder: str | Path, data: str | Path | None = None, overrides: dict | None = None,
+                   progress: bool = True) -> AnoSegModel:
+    """Train the anomaly detector (paper section 3.4) for the AnoSeg model in `folder` and save it there.
+
+    Uses the same normal training images and the same held-out split as the AnoSeg model.
+    """
+    folder = Path(folder)
+    model = AnoSegModel.load(folder)
+    cfg = model.config.replace(**(overrides or {}))
+    model.config = cfg
+    data = data if data is not None else model.meta.get("data")
+    if data is None:
+        raise AnosegError(f"{folder}: the model does not record its training data; give DATA")
+    files = train_images(data)
+    train_idx, hold_idx = holdout_split(len(files), cfg)
+    images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images")[train_idx])
+    detector = Detector(cfg, model.device)
+    seconds = detector.fit(model.generator.anomaly_map, images, progress=progress)
+    model.detector = detector
+    detector.meta = {"train_seconds": round(seconds, 2), "steps_done": cfg.detector_steps, "data": str(data)}
+    calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])
+    cfg.save(folder / CONFIG_FILE)
+    detector.save(folder)
+    return model

@@ -1,0 +1,88 @@
+"""The image-level anomaly detector: score formula, training, save/load, use in predict and evaluate."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from anoseg import evaluate, load, predict, profile_config, train, train_detector
+from anoseg.detector import DETECTOR_WEIGHTS, pair_scores
+
+
+class IdentityDisc(nn.Module):
+    """Features = the (image, mask) pair itself, so the score can be computed by hand."""
+
+    def forward(self, image, mask):
+        return None, torch.cat([image, mask], dim=1)
+
+
+def test_score_formula_known_values():
+    image = torch.zeros(1, 3, 2, 2)
+    recon = torch.full((1, 3, 2, 2), 0.5)
+    amap = torch.ones(1, 1, 2, 2)
+    # real pair (0, mask 0 -> -1), fake pair (0.5, map 1 -> +1): per pixel (3 * 0.25 + 4) / 4
+    mse = (3 * 0.25 + 4) / 4
+    # features: real (0, 0) against fake (0.5, 1) at 4 pixels: sqrt(4 * (3 * 0.25 + 1))
+    feat = math.sqrt(4 * 1.75)
+    got = pair_scores(IdentityDisc(), image, recon, amap, 1.0, 0.1)
+    assert got.item() == pytest.approx(mse + 0.1 * feat)
+    got = pair_scores(IdentityDisc(), image, recon, amap, 2.0, 0.0)
+    assert got.item() == pytest.approx(2 * mse)
+
+
+def test_score_is_per_image_and_zero_for_a_perfect_normal_pair():
+    image = torch.rand(3, 3, 4, 4)
+    amap = torch.zeros(3, 1, 4, 4)
+    got = pair_scores(IdentityDisc(), image, image.clone(), amap, 1.0, 0.1)
+    assert got.shape == (3,) and torch.allclose(got, torch.zeros(3))
+
+
+@pytest.fixture(scope="module")
+def detector_model(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("det") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    train_detector(folder, overrides={"detector_steps": 3}, progress=False)
+    return folder
+
+
+def test_detector_round_trip(detector_model, demo_root):
+    a = load(detector_model)
+    b = load(detector_model)
+    assert a.detector is not None and a.detector.threshold is not None
+    img = np.zeros((40, 50, 3), np.uint8)
+    pa, pb = a.predict_images([img])[0], b.predict_images([img])[0]
+    assert pa.detector_score is not None and pa.score == pa.detector_score
+    assert pa.detector_score == pytest.approx(pb.detector_score, rel=1e-6)
+    for key, value in a.detector.generator.state_dict().items():
+        assert torch.equal(value, b.detector.generator.state_dict()[key])
+
+
+def test_predict_and_evaluate_use_the_detector(detector_model, demo_root, tmp_path):
+    model = load(detector_model)
+    records = predict(model, [demo_root / "test" / "good"], tmp_path / "p", progress=False)
+    for r in records:
+        assert r["threshold"] == model.detector.threshold and r["map_threshold"] == model.threshold
+        assert r["verdict"] == ("defect" if r["detector_score"] > model.detector.threshold else "normal")
+    m = evaluate(model, demo_root, tmp_path / "e", progress=False)["metrics"]
+    for key in ("image_auroc_max", "image_auroc_topk", "image_auroc_detector"):
+        assert 0 <= m[key] <= 1
+    assert m["image_auroc"] == m["image_auroc_detector"]
+
+
+def test_retraining_anoseg_removes_the_stale_detector(detector_model, demo_root, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(detector_model, folder)
+    with pytest.warns(UserWarning, match="detector is removed"):
+        train(profile_config("tiny", steps=2, batch_size=4), demo_root, folder, overwrite=True, progress=False)
+    assert not (folder / DETECTOR_WEIGHTS).exists() and load(folder).detector is None
+
+
+def test_detector_threshold_needs_a_detector(tiny_model_dir, demo_root, tmp_path):
+    from anoseg.errors import DataError
+
+    with pytest.raises(DataError, match="no detector"):
+        predict(load(tiny_model_dir), [demo_root / "test" / "good"], tmp_path, detector_threshold=0.5,
+                progress=False)
