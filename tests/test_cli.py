@@ -11,8 +11,11 @@ def _err(capsys, argv):
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
-    assert err.startswith("anoseg: error:") and "Traceback" not in err and len(err.splitlines()) == 1
-    return err
+    lines = err.splitlines()
+    # one error line, after any one-line warnings about skipped files
+    assert lines[-1].startswith("anoseg: error:") and "Traceback" not in err
+    assert all(ln.startswith("anoseg: warning:") for ln in lines[:-1]), err
+    return lines[-1]
 
 
 @pytest.mark.parametrize("cmd", ["train", "predict", "evaluate", "demo"])
@@ -109,3 +112,11 @@ def test_predict_rejects_nan_threshold_and_skips_own_outputs(tiny_model_dir, dem
     for _ in range(2):  # the second run must not pick up the first run's overlays
         assert main(["predict", str(tiny_model_dir), str(photos), "--out", str(photos / "pred"), "--quiet"]) == 0
     assert len(list((photos / "pred").glob("*_overlay.png"))) == 2
+
+
+def test_predict_when_no_image_can_be_read(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"nope")
+    err = _err(capsys, ["predict", str(tiny_model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "p")])
+    assert "none of the 1 image(s) could be read" in err and "a.png" in err
+    assert not (tmp_path / "p" / "predictions.csv").exists()

@@ -129,9 +129,12 @@ def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, thres
             records.append(_write_one(out, name, p, image, pred, t_map, t_img, map_format))
         bar.update(len(paths[i:i + bs]))
     bar.close()
-    _write_tables(out, records)
     if skipped:
         write_text_atomic(out / "skipped.txt", "\n".join(skipped) + "\n")
+    if not records:
+        raise DataError(f"none of the {len(paths)} image(s) could be read (see {out / 'skipped.txt'}); "
+                        f"first: {skipped[0]}")
+    _write_tables(out, records)
     return records
 
 

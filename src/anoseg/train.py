@@ -193,7 +193,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     """
     out = Path(out)
     cfg = _prepare_folder(out, cfg, resume, overwrite)
-    remove_detector(out)
+    data = Path(data).resolve()  # recorded with the model; train-detector finds the data from anywhere
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     files = train_images(data)
@@ -201,6 +201,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     # every file is read now, held-out ones included, so a bad file stops the run before training starts
     images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images")[train_idx])
     out.mkdir(parents=True, exist_ok=True)
+    remove_detector(out)
     cfg.save(out / CONFIG_FILE)
     device = resolve_device(cfg.device)
     trainer = Trainer(cfg, device)
