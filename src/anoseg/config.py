@@ -68,7 +68,7 @@ class Config:
     batch_size_infer: int = 16  # images per forward pass in predict and evaluate
     topk_fraction: float = 0.01  # the top-k image score averages this share of the highest map pixels
     # --- anomaly detector (paper section 3.4; trained with train --detector) -----------
-    detector_steps: int = 600  # detector training iterations
+    detector_steps: int = 400  # detector training iterations
     detector_lr: float = 2e-4  # Adam learning rate of both detector networks
     detector_lambda_adv: float = 1.0  # adversarial loss weight (generator side)
     detector_lambda_rec: float = 10.0  # L1 reconstruction loss weight
