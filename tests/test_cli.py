@@ -117,6 +117,7 @@ def test_predict_rejects_nan_threshold_and_skips_own_outputs(tiny_model_dir, dem
 def test_predict_when_no_image_can_be_read(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.png").write_bytes(b"nope")
-    err = _err(capsys, ["predict", str(tiny_model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "p")])
+    err = _err(capsys, ["predict", str(tiny_model_dir), str(tmp_path / "in"), "--out", str(tmp_path / "p"),
+                        "--quiet"])
     assert "none of the 1 image(s) could be read" in err and "a.png" in err
     assert not (tmp_path / "p" / "predictions.csv").exists()
