@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and writes overlays: the whole pipeline in a few minutes on a CPU.")
     d.add_argument("--data", default="demo_data", help="where to write the synthetic data set")
     d.add_argument("--out", default="demo_run", help="folder for the model and results")
-    d.add_argument("--steps", type=int, default=None, help="training iterations (default: tiny profile's)")
+    d.add_argument("--steps", type=int, default=None, help="training iterations (default 800)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

@@ -115,10 +115,10 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
-def load_stack(paths: list[Path], size: int, desc: str = "loading") -> np.ndarray:
+def load_stack(paths: list[Path], size: int, desc: str = "loading", progress: bool = True) -> np.ndarray:
     """Load images as one uint8 array N x 3 x size x size."""
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    for i, p in enumerate(tqdm(paths, desc=desc, leave=False, disable=len(paths) < 50)):
+    for i, p in enumerate(tqdm(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50)):
         out[i] = resize_rgb(load_image(p), size).transpose(2, 0, 1)
     return out
 

@@ -199,7 +199,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     files = train_images(data)
     train_idx, hold_idx = holdout_split(len(files), cfg)
     # every file is read now, held-out ones included, so a bad file stops the run before training starts
-    images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images")[train_idx])
+    images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images", progress=progress)[train_idx])
     out.mkdir(parents=True, exist_ok=True)
     remove_detector(out)
     cfg.save(out / CONFIG_FILE)
@@ -294,7 +294,7 @@ def train_detector(folder: str | Path, data: str | Path | None = None, overrides
         raise AnosegError(f"{folder}: the model does not record its training data; give DATA")
     files = train_images(data)
     train_idx, hold_idx = holdout_split(len(files), cfg)
-    images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images")[train_idx])
+    images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images", progress=progress)[train_idx])
     detector = Detector(cfg, model.device)
     seconds = detector.fit(model.generator.anomaly_map, images, progress=progress)
     model.detector = detector
