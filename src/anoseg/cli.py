@@ -66,6 +66,12 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _threshold_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=float,
+                   help="override the map threshold (outlined pixels; the verdict too when there is no detector)")
+    p.add_argument("--detector-threshold", type=float, help="override the detector's threshold (verdict)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anoseg", description="AnoSeg anomaly segmentation: learn normal parts from "
                                 "defect-free images, then paint where new images show defects (1 = defect).")
@@ -109,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model", help="trained model folder")
     pr.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (quote globs)")
     pr.add_argument("--out", required=True, help="folder for the results")
-    pr.add_argument("--threshold", type=float,
-                    help="override the map threshold (outlined pixels; the verdict too when there is no detector)")
-    pr.add_argument("--detector-threshold", type=float, help="override the detector's threshold (verdict)")
+    _threshold_options(pr)
     pr.add_argument("--map-format", choices=["png", "npy"], default="png", help="raw map format")
     pr.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the model's setting)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -125,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--abnormal", help="folder of defect test images (plain layout)")
     ev.add_argument("--masks", help="folder of masks named like the defect images (NAME.png or NAME_mask.png)")
     ev.add_argument("--out", required=True, help="folder for the results")
-    ev.add_argument("--threshold", type=float,
-                    help="override the map threshold (outlined pixels; the verdict too when there is no detector)")
-    ev.add_argument("--detector-threshold", type=float, help="override the detector's threshold (verdict)")
+    _threshold_options(ev)
     ev.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
