@@ -161,9 +161,7 @@ def run(argv: list[str] | None = None) -> int:
         print(f"model written to {args.out} (threshold {model.threshold:.4f}, "
               f"{model.meta['train_seconds']:.0f} s)")
         if args.detector:
-            model = api.train_detector(args.out, args.data, progress=progress)
-            print(f"detector written to {args.out} (threshold {model.detector.threshold:.4f}, "
-                  f"{model.detector.meta['train_seconds']:.0f} s)")
+            _detector_written(args.out, api.train_detector(args.out, args.data, progress=progress))
         if args.evaluate:
             result = api.evaluate(model, args.data, Path(args.out) / "eval", progress=progress)
             _print_metrics(result)
@@ -174,9 +172,8 @@ def run(argv: list[str] | None = None) -> int:
         bad = [k for k in overrides if not k.startswith("detector_")]
         if bad:
             raise ConfigError(f"train-detector takes detector settings only, not {', '.join(bad)}")
-        model = api.train_detector(args.model, args.data, overrides=overrides, progress=progress)
-        print(f"detector written to {args.model} (threshold {model.detector.threshold:.4f}, "
-              f"{model.detector.meta['train_seconds']:.0f} s)")
+        _detector_written(args.model, api.train_detector(args.model, args.data, overrides=overrides,
+                                                         progress=progress))
     elif args.command == "predict":
         model = api.load(args.model, device=args.device)
         records = api.predict(model, args.inputs, args.out, threshold=args.threshold,
@@ -200,6 +197,11 @@ def run(argv: list[str] | None = None) -> int:
         print(f"demo finished in {time.perf_counter() - start:.0f} s; open {args.out}/eval/metrics.md and "
               f"{args.out}/predictions/*_overlay.png")
     return 0
+
+
+def _detector_written(folder: str, model) -> None:
+    print(f"detector written to {folder} (threshold {model.detector.threshold:.4f}, "
+          f"{model.detector.meta['train_seconds']:.0f} s)")
 
 
 def _print_metrics(result: dict[str, Any]) -> None:

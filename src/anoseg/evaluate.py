@@ -15,8 +15,7 @@ from tqdm import tqdm
 from . import metrics
 from .data import Sample, load_sample_mask
 from .fileio import load_image, write_text_atomic
-from .inference import AnoSegModel, Prediction
-from .predict import thresholds
+from .inference import AnoSegModel, Prediction, verdict
 from .visualize import plot_pro, plot_roc
 
 PRO_FPR_LIMIT = 0.3
@@ -108,7 +107,7 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
              detector_threshold: float | None = None) -> dict[str, Any]:
     """Run the model on labelled samples; write metrics.json, metrics.md, scores.csv, roc.png, pro.png to `out`."""
     start = time.perf_counter()
-    t_map, t_img = thresholds(model, threshold, detector_threshold)
+    t_map, t_img = model.thresholds(threshold, detector_threshold)
     maps, masks, preds = collect(model, samples, progress)
     labels = np.array([s.label for s in samples])
     curves: dict[str, metrics.Curve] = {}
@@ -136,9 +135,9 @@ def _scores_csv(samples: list[Sample], preds: list[Prediction], threshold: float
     w = csv.writer(buf)
     w.writerow(["path", "defect_type", "label", "score", "verdict", "map_score", "topk_score", "detector_score"])
     for s, p in zip(samples, preds):
-        verdict = "" if threshold is None else ("defect" if p.score > threshold else "normal")
         det = "" if p.detector_score is None else f"{p.detector_score:.6f}"
-        w.writerow([s.path, s.defect_type, s.label, f"{p.score:.6f}", verdict, f"{p.map_score:.6f}",
+        w.writerow([s.path, s.defect_type, s.label, f"{p.score:.6f}", verdict(p.score, threshold) or "",
+                    f"{p.map_score:.6f}",
                     f"{p.topk_score:.6f}", det])
     return buf.getvalue()
 

@@ -15,7 +15,7 @@ from .checkpoint import load_json, load_module, load_tensors, module_state, save
 from .config import Config
 from .data import resize_rgb
 from .detector import DETECTOR_WEIGHTS, Detector
-from .errors import AnosegError, ModelFileError
+from .errors import AnosegError, DataError, ModelFileError
 from .fileio import load_image
 from .models import Generator
 
@@ -158,7 +158,31 @@ class AnoSegModel:
             pred.path = p
             yield pred
 
-    def is_defect(self, pred: Prediction, threshold: float | None = None) -> bool | None:
-        """The verdict for a prediction at the image threshold (or the given one); None without a threshold."""
-        t = self.image_threshold if threshold is None else threshold
-        return None if t is None else pred.score > t
+    def thresholds(self, threshold: float | None = None,
+                   detector_threshold: float | None = None) -> tuple[float | None, float | None]:
+        """(map threshold, image threshold), the model's own unless overridden.
+
+        The map threshold outlines defect pixels; the image threshold decides the verdict on
+        `Prediction.score` (the detector's score when the model has a detector, else the map's maximum).
+        """
+        t_map = self.threshold if threshold is None else check_threshold(threshold)
+        if self.detector is None:
+            if detector_threshold is not None:
+                raise DataError("--detector-threshold given, but the model has no detector")
+            return t_map, t_map
+        t_det = self.detector.threshold if detector_threshold is None else check_threshold(detector_threshold)
+        return t_map, t_det
+
+
+def check_threshold(threshold: float) -> float:
+    """A user-given threshold must be a finite number."""
+    if not np.isfinite(threshold):
+        raise DataError(f"threshold {threshold}: must be a finite number (maps lie in [0, 1])")
+    return float(threshold)
+
+
+def verdict(score: float, threshold: float | None) -> str | None:
+    """'defect' when the score exceeds the threshold, else 'normal'; None without a threshold."""
+    if threshold is None:
+        return None
+    return "defect" if score > threshold else "normal"

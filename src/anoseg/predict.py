@@ -24,18 +24,11 @@ from .fileio import (
     save_png_atomic,
     write_text_atomic,
 )
-from .inference import AnoSegModel, Prediction
+from .inference import AnoSegModel, Prediction, verdict
 from .visualize import overlay, save_map_png16
 
 RESULT_FIELDS = ["path", "score", "verdict", "threshold", "map_score", "topk_score", "detector_score",
                  "map_threshold", "width", "height", "overlay", "map"]
-
-
-def check_threshold(threshold: float) -> float:
-    """A user-given threshold must be a finite number."""
-    if not np.isfinite(threshold):
-        raise DataError(f"threshold {threshold}: must be a finite number (maps lie in [0, 1])")
-    return float(threshold)
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -79,22 +72,6 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def thresholds(model: AnoSegModel, threshold: float | None,
-               detector_threshold: float | None) -> tuple[float | None, float | None]:
-    """(map threshold, image threshold), the model's own unless overridden.
-
-    The map threshold outlines defect pixels; the image threshold decides the verdict on
-    `Prediction.score` (the detector's score when the model has a detector, else the map's maximum).
-    """
-    t_map = model.threshold if threshold is None else check_threshold(threshold)
-    if model.detector is None:
-        if detector_threshold is not None:
-            raise DataError("--detector-threshold given, but the model has no detector")
-        return t_map, t_map
-    t_det = model.detector.threshold if detector_threshold is None else check_threshold(detector_threshold)
-    return t_map, t_det
-
-
 def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, threshold: float | None = None,
             map_format: str = "png", progress: bool = True,
             detector_threshold: float | None = None) -> list[dict[str, Any]]:
@@ -104,7 +81,7 @@ def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, thres
     """
     if map_format not in ("png", "npy"):
         raise DataError(f"map format {map_format!r}: choose png or npy")
-    t_map, t_img = thresholds(model, threshold, detector_threshold)
+    t_map, t_img = model.thresholds(threshold, detector_threshold)
     out = Path(out)
     # never score our own earlier outputs when --out lies inside an input folder
     paths = [p for p in expand_inputs(inputs) if not p.is_relative_to(out.resolve())]
@@ -147,12 +124,11 @@ def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Predic
         save_map_png16(out / map_file, pred.anomaly_map)
     else:
         save_npy_atomic(out / map_file, pred.anomaly_map)
-    verdict = None if t_img is None else ("defect" if pred.score > t_img else "normal")
 
     def r(v: float | None) -> float | None:
         return None if v is None else round(v, 6)
 
-    return {"path": str(path), "score": r(pred.score), "verdict": verdict, "threshold": t_img,
+    return {"path": str(path), "score": r(pred.score), "verdict": verdict(pred.score, t_img), "threshold": t_img,
             "map_score": r(pred.map_score), "topk_score": r(pred.topk_score), "detector_score": r(pred.detector_score),
             "map_threshold": t_map, "width": image.shape[1], "height": image.shape[0],
             "overlay": overlay_file, "map": map_file}
