@@ -10,6 +10,7 @@ from PIL import Image
 
 from anoseg import AnosegError, ModelFileError, evaluate, load, predict, profile_config, train
 from anoseg.checkpoint import load_tensors
+from anoseg.train import checkpoint_weights
 
 
 def test_model_round_trip(tiny_model_dir, demo_root):
@@ -58,8 +59,8 @@ def test_resume_reaches_the_same_weights(demo_root, tmp_path):
     train(cfg, demo_root, tmp_path / "full", progress=False)
     train(cfg.replace(steps=2), demo_root, tmp_path / "part", progress=False)
     train(cfg, demo_root, tmp_path / "part", resume=True, progress=False)
-    a = load_tensors(tmp_path / "full" / "checkpoint.safetensors")
-    b = load_tensors(tmp_path / "part" / "checkpoint.safetensors")
+    a = load_tensors(checkpoint_weights(tmp_path / "full"))
+    b = load_tensors(checkpoint_weights(tmp_path / "part"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -14,6 +14,7 @@ from .errors import ConfigError
 CONFIG_VERSION = 1
 
 SEG_LOSSES = ("focal", "bce", "l1")
+TTA_FLIPS = {"none": [()], "h": [(), (3,)], "v": [(), (2,)], "hv": [(), (3,), (2,), (2, 3)]}  # flipped dims
 REGION_SHAPES = ("rect", "ellipse", "scar")
 
 
@@ -54,14 +55,20 @@ class Config:
     lambda_seg: float = 10.0  # weight of the segmentation loss
     lambda_rec: float = 1.0  # weight of the masked (normal pixels only) L1 reconstruction loss
     lambda_adv: float = 0.1  # weight of the adversarial loss on (image, map) pairs
+    ema_decay: float = 0.0  # keep an exponential moving average of the generator weights (0 = off); the model uses it
     train_augment_flip: bool = False  # random flips of training images (off: many parts are not symmetric)
     checkpoint_every: int = 500  # save a resumable checkpoint every N steps
+    max_rollbacks: int = 3  # on a non-finite loss or a collapsed discriminator, go back to the last checkpoint ...
+    rollback_lr_factor: float = 0.5  # ... with both learning rates times this; after max_rollbacks, stop with an error
+    collapse_d_loss: float = 1e-3  # the discriminator counts as collapsed when its loss stays below this ...
+    collapse_patience: int = 200  # ... for this many steps in a row (0 = never)
     max_minutes: float = 0.0  # stop training after this wall time (0 = no limit); makes runs non-repeatable
     seed: int = 0  # the same seed and settings reproduce a run (on the same device)
     device: str = "auto"  # "auto" picks CUDA when available, else CPU
     num_threads: int = 0  # CPU threads for torch (0 = torch's default)
     # --- maps, scores and thresholds -------------------------------------------------
     smoothing_sigma: float = 4.0  # Gaussian smoothing of the map before scoring, in model-input pixels
+    tta_flips: str = "none"  # test-time augmentation: average the maps of flipped inputs (none, h, v, hv)
     holdout_fraction: float = 0.1  # share of normal training images kept out to choose the threshold
     holdout_min: int = 2  # at least this many held-out images (when holdout_fraction > 0)
     threshold_quantile: float = 0.99  # quantile of held-out normal scores used as threshold
@@ -109,6 +116,10 @@ class Config:
             raise bad("region_shapes", f"choose from {', '.join(REGION_SHAPES)}")
         if self.seg_loss not in SEG_LOSSES:
             raise bad("seg_loss", f"choose from {', '.join(SEG_LOSSES)}")
+        if self.tta_flips not in TTA_FLIPS:
+            raise bad("tta_flips", f"choose from {', '.join(TTA_FLIPS)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise bad("ema_decay", "must lie in [0, 1)")
         if self.permute_grid < 1:
             raise bad("permute_grid", "must be at least 1")
         if not 0.0 < self.topk_fraction <= 1.0:
@@ -117,10 +128,14 @@ class Config:
             if not getattr(self, name) > 0:
                 raise bad(name, "must be positive")
         for name in ("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength",
-                     "mask_min_diff", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls",
-                     "detector_lambda_fm", "detector_w_mse", "detector_w_feat"):
+                     "mask_min_diff", "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec",
+                     "detector_lambda_cls", "detector_lambda_fm", "detector_w_mse", "detector_w_feat"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
+        if self.max_rollbacks < 0 or self.collapse_patience < 0:
+            raise bad("max_rollbacks" if self.max_rollbacks < 0 else "collapse_patience", "must not be negative")
+        if not 0.0 < self.rollback_lr_factor < 1.0:
+            raise bad("rollback_lr_factor", "must lie in (0, 1)")
         if self.holdout_min < 1:
             raise bad("holdout_min", "must be at least 1")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -18,3 +18,7 @@ class ConfigError(AnosegError):
 
 class ModelFileError(AnosegError):
     """A saved model or checkpoint is missing, damaged or does not fit the configuration."""
+
+
+class OutputError(AnosegError):
+    """An output file cannot be written (disk full, no permission, a file where a folder should be)."""

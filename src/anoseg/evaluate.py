@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from . import metrics
 from .data import Sample, load_sample_mask
-from .fileio import load_image, write_text_atomic
+from .fileio import load_image, make_output_dir, write_text_atomic
 from .inference import AnoSegModel, Prediction, verdict
 from .visualize import plot_pro, plot_roc
 
@@ -122,7 +122,7 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
     }
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out)
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
         write_text_atomic(out / "metrics.md", markdown_table(result))
         write_text_atomic(out / "scores.csv", _scores_csv(samples, preds, t_img))

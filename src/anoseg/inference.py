@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_json, load_module, load_tensors, module_state, save_json, save_tensors
-from .config import Config
+from .config import TTA_FLIPS, Config
 from .data import resize_rgb
 from .detector import DETECTOR_WEIGHTS, Detector
 from .errors import AnosegError, DataError, ModelFileError
-from .fileio import load_image
+from .fileio import load_image, make_output_dir
 from .models import Generator
 
 CONFIG_FILE = "config.json"
@@ -84,10 +84,11 @@ class AnoSegModel:
     # --- persistence -------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_tensors(folder / WEIGHTS_FILE, module_state("generator", self.generator))
+        make_output_dir(folder)
         self.config.save(folder / CONFIG_FILE)
         save_json(folder / META_FILE, {**self.meta, "threshold": self.threshold})
+        # the weights file marks a finished model, so it is written last
+        save_tensors(folder / WEIGHTS_FILE, module_state("generator", self.generator))
 
     @classmethod
     def load(cls, folder: str | Path, device: str | None = None) -> AnoSegModel:
@@ -117,7 +118,7 @@ class AnoSegModel:
         size = self.config.image_size
         batch = np.stack([resize_rgb(im, size).transpose(2, 0, 1) for im in images])
         x = torch.from_numpy(batch).to(self.device, torch.float32) / 127.5 - 1.0
-        raw = self.generator.anomaly_map(x)
+        raw = self.raw_maps(x)
         maps = gaussian_blur(raw, self.config.smoothing_sigma)
         flat = maps.flatten(1)
         k = max(1, round(self.config.topk_fraction * flat.shape[1]))
@@ -132,6 +133,16 @@ class AnoSegModel:
             out.append(Prediction(None, full.clamp(0, 1).cpu().numpy().astype(np.float32), score, float(s),
                                   float(t), None if d is None else float(d)))
         return out
+
+    def raw_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Unsmoothed maps of a normalised batch, averaged over the flips of `tta_flips`."""
+        flips = TTA_FLIPS[self.config.tta_flips]
+        total = None
+        for dims in flips:
+            m = self.generator.anomaly_map(x.flip(dims) if dims else x)
+            m = m.flip(dims) if dims else m
+            total = m if total is None else total + m
+        return total / len(flips)
 
     def predict_images(self, images: Iterable[np.ndarray]) -> list[Prediction]:
         """Maps for in-memory RGB uint8 images."""

@@ -19,6 +19,7 @@ from .errors import DataError
 from .fileio import (
     IMAGE_SUFFIXES,
     load_image,
+    make_output_dir,
     safe_name,
     save_npy_atomic,
     save_png_atomic,
@@ -88,7 +89,7 @@ def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, thres
     if not paths:
         raise DataError(f"no images to score outside the output folder {out}")
     names = output_names(paths)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     records: list[dict[str, Any]] = []
     skipped: list[str] = []
     bs = model.config.batch_size_infer

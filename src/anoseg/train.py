@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import dataclasses
 import io
+import signal
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,19 +33,24 @@ from .checkpoint import (
 from .config import Config
 from .data import load_stack, train_images
 from .detector import DETECTOR_META, DETECTOR_WEIGHTS, Detector
-from .errors import AnosegError, DataError
-from .fileio import write_text_atomic
-from .inference import CONFIG_FILE, WEIGHTS_FILE, AnoSegModel, resolve_device
+from .errors import AnosegError, DataError, ModelFileError
+from .fileio import make_output_dir, write_text_atomic
+from .inference import CONFIG_FILE, META_FILE, WEIGHTS_FILE, AnoSegModel, resolve_device
 from .models import Discriminator, Generator
 
 CKPT_WEIGHTS = "checkpoint.safetensors"
 CKPT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.csv"
 # Settings that may change when a run is resumed; the rest must match the saved run.
-RESUMABLE = ("steps", "device", "num_threads", "max_minutes", "checkpoint_every", "batch_size_infer")
+RESUMABLE = ("steps", "device", "num_threads", "max_minutes", "checkpoint_every", "batch_size_infer", "max_rollbacks",
+             "rollback_lr_factor", "collapse_d_loss", "collapse_patience")
 # Settings that only matter after AnoSeg training (scoring, detector): taken from the user on resume too.
-LATER = ("topk_fraction", "smoothing_sigma", "threshold_quantile") + tuple(
+LATER = ("topk_fraction", "smoothing_sigma", "tta_flips", "threshold_quantile") + tuple(
     f.name for f in dataclasses.fields(Config) if f.name.startswith("detector_"))
+
+
+class TrainingUnstable(AnosegError):
+    """A non-finite loss, non-finite weights or a collapsed discriminator: roll back or stop."""
 
 
 def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -80,14 +89,37 @@ class Trainer:
     discriminator: Discriminator = field(init=False)
     step_done: int = 0
     history: list[dict] = field(default_factory=list)
+    lr_scale: float = 1.0  # lowered by each rollback
+    rollbacks: int = 0
+    d_low_steps: int = 0  # consecutive steps with the discriminator loss under collapse_d_loss
 
     def __post_init__(self) -> None:
+        self._build()
+
+    def _build(self) -> None:
         torch.manual_seed(self.cfg.seed)
         self.generator = Generator(self.cfg).to(self.device)
         self.discriminator = Discriminator(self.cfg).to(self.device)
         betas = (self.cfg.beta1, self.cfg.beta2)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.lr_d, betas=betas)
+        self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False) if self.cfg.ema_decay > 0 else None
+
+    @property
+    def final_generator(self) -> Generator:
+        """The generator the model keeps: the weight average when ema_decay > 0."""
+        return self.ema if self.ema is not None else self.generator
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # short warm-up so that the average does not remember the random initial weights for long
+        decay = min(self.cfg.ema_decay, (1 + self.step_done) / (10 + self.step_done))
+        live = self.generator.state_dict()
+        for name, value in self.ema.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.lerp_(live[name], 1.0 - decay)
+            else:
+                value.copy_(live[name])
 
     def step(self, images: torch.Tensor) -> dict[str, float]:
         """One iteration on a batch of normal images (uint8 B x 3 x S x S)."""
@@ -106,6 +138,7 @@ class Trainer:
         fake, _ = self.discriminator(recon.detach(), amap.detach())
         loss_d = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
             F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+        self._check_finite({"d": loss_d})
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
@@ -115,38 +148,106 @@ class Trainer:
         loss_seg = segmentation_loss(amap, mask, cfg.seg_loss)
         loss_rec = masked_reconstruction_loss(recon, x, mask)
         loss_g = cfg.lambda_seg * loss_seg + cfg.lambda_rec * loss_rec + cfg.lambda_adv * loss_adv
+        self._check_finite({"seg": loss_seg, "rec": loss_rec, "adv": loss_adv})
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
+        if self.ema is not None:
+            self._update_ema()
 
         losses = {"seg": loss_seg.item(), "rec": loss_rec.item(), "adv": loss_adv.item(), "d": loss_d.item()}
-        if not all(np.isfinite(v) for v in losses.values()):
-            raise AnosegError(f"training diverged at step {self.step_done + 1} (losses {losses}); "
-                              "lower --lr or resume from the last checkpoint")
+        self.d_low_steps = self.d_low_steps + 1 if losses["d"] < cfg.collapse_d_loss else 0
         self.step_done += 1
+        if cfg.collapse_patience and self.d_low_steps >= cfg.collapse_patience:
+            raise TrainingUnstable(f"the discriminator collapsed (loss under {cfg.collapse_d_loss} for "
+                                   f"{self.d_low_steps} steps, at step {self.step_done})")
         return losses
+
+    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        # checked before the optimiser step, so a NaN loss never reaches the weights
+        bad = {k: v.item() for k, v in losses.items() if not torch.isfinite(v)}
+        if bad:
+            raise TrainingUnstable(f"non-finite loss at step {self.step_done + 1} ({bad})")
+
+    def weights_finite(self) -> bool:
+        nets = [self.generator, self.discriminator] + ([self.ema] if self.ema is not None else [])
+        return all(bool(torch.isfinite(t).all()) for n in nets for t in n.state_dict().values()
+                   if t.dtype.is_floating_point)
+
+    def rollback(self, folder: Path) -> str:
+        """Back to the last checkpoint in `folder` (or to the start) with lower learning rates."""
+        scale = self.lr_scale * self.cfg.rollback_lr_factor
+        rollbacks = self.rollbacks + 1
+        if (folder / CKPT_STATE).is_file():
+            self.load(folder)
+            where = f"the checkpoint at step {self.step_done}"
+        else:
+            self._build()
+            self.step_done, self.history, self.d_low_steps = 0, [], 0
+            where = "the start"
+        self.lr_scale, self.rollbacks = scale, rollbacks
+        self._apply_lr()
+        return where
+
+    def _apply_lr(self) -> None:
+        for opt, lr in ((self.opt_g, self.cfg.lr), (self.opt_d, self.cfg.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr * self.lr_scale
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self, folder: Path, extra: dict) -> None:
+        """Write a checkpoint that survives a kill at any moment.
+
+        The weights go to a new file named after the step; the JSON that names them is renamed into
+        place last, and only then is the previous weights file removed. Whenever the process dies,
+        ``checkpoint.json`` names a complete weights file that matches it.
+        """
+        if not self.weights_finite():
+            raise TrainingUnstable(f"non-finite weights at step {self.step_done}; checkpoint not written")
         tg, pg = optimizer_state("opt_g", self.opt_g)
         td, pd = optimizer_state("opt_d", self.opt_d)
         tensors = {**module_state("generator", self.generator), **module_state("discriminator", self.discriminator),
-                   **tg, **td}
-        # weights first, then the JSON that points at them: a crash in between leaves the old pair readable
-        save_tensors(folder / CKPT_WEIGHTS, tensors)
-        save_json(folder / CKPT_STATE, {"step": self.step_done, "opt_g": pg, "opt_d": pd, **extra})
-        write_text_atomic(folder / LOG_FILE, _history_csv(self.history))
+                   **tg, **td, **(module_state("ema", self.ema) if self.ema is not None else {})}
+        weights = f"checkpoint-{self.step_done:08d}.safetensors"
+        save_tensors(folder / weights, tensors)
+        write_text_atomic(folder / LOG_FILE, _history_csv(self.history))  # rows past the step are dropped on load
+        save_json(folder / CKPT_STATE, {"step": self.step_done, "weights": weights, "opt_g": pg, "opt_d": pd,
+                                        "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+                                        "d_low_steps": self.d_low_steps, **extra})
+        # the previous weights, and any files a kill left behind (temporary files included)
+        for old in [*folder.glob("checkpoint*.safetensors"), *folder.glob(".checkpoint*.tmp")]:
+            if old.name != weights:
+                old.unlink(missing_ok=True)
 
     def load(self, folder: Path) -> dict:
         state = load_json(folder / CKPT_STATE)
-        tensors = load_tensors(folder / CKPT_WEIGHTS)
-        load_module(self.generator, tensors, "generator", folder / CKPT_WEIGHTS)
-        load_module(self.discriminator, tensors, "discriminator", folder / CKPT_WEIGHTS)
-        load_optimizer(self.opt_g, "opt_g", tensors, state["opt_g"])
-        load_optimizer(self.opt_d, "opt_d", tensors, state["opt_d"])
-        self.step_done = int(state["step"])
-        self.history = _read_history(folder / LOG_FILE)
+        path = checkpoint_weights(folder)
+        tensors = load_tensors(path)
+        load_module(self.generator, tensors, "generator", path)
+        load_module(self.discriminator, tensors, "discriminator", path)
+        if self.ema is not None:
+            load_module(self.ema, tensors, "ema", path)
+        try:
+            load_optimizer(self.opt_g, "opt_g", tensors, state["opt_g"])
+            load_optimizer(self.opt_d, "opt_d", tensors, state["opt_d"])
+            self.step_done = int(state["step"])
+        except (KeyError, ValueError, TypeError) as e:
+            raise ModelFileError(f"{folder / CKPT_STATE}: damaged checkpoint state ({e})") from None
+        self.lr_scale = float(state.get("lr_scale", 1.0))
+        self.rollbacks = int(state.get("rollbacks", 0))
+        self.d_low_steps = int(state.get("d_low_steps", 0))
+        self.history = [r for r in _read_history(folder / LOG_FILE) if r["step"] <= self.step_done]
         return state
+
+
+def checkpoint_weights(folder: Path) -> Path:
+    """The weights file that checkpoint.json names (older checkpoints used one fixed name)."""
+    if not (folder / CKPT_STATE).is_file():
+        return folder / CKPT_WEIGHTS
+    name = load_json(folder / CKPT_STATE).get("weights", CKPT_WEIGHTS)
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+        raise ModelFileError(f"{folder / CKPT_STATE}: bad weights file name {name!r}")
+    return folder / name
 
 
 def _history_csv(rows: list[dict]) -> str:
@@ -200,8 +301,11 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     train_idx, hold_idx = holdout_split(len(files), cfg)
     # every file is read now, held-out ones included, so a bad file stops the run before training starts
     images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images", progress=progress)[train_idx])
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     remove_detector(out)
+    if not resume:  # --overwrite: the old run's checkpoint and model go now, not mixed with the new run
+        for old in [*out.glob("checkpoint*.safetensors"), out / CKPT_STATE, out / WEIGHTS_FILE, out / META_FILE]:
+            old.unlink(missing_ok=True)
     cfg.save(out / CONFIG_FILE)
     device = resolve_device(cfg.device)
     trainer = Trainer(cfg, device)
@@ -216,36 +320,77 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
 
     bar = tqdm(total=cfg.steps, initial=trainer.step_done, desc="training", disable=not progress, dynamic_ncols=True)
     stopped_early = False
-    try:
-        while trainer.step_done < cfg.steps:
-            rng = np.random.default_rng([cfg.seed, trainer.step_done, 1])
-            idx = rng.choice(len(images), cfg.batch_size, replace=len(images) < cfg.batch_size)
-            losses = trainer.step(images[torch.from_numpy(idx)])
-            if trainer.step_done % 10 == 0 or trainer.step_done == 1:
-                trainer.history.append({"step": trainer.step_done, **losses})
-                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
-            bar.update(1)
-            if trainer.step_done % cfg.checkpoint_every == 0:
-                checkpoint()
-            if cfg.max_minutes and (time.perf_counter() - start) / 60 > cfg.max_minutes:
-                stopped_early = True
-                break
-    except KeyboardInterrupt:
-        checkpoint()
-        raise AnosegError(f"interrupted at step {trainer.step_done}; checkpoint saved in {out}, "
-                          "continue with --resume") from None
-    finally:
-        bar.close()
+    with _deferred_interrupt() as interrupted:
+        try:
+            while trainer.step_done < cfg.steps:
+                rng = np.random.default_rng([cfg.seed, trainer.step_done, 1])
+                idx = rng.choice(len(images), cfg.batch_size, replace=len(images) < cfg.batch_size)
+                try:
+                    losses = trainer.step(images[torch.from_numpy(idx)])
+                except TrainingUnstable as e:
+                    _roll_back(trainer, out, e, bar)
+                    continue
+                if trainer.step_done % 10 == 0 or trainer.step_done == 1:
+                    trainer.history.append({"step": trainer.step_done, **losses})
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+                bar.update(1)
+                if trainer.step_done % cfg.checkpoint_every == 0:
+                    checkpoint()
+                if interrupted():  # Ctrl-C: stop between steps, so the checkpoint is an exact resume point
+                    checkpoint()
+                    raise AnosegError(f"interrupted at step {trainer.step_done}; checkpoint saved in {out}, "
+                                      "continue with --resume")
+                if cfg.max_minutes and (time.perf_counter() - start) / 60 > cfg.max_minutes:
+                    stopped_early = True
+                    break
+        finally:
+            bar.close()
     checkpoint()
     train_seconds = elapsed_before + time.perf_counter() - start
 
-    model = AnoSegModel(cfg, trainer.generator, meta={
+    model = AnoSegModel(cfg, trainer.final_generator, meta={
         "steps_done": trainer.step_done, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 2),
-        "n_train": len(train_idx), "data": str(data)})
+        "n_train": len(train_idx), "data": str(data), "rollbacks": trainer.rollbacks, "lr_scale": trainer.lr_scale})
     model.generator.eval()
     calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])
     model.save(out)
     return model
+
+
+def _roll_back(trainer: Trainer, out: Path, error: TrainingUnstable, bar: tqdm) -> None:
+    """Go back to the last checkpoint with lower learning rates, or stop once the retries are spent."""
+    cfg = trainer.cfg
+    if trainer.rollbacks >= cfg.max_rollbacks:
+        kept = f"the last good checkpoint is kept in {out}" if (out / CKPT_STATE).is_file() else "no checkpoint yet"
+        raise AnosegError(f"training is unstable: {error}; gave up after {trainer.rollbacks} rollback(s) "
+                          f"({kept}); try a lower --lr or other settings") from None
+    where = trainer.rollback(out)
+    msg = (f"training unstable: {error}; rolled back to {where} with learning rates x{trainer.lr_scale:g} "
+           f"(rollback {trainer.rollbacks} of at most {cfg.max_rollbacks})")
+    warnings.warn(msg, stacklevel=2)
+    bar.n = trainer.step_done
+    bar.refresh()
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a flag the loop checks between steps; a second one aborts at once."""
+    hit = []
+
+    def handler(signum, frame):  # noqa: ARG001
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
@@ -296,7 +441,7 @@ def train_detector(folder: str | Path, data: str | Path | None = None, overrides
     train_idx, hold_idx = holdout_split(len(files), cfg)
     images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images", progress=progress)[train_idx])
     detector = Detector(cfg, model.device)
-    seconds = detector.fit(model.generator.anomaly_map, images, progress=progress)
+    seconds = detector.fit(model.raw_maps, images, progress=progress)
     model.detector = detector
     detector.meta = {"train_seconds": round(seconds, 2), "steps_done": cfg.detector_steps, "data": str(data)}
     calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])
