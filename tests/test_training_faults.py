@@ -1,0 +1,201 @@
+"""Training under faults: kills, Ctrl-C, NaN losses, a collapsed discriminator, failed checkpoint writes."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from anoseg import AnosegError, OutputError, fileio, profile_config, train
+from anoseg.checkpoint import load_tensors
+from anoseg.config import Config
+from anoseg.inference import resolve_device
+from anoseg.train import CKPT_STATE, Trainer, TrainingUnstable, checkpoint_weights
+
+train_mod = sys.modules["anoseg.train"]
+STEPS = 40
+
+
+def train_cmd(root, out, *extra):
+    return [sys.executable, "-m", "anoseg", "train", str(root), "--out", str(out), "--profile", "tiny",
+            "--steps", str(STEPS), "--checkpoint-every", "2", "--batch-size", "4", "--quiet", *extra]
+
+
+def wait_for_checkpoint(folder, proc, timeout=60.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if (folder / CKPT_STATE).exists():
+            return
+        time.sleep(0.02)
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def readable_checkpoint(folder) -> int:
+    """Load the checkpoint the way --resume does; returns its step."""
+    trainer = Trainer(Config.load(folder / "config.json"), resolve_device("cpu"))
+    trainer.load(folder)
+    return trainer.step_done
+
+
+def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(demo_root, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    subprocess.run(train_cmd(demo_root, full), check=True, timeout=300)
+    rng = random.Random(0)
+    resume: list[str] = []
+    steps_seen = []
+    for _ in range(3):
+        proc = subprocess.Popen(train_cmd(demo_root, part, *resume), stderr=subprocess.DEVNULL)
+        wait_for_checkpoint(part, proc)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        steps_seen.append(readable_checkpoint(part))  # whatever the moment, the checkpoint loads
+        assert not list(part.glob(".*.tmp")) or proc.returncode == -signal.SIGKILL
+        resume = ["--resume"]
+    subprocess.run(train_cmd(demo_root, part, "--resume"), check=True, timeout=300)
+    assert steps_seen == sorted(steps_seen)
+    assert_same_tensors(load_tensors(full / "model.safetensors"), load_tensors(part / "model.safetensors"))
+    assert_same_tensors(load_tensors(checkpoint_weights(full)), load_tensors(checkpoint_weights(part)))
+
+
+def test_crash_between_weights_and_json_leaves_the_previous_checkpoint(demo_root, tmp_path, monkeypatch):
+    cfg = profile_config("tiny", steps=4, checkpoint_every=2, batch_size=4)
+    calls = []
+    real_save_json = train_mod.save_json
+
+    def crash_on_second(path, data):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint: its weights are written, its JSON never lands
+            raise RuntimeError("simulated power cut")
+        real_save_json(path, data)
+
+    monkeypatch.setattr(train_mod, "save_json", crash_on_second)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(cfg, demo_root, tmp_path / "run", progress=False)
+    monkeypatch.setattr(train_mod, "save_json", real_save_json)
+    assert readable_checkpoint(tmp_path / "run") == 2
+    model = train(cfg, demo_root, tmp_path / "run", resume=True, progress=False)
+    assert model.meta["steps_done"] == 4
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint*.safetensors")] == ["checkpoint-00000004.safetensors"]
+
+
+def test_ctrl_c_saves_an_exact_checkpoint(demo_root, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    subprocess.run(train_cmd(demo_root, full), check=True, timeout=300)
+    proc = subprocess.Popen(train_cmd(demo_root, part), stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(part, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("training finished before the interrupt arrived")
+    assert proc.returncode == 2, err
+    assert "interrupted at step" in err and "--resume" in err
+    step = int(err.split("interrupted at step ")[1].split(";")[0])
+    assert readable_checkpoint(part) == step
+    subprocess.run(train_cmd(demo_root, part, "--resume"), check=True, timeout=300)
+    assert_same_tensors(load_tensors(full / "model.safetensors"), load_tensors(part / "model.safetensors"))
+
+
+def nan_seg_loss_at(calls_with_nan: set[int]):
+    real = train_mod.segmentation_loss
+    count = [0]
+
+    def loss(pred, target, kind):
+        count[0] += 1
+        out = real(pred, target, kind)
+        return out * float("nan") if count[0] in calls_with_nan else out
+
+    return loss
+
+
+def test_nan_loss_rolls_back_with_a_lower_learning_rate(demo_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "segmentation_loss", nan_seg_loss_at({5}))
+    cfg = profile_config("tiny", steps=8, checkpoint_every=4, batch_size=4)
+    with pytest.warns(UserWarning, match="rolled back to the checkpoint at step 4 with learning rates x0.5"):
+        model = train(cfg, demo_root, tmp_path / "run", progress=False)
+    assert model.meta["steps_done"] == 8
+    assert model.meta["rollbacks"] == 1 and model.meta["lr_scale"] == 0.5
+    assert all(torch.isfinite(t).all() for t in model.generator.state_dict().values() if t.is_floating_point())
+    state = json.loads((tmp_path / "run" / CKPT_STATE).read_text())
+    assert state["opt_g"]["param_groups"][0]["lr"] == pytest.approx(cfg.lr * 0.5)
+
+
+def test_nan_before_any_checkpoint_restarts_from_the_beginning(demo_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "segmentation_loss", nan_seg_loss_at({2}))
+    cfg = profile_config("tiny", steps=4, checkpoint_every=100, batch_size=4)
+    with pytest.warns(UserWarning, match="rolled back to the start"):
+        model = train(cfg, demo_root, tmp_path / "run", progress=False)
+    assert model.meta["steps_done"] == 4 and model.meta["rollbacks"] == 1
+
+
+def test_endless_nan_stops_with_a_clear_error_and_no_nan_weights(demo_root, tmp_path, monkeypatch):
+    cfg = profile_config("tiny", steps=8, checkpoint_every=2, batch_size=4, max_rollbacks=2)
+    monkeypatch.setattr(train_mod, "segmentation_loss", nan_seg_loss_at(set(range(3, 1000))))
+    with pytest.warns(UserWarning), pytest.raises(AnosegError, match="gave up after 2 rollback"):
+        train(cfg, demo_root, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    weights = load_tensors(checkpoint_weights(tmp_path / "run"))
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_collapsed_discriminator_is_caught(demo_root, tmp_path):
+    # every discriminator loss counts as "collapsed", so the check must fire after 3 steps
+    cfg = profile_config("tiny", steps=10, batch_size=4, collapse_d_loss=1e9, collapse_patience=3, max_rollbacks=1)
+    with pytest.warns(UserWarning, match="discriminator collapsed"), pytest.raises(AnosegError, match="unstable"):
+        train(cfg, demo_root, tmp_path / "run", progress=False)
+
+
+def test_nan_weights_are_never_written(demo_root, tmp_path):
+    trainer = Trainer(profile_config("tiny"), resolve_device("cpu"))
+    with torch.no_grad():
+        next(trainer.generator.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingUnstable, match="non-finite weights"):
+        trainer.save(tmp_path, {})
+    assert not (tmp_path / CKPT_STATE).exists()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_root, tmp_path, monkeypatch):
+    cfg = profile_config("tiny", steps=4, checkpoint_every=2, batch_size=4)
+    real = train_mod.save_tensors
+    calls = []
+
+    def no_space(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_on_second(path, tensors):
+        calls.append(path)
+        if len(calls) == 2:  # the disk fills up while the second checkpoint is written
+            return fileio._write_atomic(path, no_space)
+        return real(path, tensors)
+
+    monkeypatch.setattr(train_mod, "save_tensors", full_on_second)
+    with pytest.raises(OutputError, match="No space left on device"):
+        train(cfg, demo_root, tmp_path / "run", progress=False)
+    assert readable_checkpoint(tmp_path / "run") == 2
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_unwritable_output_folder(demo_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match="cannot create the output folder"):
+        train(profile_config("tiny", steps=1, batch_size=4), demo_root, blocker / "run", progress=False)
+
+
+def test_overwrite_starts_clean(demo_root, tmp_path):
+    cfg = profile_config("tiny", steps=2, checkpoint_every=1, batch_size=4)
+    train(cfg, demo_root, tmp_path / "run", progress=False)
+    train(cfg.replace(steps=1), demo_root, tmp_path / "run", overwrite=True, progress=False)
+    assert readable_checkpoint(tmp_path / "run") == 1
