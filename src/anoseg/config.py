@@ -87,8 +87,23 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)  # free notes, kept with the model
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.region_shapes = tuple(self.region_shapes)
         self.validate()
+
+    def _check_types(self) -> None:
+        """Refuse values of the wrong type (a hand-edited or foreign config.json) with the setting's name."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                continue
+            ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": isinstance(value, float),
+                  "bool": isinstance(value, bool), "str": isinstance(value, str),
+                  "tuple[str, ...]": isinstance(value, list | tuple) and all(isinstance(v, str) for v in value),
+                  "dict[str, Any]": isinstance(value, dict)}.get(kind, True)
+            if not ok:
+                raise ConfigError(f"setting {f.name}={value!r}: expected {kind}")
 
     # ------------------------------------------------------------------------------
     def validate(self) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import struct
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -23,31 +25,37 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _open(path: Path) -> Image.Image:
-    """Open and fully decode an image, turning every failure into a one-line DataError."""
+def _open(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image file, turning every failure into a one-line DataError."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not an image")
+    return _decode(path, str(path), max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, label: str, max_pixels: int) -> Image.Image:
+    """Decode from a file or an in-memory buffer; the declared size is checked before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
+            warnings.filterwarnings("error", message="Truncated File Read")  # TIFF: else a half-read image
+            im = Image.open(source)
             w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise DataError(f"{path}: image is {w}x{h}, more than {MAX_PIXELS} pixels")
+            if w * h > max_pixels:
+                raise DataError(f"{label}: image is {w}x{h}, more than {max_pixels} pixels")
             if w == 0 or h == 0:
-                raise DataError(f"{path}: image has no pixels ({w}x{h})")
+                raise DataError(f"{label}: image has no pixels ({w}x{h})")
             im.load()
     except DataError:
         raise
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+        raise DataError(f"{label}: not an image file (or a format Pillow cannot read)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"{path}: image declares a huge size (decompression bomb?)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: damaged or truncated image ({e})") from None
+        raise DataError(f"{label}: image declares a huge size (decompression bomb?)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, MemoryError, UserWarning) as e:
+        raise DataError(f"{label}: damaged or truncated image ({e})") from None
     return im
 
 
@@ -77,14 +85,27 @@ def _to_float_gray_or_rgb(im: Image.Image) -> np.ndarray:
     return out
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Load any supported image as RGB uint8, HxWx3 (grey is repeated to 3 channels)."""
-    im = _open(Path(path))
-    arr = _to_float_gray_or_rgb(im)
+    return _as_rgb8(_open(Path(path), max_pixels), str(path))
+
+
+def load_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Like :func:`load_image`, for an image held in memory (an upload); the type comes from the bytes."""
+    if not data:
+        raise DataError(f"{name}: empty file")
+    return _as_rgb8(_decode(io.BytesIO(data), name, max_pixels), name)
+
+
+def _as_rgb8(im: Image.Image, label: str) -> np.ndarray:
+    try:
+        arr = _to_float_gray_or_rgb(im)
+    except (OSError, ValueError, TypeError) as e:  # a mode Pillow decodes but cannot convert
+        raise DataError(f"{label}: unsupported image kind ({im.mode}: {e})") from None
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise DataError(f"{path}: unsupported channel layout {arr.shape}")
+        raise DataError(f"{label}: unsupported channel layout {arr.shape}")
     return np.round(arr * 255.0).astype(np.uint8)
 
 

@@ -1,0 +1,110 @@
+"""Untrusted model files and user-given output names."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from anoseg import load
+from anoseg.checkpoint import load_tensors
+from anoseg.errors import ModelFileError
+from anoseg.fileio import safe_name
+from anoseg.predict import predict
+
+from .conftest import write_png
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_weight_key(tiny_model_dir, tmp_path):
+    broken = copy_model(tiny_model_dir, tmp_path / "m")
+    tensors = load_tensors(broken / "model.safetensors")
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(ModelFileError, match=r"do not fit the configuration .*missing"):
+        load(broken)
+
+
+def test_wrong_shape(tiny_model_dir, tmp_path):
+    broken = copy_model(tiny_model_dir, tmp_path / "m")
+    tensors = load_tensors(broken / "model.safetensors")
+    key = next(k for k, v in tensors.items() if v.ndim == 4)
+    tensors[key] = tensors[key][:1]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(ModelFileError, match=r"has shape .* expected"):
+        load(broken)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda c: c.update(version=999), "version 999 is not supported"),
+    (lambda c: c.update(image_size="big"), "image_size"),
+    (lambda c: c.update(no_such_setting=1), "no_such_setting"),
+])
+def test_config_from_another_version_or_tampered(tiny_model_dir, tmp_path, change, match):
+    broken = copy_model(tiny_model_dir, tmp_path / "m")
+    cfg = json.loads((broken / "config.json").read_text())
+    change(cfg)
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match=match) as info:
+        load(broken)
+    assert info.type.__module__.startswith("anoseg")
+
+
+def test_a_pickle_is_never_unpickled(tiny_model_dir, tmp_path):
+    import pickle
+
+    broken = copy_model(tiny_model_dir, tmp_path / "m")
+
+    class Boom:
+        def __reduce__(self):
+            return (Path(tmp_path / "pwned").touch, ())
+
+    (broken / "model.safetensors").write_bytes(pickle.dumps({"generator.x": Boom()}))
+    with pytest.raises(ModelFileError, match="not a readable safetensors"):
+        load(broken)
+    assert not (tmp_path / "pwned").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_safe_name_never_leaves_its_folder(name):
+    out = Path("/out")
+    cleaned = safe_name(name)
+    assert cleaned and "/" not in cleaned and "\\" not in cleaned and cleaned not in (".", "..")
+    assert (out / cleaned).resolve().parent == out
+
+
+def test_predict_writes_only_inside_the_output_folder(tiny_model_dir, tmp_path):
+    model = load(tiny_model_dir)
+    src = tmp_path / "in"
+    img = np.zeros((20, 20, 3), dtype=np.uint8)
+    for rel in ["..b.png", "a/..b.png", "a/b/../../c.png", "-rf.png", "x y/..%2f..%2fz.png", ".hidden.png"]:
+        write_png(src / rel, img)
+    out = tmp_path / "deep" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    records = predict(model, [src], out, progress=False)
+    assert len(records) == 6
+    assert len({r["overlay"] for r in records}) == 6
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(p == out or p.is_relative_to(out) for p in created if p != out.parent)
+
+
+@pytest.mark.parametrize("name", ["../../outside.safetensors", "/etc/passwd", "checkpoint.pkl", 7])
+def test_checkpoint_naming_a_file_outside_its_folder_is_refused(tiny_model_dir, tmp_path, name):
+    from anoseg.train import CKPT_STATE, checkpoint_weights
+
+    run = copy_model(tiny_model_dir, tmp_path / "m")
+    state = json.loads((run / CKPT_STATE).read_text())
+    state["weights"] = name
+    (run / CKPT_STATE).write_text(json.dumps(state))
+    with pytest.raises(ModelFileError, match="bad weights file name"):
+        checkpoint_weights(run)
