@@ -29,3 +29,16 @@ def tiny_model_dir(tmp_path_factory, demo_root) -> Path:
     out = tmp_path_factory.mktemp("model")
     train(profile_config("tiny", steps=6, checkpoint_every=3, batch_size=4), demo_root, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def detector_model(tiny_model_dir, tmp_path_factory) -> Path:
+    """A copy of the tiny model with a detector trained for a few steps."""
+    import shutil
+
+    from anoseg import train_detector
+
+    folder = tmp_path_factory.mktemp("det") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    train_detector(folder, overrides={"detector_steps": 3}, progress=False)
+    return folder

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from anoseg import evaluate, load, predict, profile_config, train, train_detector
+from anoseg import evaluate, load, predict, profile_config, train
 from anoseg.detector import DETECTOR_WEIGHTS, pair_scores
 
 
@@ -38,14 +38,6 @@ def test_score_is_per_image_and_zero_for_a_perfect_normal_pair():
     amap = torch.zeros(3, 1, 4, 4)
     got = pair_scores(IdentityDisc(), image, image.clone(), amap, 1.0, 0.1)
     assert got.shape == (3,) and torch.allclose(got, torch.zeros(3))
-
-
-@pytest.fixture(scope="module")
-def detector_model(tiny_model_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("det") / "model"
-    shutil.copytree(tiny_model_dir, folder)
-    train_detector(folder, overrides={"detector_steps": 3}, progress=False)
-    return folder
 
 
 def test_detector_round_trip(detector_model, demo_root):

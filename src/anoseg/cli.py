@@ -133,6 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    ex = sub.add_parser("export", help="export a model to ONNX (map and score out)",
+                        description="Write model.onnx and model.onnx.json (input size, normalisation, thresholds) "
+                        "and check that ONNX Runtime gives the same maps as PyTorch.")
+    ex.add_argument("model", help="trained model folder")
+    ex.add_argument("--out", help="folder for model.onnx and model.onnx.json (default: the model folder)")
+    ex.add_argument("--batch", type=int, help="fixed batch size (default: dynamic batch)")
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset version (default 18)")
+
+    sv = sub.add_parser("serve", help="REST API and inspection web page for a model",
+                        description="Serve POST /predict, GET /health, API docs at /docs and an inspection page "
+                        "at / (drop an image, see the heat map, outlined defects and the verdict).")
+    sv.add_argument("model", help="trained model folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this PC only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20 MB)")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000,
+                    help="largest declared image size in pixels (default 40 million; guards against bombs)")
+    sv.add_argument("--save-uploads", metavar="FOLDER",
+                    help="keep every upload in FOLDER (default: uploads are never written to disk)")
+    sv.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the model's setting)")
+
     d = sub.add_parser("demo", help="make a small synthetic data set, train, evaluate and predict on it",
                        description="Generates DATA (MVTec layout) if absent, trains the tiny profile, evaluates "
                        "and writes overlays: the whole pipeline in a few minutes on a CPU.")
@@ -190,6 +211,20 @@ def run(argv: list[str] | None = None) -> int:
                               abnormal=args.abnormal, masks=args.masks, progress=progress)
         _print_metrics(result)
         print(f"results in {args.out}/metrics.json and metrics.md")
+    elif args.command == "export":
+        from .export import check_export, export_onnx
+
+        model = api.load(args.model, device="cpu")
+        path = export_onnx(model, args.out or args.model, batch=args.batch, opset=args.opset)
+        diff = check_export(model, path.parent)
+        print(f"ONNX model written to {path} (+ {path.name}.json); ONNX Runtime vs PyTorch max map difference "
+              f"{diff:.2e}")
+    elif args.command == "serve":
+        from .serve import ServeSettings, serve
+
+        settings = ServeSettings(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+                                 max_pixels=args.max_pixels, save_uploads=args.save_uploads)
+        serve(api.load(args.model, device=args.device), settings, model_name=args.model)
     elif args.command == "demo":
         start = time.perf_counter()
         result = api.demo(args.data, args.out, steps=args.steps, progress=progress)

@@ -22,3 +22,11 @@ class ModelFileError(AnosegError):
 
 class OutputError(AnosegError):
     """An output file cannot be written (disk full, no permission, a file where a folder should be)."""
+
+
+class ImageError(DataError):
+    """An image that cannot be used; `reason` is one of empty, not_image, damaged, no_pixels, too_large."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError, OutputError
+from .errors import DataError, ImageError, OutputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -35,27 +35,30 @@ def _open(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return _decode(path, str(path), max_pixels)
 
 
-def _decode(source: Path | io.BytesIO, label: str, max_pixels: int) -> Image.Image:
+def _decode(source: Path | io.BytesIO, label: str, max_pixels: int,
+            formats: tuple[str, ...] | None = None) -> Image.Image:
     """Decode from a file or an in-memory buffer; the declared size is checked before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             warnings.filterwarnings("error", message="Truncated File Read")  # TIFF: else a half-read image
-            im = Image.open(source)
+            im = Image.open(source, formats=formats)
             w, h = im.size
             if w * h > max_pixels:
-                raise DataError(f"{label}: image is {w}x{h}, more than {max_pixels} pixels")
+                raise ImageError(f"{label}: image is {w}x{h}, more than {max_pixels} pixels", "too_large")
             if w == 0 or h == 0:
-                raise DataError(f"{label}: image has no pixels ({w}x{h})")
+                raise ImageError(f"{label}: image has no pixels ({w}x{h})", "no_pixels")
             im.load()
     except DataError:
         raise
     except UnidentifiedImageError:
-        raise DataError(f"{label}: not an image file (or a format Pillow cannot read)") from None
+        kinds = ", ".join(formats) if formats else "a format Pillow cannot read"
+        raise ImageError(f"{label}: not an image file (or {kinds})" if formats is None else
+                         f"{label}: not an image of a supported type ({kinds})", "not_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(f"{label}: image declares a huge size (decompression bomb?)") from None
+        raise ImageError(f"{label}: image declares a huge size (decompression bomb?)", "too_large") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, MemoryError, UserWarning) as e:
-        raise DataError(f"{label}: damaged or truncated image ({e})") from None
+        raise ImageError(f"{label}: damaged or truncated image ({e})", "damaged") from None
     return im
 
 
@@ -90,11 +93,16 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return _as_rgb8(_open(Path(path), max_pixels), str(path))
 
 
-def load_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Like :func:`load_image`, for an image held in memory (an upload); the type comes from the bytes."""
+def load_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS,
+                     formats: tuple[str, ...] | None = None) -> np.ndarray:
+    """Like :func:`load_image`, for an image held in memory (an upload).
+
+    The type comes from the bytes, never from the name; `formats` (Pillow names, e.g. ("PNG", "JPEG"))
+    restricts the accepted types.
+    """
     if not data:
-        raise DataError(f"{name}: empty file")
-    return _as_rgb8(_decode(io.BytesIO(data), name, max_pixels), name)
+        raise ImageError(f"{name}: empty file", "empty")
+    return _as_rgb8(_decode(io.BytesIO(data), name, max_pixels, formats), name)
 
 
 def _as_rgb8(im: Image.Image, label: str) -> np.ndarray:

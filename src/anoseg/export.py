@@ -1,0 +1,185 @@
+"""ONNX export of a trained model, and a small ONNX Runtime runner that gives the same results as PyTorch.
+
+The graph takes normalised images and returns the smoothed anomaly map and the image score, so a line
+PC needs only ONNX Runtime, NumPy and an image library. The sidecar JSON says how to feed it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import load_json
+from .data import resize_rgb
+from .errors import AnosegError, ModelFileError
+from .fileio import _write_atomic, make_output_dir, write_text_atomic
+from .inference import AnoSegModel, Prediction, gaussian_blur
+
+ONNX_FILE = "model.onnx"
+ONNX_META = "model.onnx.json"
+EXPORT_FORMAT = 1
+
+
+class ExportGraph(nn.Module):
+    """What the ONNX file computes: image in [-1, 1] -> (smoothed map, max of the map[, detector score])."""
+
+    def __init__(self, model: AnoSegModel) -> None:
+        super().__init__()
+        self.model = model
+        self.generator = model.generator  # registered, so the exporter sees the weights as parameters
+        det = model.detector
+        self.detector_nets = nn.ModuleList([det.generator, det.discriminator] if det is not None else [])
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raw = self.model.raw_maps(image)
+        maps = gaussian_blur(raw, self.model.config.smoothing_sigma).clamp(0.0, 1.0)
+        outputs = (maps, maps.flatten(1).amax(1))
+        if self.model.detector is not None:
+            outputs += (self.model.detector.score(image, raw),)
+        return outputs
+
+
+def output_names(model: AnoSegModel) -> list[str]:
+    return ["map", "map_score"] + (["detector_score"] if model.detector is not None else [])
+
+
+def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, opset: int = 18) -> Path:
+    """Write ``model.onnx`` and ``model.onnx.json`` into folder `out`; returns the ONNX path.
+
+    `batch` fixes the batch size; None (default) leaves it dynamic.
+    """
+    if batch is not None and batch < 1:
+        raise AnosegError(f"--batch {batch}: must be at least 1 (or leave it out for a dynamic batch)")
+    out = make_output_dir(out)
+    cfg = model.config
+    graph = ExportGraph(model).to("cpu").eval()  # moves the model's networks to the CPU, in eval mode
+    example = torch.zeros(batch or 2, 3, cfg.image_size, cfg.image_size)
+    names = output_names(model)
+    dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
+
+    def write(path: Path) -> None:
+        # the exporter is chatty (progress lines, warnings about torchvision); none of it concerns the user
+        quiet = logging.getLogger("torch.onnx")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(graph, (example,), input_names=["image"], output_names=names,
+                                        dynamic_shapes=dynamic, opset_version=opset, dynamo=True,
+                                        external_data=False, verbose=False)
+            program.save(str(path), external_data=False)
+        quiet.setLevel(level)
+
+    try:
+        _write_atomic(out / ONNX_FILE, write)
+    finally:
+        graph.to(model.device)
+    t_map, t_img = model.thresholds()
+    meta = {
+        "format": EXPORT_FORMAT,
+        "onnx": ONNX_FILE,
+        "input": {"name": "image", "shape": [batch or "batch", 3, cfg.image_size, cfg.image_size],
+                  "dtype": "float32", "layout": "NCHW", "colour": "RGB",
+                  "resize": "square, bilinear, to image_size x image_size (aspect ratio not kept)",
+                  "normalise": "x = pixel / 127.5 - 1 for 8-bit RGB pixels (0..255)", "scale": 1 / 127.5,
+                  "offset": -1.0},
+        "outputs": {"map": "B x 1 x S x S smoothed anomaly map in [0, 1], 1 = defect; resize (bilinear) to "
+                           "the image's own size",
+                    "map_score": "B: maximum of the map",
+                    **({"detector_score": "B: the anomaly detector's score (decides the verdict)"}
+                       if model.detector is not None else {})},
+        "image_size": cfg.image_size,
+        "batch": batch,
+        "map_threshold": t_map,
+        "score_output": "detector_score" if model.detector is not None else "map_score",
+        "threshold": t_img,
+        "topk_fraction": cfg.topk_fraction,
+        "opset": opset,
+        "torch": torch.__version__,
+    }
+    write_text_atomic(out / ONNX_META, json.dumps(meta, indent=2) + "\n")
+    return out / ONNX_FILE
+
+
+class OnnxModel:
+    """Runs an exported model with ONNX Runtime; `maps_for_batch` mirrors :class:`AnoSegModel`'s."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise AnosegError("onnxruntime is not installed: pip install 'anoseg[deploy]'") from None
+        folder = Path(folder)
+        self.meta = load_json(folder / ONNX_META)
+        if self.meta.get("format") != EXPORT_FORMAT:
+            raise ModelFileError(f"{folder / ONNX_META}: export format {self.meta.get('format')!r} is not supported")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for damaged files
+            raise ModelFileError(f"{folder / ONNX_FILE}: cannot load the ONNX model ({e})") from None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.size = int(self.meta["image_size"])
+        self.threshold = self.meta.get("threshold")
+        self.map_threshold = self.meta.get("map_threshold")
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw outputs for a normalised batch (B x 3 x S x S float32 in [-1, 1])."""
+        return dict(zip(self.outputs, self.session.run(None, {"image": x.astype(np.float32, copy=False)})))
+
+    def maps_for_batch(self, images: list[np.ndarray]) -> list[Prediction]:
+        batch = np.stack([resize_rgb(im, self.size).transpose(2, 0, 1) for im in images]).astype(np.float32)
+        fixed = self.meta.get("batch")
+        if fixed and len(images) != fixed:
+            raise AnosegError(f"this ONNX model was exported for batches of {fixed}, got {len(images)}")
+        res = self.run(batch / 127.5 - 1.0)
+        maps = torch.from_numpy(res["map"])
+        flat = maps.flatten(1)
+        k = max(1, round(self.meta["topk_fraction"] * flat.shape[1]))
+        topk = flat.topk(k, dim=1).values.mean(1).numpy()
+        det = res.get("detector_score")
+        out = []
+        for i, im in enumerate(images):
+            h, w = im.shape[:2]
+            full = F.interpolate(maps[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            m = float(res["map_score"][i])
+            d = None if det is None else float(det[i])
+            out.append(Prediction(None, full.clamp(0, 1).numpy(), m if d is None else d, m, float(topk[i]), d))
+        return out
+
+
+def check_export(model: AnoSegModel, folder: str | Path, n: int = 2, seed: int = 0) -> float:
+    """Largest difference between the ONNX Runtime and PyTorch maps on random images (same sizes)."""
+    runner = OnnxModel(folder)
+    rng = np.random.default_rng(seed)
+    count = runner.meta.get("batch") or n
+    images = [rng.integers(0, 256, (96 + 13 * i, 120, 3), dtype=np.uint8) for i in range(count)]
+    ours = model.maps_for_batch(images)
+    theirs = runner.maps_for_batch(images)
+    return max(float(np.abs(a.anomaly_map - b.anomaly_map).max()) for a, b in zip(ours, theirs))
+
+
+def onnx_images_per_second(folder: str | Path, n: int = 64, batch: int = 32, threads: int | None = None,
+                           seed: int = 0) -> float:
+    """End-to-end images/s of the ONNX runner on random 256 px RGB images (resize, network, map back)."""
+    runner = OnnxModel(folder, threads=threads)
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(n)]
+    runner.maps_for_batch(images[:batch])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        runner.maps_for_batch(images[i:i + batch])
+    return n / (time.perf_counter() - start)
+

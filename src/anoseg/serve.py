@@ -1,0 +1,211 @@
+"""A REST API and an inspection web page for a trained model (FastAPI, served by uvicorn).
+
+``POST /predict`` takes an image (multipart field ``file``, or the raw bytes as the body) and returns the
+score, the verdict and, on request, PNG pictures. Uploads are held in memory only, checked for size,
+pixel count and real image type, and refused with a JSON error that says what is wrong.
+"""
+
+
+import base64
+import io
+import threading
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+from PIL import Image
+
+from .errors import AnosegError, DataError, ImageError
+from .fileio import load_image_bytes, make_output_dir, safe_name, write_bytes_atomic
+from .inference import AnoSegModel, verdict
+from .visualize import heatmap, overlay
+
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+STATUS = {"empty": 400, "damaged": 400, "no_pixels": 400, "not_image": 415, "too_large": 413}
+
+
+@dataclass
+class ServeSettings:
+    """Limits and options of the server (command line: anoseg serve --help)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: float = 20.0  # larger bodies are refused with 413 before they are read to the end
+    max_pixels: int = 40_000_000  # declared width x height above this is refused (decompression bombs)
+    save_uploads: str | None = None  # folder to keep uploads in; None: uploads never touch the disk
+
+    def __post_init__(self) -> None:
+        if self.max_upload_mb <= 0:
+            raise AnosegError(f"--max-upload-mb {self.max_upload_mb}: must be positive")
+        if self.max_pixels < 1:
+            raise AnosegError(f"--max-pixels {self.max_pixels}: must be at least 1")
+        if not 0 <= self.port <= 65535:
+            raise AnosegError(f"--port {self.port}: must lie in 0..65535")
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class UploadError(Exception):
+    """A bad upload: answered with `status` and a JSON body {"error": code, "detail": message}."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def png_b64(rgb_or_grey: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(rgb_or_grey).save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class Inspector:
+    """The model behind the server: one image in, one result out; safe to call from several threads."""
+
+    def __init__(self, model: AnoSegModel, settings: ServeSettings) -> None:
+        self.model = model
+        self.settings = settings
+        self.lock = threading.Lock()  # one forward pass at a time: torch modules are not re-entrant
+        self.map_threshold, self.threshold = model.thresholds()
+        self.count = 0
+
+    def predict(self, data: bytes, name: str, overlay_png: bool = False, pictures: bool = False) -> dict[str, Any]:
+        try:
+            image = load_image_bytes(data, name or "upload", self.settings.max_pixels, formats=UPLOAD_FORMATS)
+        except ImageError as e:
+            raise UploadError(STATUS.get(e.reason, 400), e.reason, str(e)) from None
+        except DataError as e:
+            raise UploadError(400, "bad_image", str(e)) from None
+        with self.lock:
+            pred = self.model.maps_for_batch([image])[0]
+            self.count += 1
+            if self.settings.save_uploads:
+                folder = make_output_dir(self.settings.save_uploads)
+                write_bytes_atomic(folder / f"{self.count:06d}_{safe_name(name or 'upload')}", data)
+        h, w = image.shape[:2]
+        result: dict[str, Any] = {
+            "score": round(pred.score, 6), "verdict": verdict(pred.score, self.threshold),
+            "threshold": self.threshold, "score_kind": "detector" if pred.detector_score is not None else "map_max",
+            "map_score": round(pred.map_score, 6), "topk_score": round(pred.topk_score, 6),
+            "detector_score": None if pred.detector_score is None else round(pred.detector_score, 6),
+            "map_threshold": self.map_threshold, "width": w, "height": h, "map_size": [w, h],
+            "defect_fraction": None if self.map_threshold is None else
+            round(float((pred.anomaly_map > self.map_threshold).mean()), 6),
+        }
+        if overlay_png or pictures:
+            result["overlay_png"] = png_b64(overlay(image, pred.anomaly_map, self.map_threshold))
+        if pictures:  # what the page needs to re-draw outlines at any threshold without a new upload
+            blend = (image.astype(np.float32) * 0.55 + heatmap(pred.anomaly_map).astype(np.float32) * 0.45)
+            result["heatmap_png"] = png_b64(blend.astype(np.uint8))
+            result["map_png"] = png_b64(np.round(np.clip(pred.anomaly_map, 0, 1) * 255).astype(np.uint8))
+        return result
+
+
+def page_html() -> str:
+    return resources.files("anoseg").joinpath("web/index.html").read_text(encoding="utf-8")
+
+
+def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None = None):
+    """The FastAPI application for a model (or a model folder)."""
+    try:
+        from fastapi import FastAPI, Query, Request
+        from fastapi.responses import HTMLResponse, JSONResponse
+        from starlette.concurrency import run_in_threadpool
+        from starlette.formparsers import MultiPartException, MultiPartParser
+    except ImportError:
+        raise AnosegError("the server needs FastAPI: pip install 'anoseg[deploy]'") from None
+
+    settings = settings or ServeSettings()
+    if not isinstance(model, AnoSegModel):
+        model = AnoSegModel.load(model)
+    inspector = Inspector(model, settings)
+    app = FastAPI(title="anoseg", version="1", description="Anomaly maps and defect verdicts for images.")
+    app.state.inspector = inspector
+
+    def error(status: int, code: str, detail: str) -> JSONResponse:
+        return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:  # multipart framing allowance
+            raise UploadError(413, "too_large", f"upload of {int(declared)} bytes is over the limit of {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit + 64 * 1024:
+                raise UploadError(413, "too_large", f"upload is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def upload_from(request: Request) -> tuple[bytes, str]:
+        body = await read_body(request)
+        kind = request.headers.get("content-type", "")
+        if not kind.startswith("multipart/form-data"):
+            return body, unquote(request.headers.get("x-filename", "upload"))[:200]
+
+        async def stream():
+            yield body
+
+        parser = MultiPartParser(request.headers, stream(), max_files=1, max_fields=10, max_part_size=limit_part())
+        parser.spool_max_size = len(body) + 1  # keep file parts in memory: uploads never touch the disk
+        try:
+            form = await parser.parse()
+        except MultiPartException as e:
+            raise UploadError(400, "bad_form", f"cannot read the form: {e.message}") from None
+        file = form.get("file")
+        if file is None or isinstance(file, str):
+            raise UploadError(422, "no_file", "the form has no file field named 'file'")
+        data = await file.read()
+        return data, file.filename or "upload"
+
+    def limit_part() -> int:
+        return settings.max_bytes + 1
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse(page_html())
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness and what is loaded."""
+        m = inspector.model
+        return {"status": "ok", "image_size": m.config.image_size, "threshold": inspector.threshold,
+                "map_threshold": inspector.map_threshold, "detector": m.detector is not None,
+                "device": str(m.device), "limits": asdict(settings) | {"max_bytes": settings.max_bytes}}
+
+    @app.post("/predict", responses={400: {"description": "empty, damaged or truncated image"},
+                                     413: {"description": "upload or pixel count over the limit"},
+                                     415: {"description": "not an image of a supported type"},
+                                     422: {"description": "multipart form without a 'file' field"}})
+    async def predict(request: Request,
+                      overlay: bool = Query(False, description="add the overlay PNG (base64) to the answer"),
+                      pictures: bool = Query(False, description="add overlay, heat map and map PNGs (base64)")):
+        """Score one image. Send it as multipart field ``file`` or as the raw request body.
+
+        Answers score, verdict (defect/normal), threshold and map size; PNG pictures on request.
+        """
+        try:
+            data, name = await upload_from(request)
+            return await run_in_threadpool(inspector.predict, data, name, overlay, pictures)
+        except UploadError as e:
+            return error(e.status, e.code, e.detail)
+
+    return app
+
+
+def serve(model: AnoSegModel | str | Path, settings: ServeSettings, log_level: str = "info",
+          model_name: str | None = None) -> None:
+    """Run the server until Ctrl-C."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise AnosegError("the server needs uvicorn: pip install 'anoseg[deploy]'") from None
+    app = create_app(model, settings)
+    print(f"anoseg: serving {model_name or model} on http://{settings.host}:{settings.port}/ (API docs at /docs)")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)

@@ -1,0 +1,80 @@
+"""ONNX export: ONNX Runtime gives the same maps and scores as PyTorch."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from anoseg import load  # noqa: E402
+from anoseg.cli import main  # noqa: E402
+from anoseg.errors import AnosegError, ModelFileError  # noqa: E402
+from anoseg.export import ONNX_FILE, ONNX_META, OnnxModel, check_export, export_onnx  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    export_onnx(load(tiny_model_dir, device="cpu"), out)
+    return out
+
+
+def test_onnx_matches_pytorch_on_images_of_any_size(tiny_model_dir, exported):
+    model = load(tiny_model_dir, device="cpu")
+    runner = OnnxModel(exported)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(64, 64), (37, 201), (300, 90)]]
+    ours, theirs = model.maps_for_batch(images), runner.maps_for_batch(images)
+    for a, b, im in zip(ours, theirs, images):
+        assert b.anomaly_map.shape == im.shape[:2]
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-4
+        assert abs(a.score - b.score) <= 1e-4 and abs(a.topk_score - b.topk_score) <= 1e-4
+    assert runner.threshold == model.threshold
+
+
+def test_dynamic_batch_and_sidecar(exported, tiny_model_dir):
+    meta = json.loads((exported / ONNX_META).read_text())
+    model = load(tiny_model_dir)
+    assert meta["image_size"] == model.config.image_size and meta["threshold"] == model.threshold
+    assert meta["input"]["scale"] == pytest.approx(1 / 127.5) and meta["input"]["offset"] == -1.0
+    runner = OnnxModel(exported)
+    s = meta["image_size"]
+    for b in (1, 5):
+        out = runner.run(np.zeros((b, 3, s, s), np.float32))
+        assert out["map"].shape == (b, 1, s, s) and out["map_score"].shape == (b,)
+
+
+def test_fixed_batch_export_via_cli(tiny_model_dir, tmp_path, capsys):
+    assert main(["export", str(tiny_model_dir), "--out", str(tmp_path), "--batch", "3"]) == 0
+    printed = capsys.readouterr().out
+    diff = float(printed.rsplit("difference ", 1)[1])
+    assert diff <= 1e-4
+    runner = OnnxModel(tmp_path)
+    with pytest.raises(AnosegError, match="batches of 3"):
+        runner.maps_for_batch([np.zeros((8, 8, 3), np.uint8)])
+    assert check_export(load(tiny_model_dir, device="cpu"), tmp_path) <= 1e-4
+
+
+def test_export_with_detector_scores_like_pytorch(detector_model, tmp_path):
+    model = load(detector_model, device="cpu")
+    export_onnx(model, tmp_path)
+    runner = OnnxModel(tmp_path)
+    assert "detector_score" in runner.outputs
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    for a, b in zip(model.maps_for_batch(images), runner.maps_for_batch(images)):
+        assert abs(a.detector_score - b.detector_score) <= 1e-4 * max(1.0, abs(a.detector_score))
+        assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-4)
+
+
+def test_bad_export_inputs(tiny_model_dir, tmp_path, capsys):
+    assert main(["export", str(tiny_model_dir), "--out", str(tmp_path), "--batch", "0"]) == 2
+    assert "--batch 0" in capsys.readouterr().err
+    (tmp_path / ONNX_FILE).write_bytes(b"not onnx")
+    (tmp_path / ONNX_META).write_text(json.dumps({"format": 1, "image_size": 64}))
+    with pytest.raises(ModelFileError, match="cannot load the ONNX model"):
+        OnnxModel(tmp_path)
+    (tmp_path / ONNX_META).write_text(json.dumps({"format": 99}))
+    with pytest.raises(ModelFileError, match="export format 99"):
+        OnnxModel(tmp_path)

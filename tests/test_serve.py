@@ -1,0 +1,138 @@
+"""The REST API: answers, upload checks, concurrency, no uploads on disk."""
+
+import base64
+import io
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from anoseg import load  # noqa: E402
+from anoseg.serve import ServeSettings, create_app  # noqa: E402
+
+
+def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    return TestClient(create_app(model, ServeSettings(max_upload_mb=4, max_pixels=2_000_000)))
+
+
+@pytest.fixture(scope="module")
+def image(demo_root) -> bytes:
+    return next((demo_root / "test").rglob("*.png")).read_bytes()
+
+
+def test_health_and_page(client, model):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["threshold"] == model.threshold and h["image_size"] == model.config.image_size
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="verdict"' in page.text and 'id="threshold"' in page.text
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_predict_multipart_and_raw_body_agree_with_the_model(client, model, image):
+    a = client.post("/predict", files={"file": ("part.png", image, "image/png")})
+    b = client.post("/predict?overlay=true", content=image, headers={"content-type": "application/octet-stream"})
+    assert a.status_code == b.status_code == 200
+    a, b = a.json(), b.json()
+    expected = model.maps_for_batch([np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))])[0]
+    assert a["score"] == pytest.approx(expected.score, abs=1e-6) and a["score"] == b["score"]
+    assert a["verdict"] == ("defect" if expected.score > model.threshold else "normal")
+    assert a["threshold"] == model.threshold
+    w, h = Image.open(io.BytesIO(image)).size
+    assert a["map_size"] == [w, h] and "overlay_png" not in a
+    overlay = Image.open(io.BytesIO(base64.b64decode(b["overlay_png"])))
+    assert overlay.size == (w, h) and overlay.mode == "RGB"
+
+
+def test_pictures_for_the_page(client, image):
+    r = client.post("/predict?pictures=true", content=image).json()
+    grey = Image.open(io.BytesIO(base64.b64decode(r["map_png"])))
+    assert grey.mode == "L" and grey.size == tuple(r["map_size"])
+    assert Image.open(io.BytesIO(base64.b64decode(r["heatmap_png"]))).size == tuple(r["map_size"])
+
+
+@pytest.mark.parametrize("body,status,code", [
+    (b"", 400, "empty"),
+    (b"hello, I am not an image at all", 415, "not_image"),
+    ("truncated", 400, "damaged"),
+    ("gif", 415, "not_image"),
+    ("bomb", 413, "too_large"),
+])
+def test_bad_uploads_get_their_own_clear_errors(client, body, status, code):
+    rng = np.random.default_rng(0)
+    if body == "truncated":
+        body = png(rng.integers(0, 256, (60, 60, 3), dtype=np.uint8))[:300]
+    elif body == "gif":
+        body = png(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8), "GIF")
+    elif body == "bomb":  # 2000 x 2000 declared, over max_pixels; compresses to a few kB
+        body = png(np.zeros((2000, 2000), np.uint8))
+    for r in (client.post("/predict", content=body), client.post("/predict", files={"file": ("x.png", body)})):
+        assert r.status_code == status, r.text
+        assert r.json()["error"] == code and r.json()["detail"]
+
+
+def test_upload_over_the_size_limit(client):
+    big = b"\x89PNG" + b"\0" * (5 * 1024 * 1024)
+    r = client.post("/predict", content=big)
+    assert r.status_code == 413 and r.json()["error"] == "too_large" and "limit" in r.json()["detail"]
+
+
+def test_form_without_a_file_field(client, image):
+    r = client.post("/predict", files={"picture": ("x.png", image)})
+    assert r.status_code == 422 and r.json()["error"] == "no_file"
+
+
+def test_concurrent_requests_get_their_own_answers(client, model):
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (40 + 7 * i, 50, 3), dtype=np.uint8) for i in range(12)]
+    expected = [p.score for p in model.maps_for_batch(images)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda im: client.post("/predict", content=png(im)).json(), images))
+    assert [a["score"] for a in answers] == pytest.approx(expected, abs=1e-6)
+    assert [a["map_size"] for a in answers] == [[50, 40 + 7 * i] for i in range(12)]
+
+
+def test_uploads_never_touch_the_disk(client, monkeypatch, tmp_path):
+    def no_disk(self):
+        raise AssertionError("an upload was spooled to a temporary file")
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", no_disk)
+    noise = np.random.default_rng(4).integers(0, 256, (900, 900, 3), dtype=np.uint8)
+    data = png(noise)
+    assert len(data) > 2 * 1024 * 1024  # above Starlette's default in-memory limit of 1 MB
+    r = client.post("/predict", files={"file": ("big.png", data, "image/png")})
+    assert r.status_code == 200, r.text
+
+
+def test_save_uploads_when_asked(model, image, tmp_path):
+    client = TestClient(create_app(model, ServeSettings(save_uploads=str(tmp_path / "kept"))))
+    r = client.post("/predict", files={"file": ("../../evil name.png", image)})
+    assert r.status_code == 200
+    kept = list((tmp_path / "kept").iterdir())
+    assert [p.name for p in kept] == ["000001_evil_name.png"] and kept[0].read_bytes() == image
+
+
+def test_bad_settings():
+    from anoseg.errors import AnosegError
+
+    with pytest.raises(AnosegError, match="max-upload-mb"):
+        ServeSettings(max_upload_mb=0)
