@@ -2,6 +2,7 @@
 
     python bench/run_bench.py                      # every category found, fast profile
     python bench/run_bench.py --only bottle        # one category; other records in results.json are kept
+    python bench/run_bench.py --speed              # inference speed only: PyTorch and ONNX Runtime side by side
 
 Each category runs in its own process so that its peak memory is its own. Writes bench/results.json
 and bench/results.md (records are updated in place, keyed by dataset/category/profile).
@@ -34,6 +35,42 @@ def images_per_second(model, images: list, single: bool) -> float:
         return 16 / (time.perf_counter() - t)
     model.predict_images(images)
     return len(images) / (time.perf_counter() - t)
+
+
+def speed_one(dataset: str, category: str, profile: str, work: Path, sets: list[str]) -> dict:
+    """PyTorch and ONNX Runtime images/s for one category's model, measured in the same process.
+
+    Uses the trained model in `work` when there is one, else the same architecture and settings with
+    untrained weights (speed does not depend on the weights); the record says which.
+    """
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    import anoseg
+    from anoseg.cli import parse_sets
+    from anoseg.export import export_onnx, onnx_images_per_second
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = work / f"{dataset}_{category}_{profile}"
+    trained = (out / "model.safetensors").exists()
+    if trained:
+        model = anoseg.load(out, device="cpu")
+        model.detector = None
+    else:
+        model = anoseg.AnoSegModel(anoseg.profile_config(profile, **parse_sets(sets)), threshold=0.5, device="cpu")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(64)]
+    bs = model.config.batch_size_infer
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(model, tmp)
+        onnx_batch = onnx_images_per_second(tmp, n=64, batch=bs)
+        onnx_single = onnx_images_per_second(tmp, n=16, batch=1)
+    return {"images_per_second": round(images_per_second(model, images, False), 1),
+            "images_per_second_single": round(images_per_second(model, images, True), 1),
+            "onnx_images_per_second": round(onnx_batch, 1), "onnx_images_per_second_single": round(onnx_single, 1),
+            "speed_weights": "trained" if trained else "untrained (same architecture)"}
 
 
 def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[str], reuse: bool,
@@ -99,15 +136,17 @@ def write_tables(records: list[dict], command: str) -> None:
         "# Benchmark results", "",
         f"Command: `{command}`  ", f"Machine: {meta['machine']}; date {meta['date']}.", "",
         "| dataset | category | profile | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | image F1-max | "
-        "IoU@thr | best IoU | train s | peak RSS MB | img/s batch | img/s single |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "IoU@thr | best IoU | train s | peak RSS MB | img/s batch | img/s single | ONNX img/s batch | "
+        "ONNX img/s single |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
             f"| {r['dataset']} | {r['category']} | {r['profile']} | {f(r['pixel_auroc'])} | {f(r['aupro'])} | "
             f"{f(r['pixel_ap'])} | {f(r['image_auroc'])} | {f(r['image_f1_max'])} | {f(r['iou'])} | "
             f"{f(r['best_iou'])} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['images_per_second']:.1f} | {r['images_per_second_single']:.1f} |")
+            f"{r['images_per_second']:.1f} | {r['images_per_second_single']:.1f} | "
+            f"{r.get('onnx_images_per_second', 'n/a')} | {r.get('onnx_images_per_second_single', 'n/a')} |")
     lines += ["", "## Image-level scores (image AUROC)", "",
               "| dataset | category | max of map | top-k mean | detector | detector train s | img/s with detector |",
               "|---|---|---|---|---|---|---|"]
@@ -118,7 +157,10 @@ def write_tables(records: list[dict], command: str) -> None:
     lines += ["", "Image score in the first table: the detector's where one was trained, else the maximum of the "
               "smoothed anomaly map. IoU@thr uses the threshold chosen from "
               "held-out normal training images only; best IoU picks the threshold with the labels (upper bound). "
-              "Inference: 256 px RGB images, end to end (resize, network, smoothing, map back to 256 px).", ""]
+              "Inference: 256 px RGB images, end to end (resize, network, smoothing, map back to 256 px). "
+              "PyTorch and ONNX Runtime speeds come from one process each (`--speed` pass, see `speed_command` and "
+              "`speed_weights` in results.json: where no trained model was at hand, the same architecture with "
+              "untrained weights, which runs at the same speed).", ""]
     (HERE / "results.md").write_text("\n".join(lines))
 
 
@@ -130,9 +172,14 @@ def main() -> int:
     p.add_argument("--work", default=str(HERE / "work"), help="folder for models and evaluation outputs")
     p.add_argument("--reuse", action="store_true", help="reuse trained models found in --work")
     p.add_argument("--detector", action="store_true", help="also train and score the anomaly detector")
+    p.add_argument("--speed", action="store_true",
+                   help="only re-measure inference speed (PyTorch and ONNX Runtime) for the existing records")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work)
+    if args.child and args.speed:
+        print("RESULT " + json.dumps(speed_one(*args.child, args.profile, work, args.set)))
+        return 0
     if args.child:
         record = run_one(*args.child, args.profile, work, args.set, args.reuse, args.detector)
         print("RESULT " + json.dumps(record))
@@ -151,15 +198,23 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--child", dataset, category, "--profile", args.profile, "--work", str(work)]
         cmd += [x for s in args.set for x in ("--set", s)] + (["--reuse"] if args.reuse else [])
         cmd += ["--detector"] if args.detector else []
+        cmd += ["--speed"] if args.speed else []
+        old = [r for r in records if (r["dataset"], r["category"], r["profile"]) == (dataset, category, args.profile)]
+        if args.speed and not old:
+            print(f"skipping {dataset}/{category}: no benchmark record to add speeds to")
+            continue
+        if args.speed:  # the architecture must be the one the record was measured with
+            cmd += [x for s in old[0].get("settings", []) for x in ("--set", s)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"failed: {dataset}/{category} (exit {proc.returncode})\n{proc.stdout[-2000:]}")
             continue
         record = {**json.loads(lines[-1][len("RESULT "):]), "command": command}
+        if args.speed:
+            record = {**old[0], **record, "command": old[0]["command"], "speed_command": command}
         print(json.dumps(record), flush=True)
         key = (dataset, category, args.profile)
-        old = [r for r in records if (r["dataset"], r["category"], r["profile"]) == key]
         if args.reuse and old:  # the model was trained by an earlier run: its training peak still counts
             record["peak_rss_mb"] = max(record["peak_rss_mb"], old[0]["peak_rss_mb"])
         records = [r for r in records if (r["dataset"], r["category"], r["profile"]) != key] + [record]

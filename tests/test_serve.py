@@ -136,3 +136,19 @@ def test_bad_settings():
 
     with pytest.raises(AnosegError, match="max-upload-mb"):
         ServeSettings(max_upload_mb=0)
+
+
+def test_fuzzed_uploads_get_json_answers(client):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=40, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.binary(max_size=2048), st.booleans())
+    def check(data, as_form):
+        r = (client.post("/predict", files={"file": ("f.png", data)}) if as_form
+             else client.post("/predict", content=data))
+        assert r.status_code in (200, 400, 413, 415), r.text
+        body = r.json()
+        assert ("score" in body) if r.status_code == 200 else (body["error"] and body["detail"])
+
+    check()
