@@ -13,6 +13,7 @@ from typing import Any
 
 from . import api
 from .config import PROFILES, Config, profile_config
+from .distributed import is_main_process, shutdown_process_group
 from .errors import AnosegError, ConfigError
 
 # Common settings get their own flags; every other Config field is reachable with --set KEY=VALUE.
@@ -179,6 +180,8 @@ def run(argv: list[str] | None = None) -> int:
         if args.save_examples:
             api.save_synthetic_examples(cfg, args.data, Path(args.out) / "synthetic_examples.png", args.save_examples)
         model = api.train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
+        if not is_main_process():  # torchrun: rank 0 reports, trains the detector and evaluates
+            return 0
         print(f"model written to {args.out} (threshold {model.threshold:.4f}, "
               f"{model.meta['train_seconds']:.0f} s)")
         if args.detector:
@@ -255,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("anoseg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown_process_group()
 
 
 if __name__ == "__main__":

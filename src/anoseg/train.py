@@ -7,6 +7,7 @@ import copy
 import csv
 import dataclasses
 import io
+import math
 import signal
 import time
 import warnings
@@ -33,6 +34,16 @@ from .checkpoint import (
 from .config import Config
 from .data import load_stack, train_images
 from .detector import DETECTOR_META, DETECTOR_WEIGHTS, Detector
+from .distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    broadcast_flag,
+    convert_batchnorm,
+    init_from_env,
+    shard,
+    wrap,
+)
 from .errors import AnosegError, DataError, ModelFileError
 from .fileio import make_output_dir, write_text_atomic
 from .inference import CONFIG_FILE, META_FILE, WEIGHTS_FILE, AnoSegModel, resolve_device
@@ -64,10 +75,19 @@ def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> to
     return ((1 - p_t) ** 2 * bce).mean()  # focal loss, gamma = 2: rare defect pixels are not drowned out
 
 
-def masked_reconstruction_loss(recon: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean L1 error over normal pixels only (mask 0), so the decoder never learns to draw defects."""
+def masked_reconstruction_loss(recon: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+                               ctx: DistContext | None = None) -> torch.Tensor:
+    """Mean L1 error over normal pixels only (mask 0), so the decoder never learns to draw defects.
+
+    Under several processes the mean is over the normal pixels of the global batch (scaled so that the
+    gradient average DistributedDataParallel takes gives the one-process gradient).
+    """
     normal = 1.0 - mask
-    return ((recon - image).abs() * normal).sum() / (normal.sum() * image.shape[1]).clamp_min(1.0)
+    count = (normal.sum() * image.shape[1]).detach()
+    world = 1
+    if ctx is not None and ctx.enabled:
+        count, world = all_reduce_sum(count.clone(), ctx), ctx.world
+    return ((recon - image).abs() * normal).sum() * world / count.clamp_min(1.0)
 
 
 def holdout_split(n: int, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +105,7 @@ class Trainer:
 
     cfg: Config
     device: torch.device
+    dist: DistContext = field(default_factory=DistContext)
     generator: Generator = field(init=False)
     discriminator: Discriminator = field(init=False)
     step_done: int = 0
@@ -98,8 +119,14 @@ class Trainer:
 
     def _build(self) -> None:
         torch.manual_seed(self.cfg.seed)
-        self.generator = Generator(self.cfg).to(self.device)
+        self.generator = Generator(self.cfg)
+        if self.dist.enabled:  # batch statistics over the global batch, as in one process
+            convert_batchnorm(self.generator)
+        self.generator = self.generator.to(self.device)
         self.discriminator = Discriminator(self.cfg).to(self.device)
+        # what the training step calls: DistributedDataParallel wrappers under torchrun, else the modules
+        self.g_step = wrap(self.generator, self.dist, self.device)
+        self.d_step = wrap(self.discriminator, self.dist, self.device)
         betas = (self.cfg.beta1, self.cfg.beta2)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.lr_d, betas=betas)
@@ -129,33 +156,38 @@ class Trainer:
         if cfg.train_augment_flip:
             flip = torch.from_numpy(rng.random(len(x)) < 0.5)
             x[flip] = x[flip].flip(-1)
-        x, mask = make_batch(x, cfg, rng)
+        x, mask = make_batch(x, cfg, rng)  # the global batch: the same on every rank
+        if self.dist.enabled:
+            mine = torch.tensor(shard(len(x), self.dist))
+            x, mask = x[mine], mask[mine]
         x, mask = x.to(self.device) * 2.0 - 1.0, mask.to(self.device)
-        recon, amap = self.generator(x)
+        recon, amap = self.g_step(x)
 
         # discriminator: real (image, reference mask) against fake (reconstruction, predicted map)
-        real, _ = self.discriminator(x, mask)
-        fake, _ = self.discriminator(recon.detach(), amap.detach())
+        real, _ = self.d_step(x, mask)
+        fake, _ = self.d_step(recon.detach(), amap.detach())
         loss_d = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
             F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
-        self._check_finite({"d": loss_d})
+        d_value = self._check_finite({"d": loss_d})
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
 
+        self.discriminator.requires_grad_(False)  # the generator's step needs no discriminator gradients
         fake, _ = self.discriminator(recon, amap)
+        self.discriminator.requires_grad_(True)
         loss_adv = F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
         loss_seg = segmentation_loss(amap, mask, cfg.seg_loss)
-        loss_rec = masked_reconstruction_loss(recon, x, mask)
+        loss_rec = masked_reconstruction_loss(recon, x, mask, self.dist)
         loss_g = cfg.lambda_seg * loss_seg + cfg.lambda_rec * loss_rec + cfg.lambda_adv * loss_adv
-        self._check_finite({"seg": loss_seg, "rec": loss_rec, "adv": loss_adv})
+        g_values = self._check_finite({"seg": loss_seg, "rec": loss_rec, "adv": loss_adv})
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
         if self.ema is not None:
             self._update_ema()
 
-        losses = {"seg": loss_seg.item(), "rec": loss_rec.item(), "adv": loss_adv.item(), "d": loss_d.item()}
+        losses = {**g_values, **d_value}
         self.d_low_steps = self.d_low_steps + 1 if losses["d"] < cfg.collapse_d_loss else 0
         self.step_done += 1
         if cfg.collapse_patience and self.d_low_steps >= cfg.collapse_patience:
@@ -163,11 +195,17 @@ class Trainer:
                                    f"{self.d_low_steps} steps, at step {self.step_done})")
         return losses
 
-    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        # checked before the optimiser step, so a NaN loss never reaches the weights
-        bad = {k: v.item() for k, v in losses.items() if not torch.isfinite(v)}
+    def _check_finite(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Loss values (averaged over ranks); raises before the optimiser step, so a NaN never reaches the
+        weights. Every rank sees the same values, so all ranks roll back together."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if self.dist.enabled:
+            values = all_reduce_sum(values, self.dist) / self.dist.world
+        out = dict(zip(losses, values.tolist()))
+        bad = {k: v for k, v in out.items() if not math.isfinite(v)}
         if bad:
             raise TrainingUnstable(f"non-finite loss at step {self.step_done + 1} ({bad})")
+        return out
 
     def weights_finite(self) -> bool:
         nets = [self.generator, self.discriminator] + ([self.ema] if self.ema is not None else [])
@@ -293,22 +331,28 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     end, ``model.safetensors`` + ``model.json`` (with the threshold chosen from held-out normal images).
     """
     out = Path(out)
+    ctx, rank_device = init_from_env(cfg.device)  # torchrun: one process per GPU or CPU worker
     cfg = _prepare_folder(out, cfg, resume, overwrite)
+    if ctx.enabled:
+        shard(cfg.batch_size, ctx)  # the global batch must split evenly: fail before any work
     data = Path(data).resolve()  # recorded with the model; train-detector finds the data from anywhere
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     files = train_images(data)
     train_idx, hold_idx = holdout_split(len(files), cfg)
+    progress = progress and ctx.is_main
     # every file is read now, held-out ones included, so a bad file stops the run before training starts
     images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images", progress=progress)[train_idx])
-    make_output_dir(out)
-    remove_detector(out)
-    if not resume:  # --overwrite: the old run's checkpoint and model go now, not mixed with the new run
-        for old in [*out.glob("checkpoint*.safetensors"), out / CKPT_STATE, out / WEIGHTS_FILE, out / META_FILE]:
-            old.unlink(missing_ok=True)
-    cfg.save(out / CONFIG_FILE)
-    device = resolve_device(cfg.device)
-    trainer = Trainer(cfg, device)
+    if ctx.is_main:  # only rank 0 writes
+        make_output_dir(out)
+        remove_detector(out)
+        if not resume:  # --overwrite: the old run's checkpoint and model go now, not mixed with the new run
+            for old in [*out.glob("checkpoint*.safetensors"), out / CKPT_STATE, out / WEIGHTS_FILE, out / META_FILE]:
+                old.unlink(missing_ok=True)
+        cfg.save(out / CONFIG_FILE)
+    barrier(ctx)
+    device = rank_device or resolve_device(cfg.device)
+    trainer = Trainer(cfg, device, ctx)
     elapsed_before = 0.0
     if resume:
         elapsed_before = float(trainer.load(out).get("train_seconds", 0.0))
@@ -316,7 +360,10 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     start = time.perf_counter()
 
     def checkpoint() -> None:
-        trainer.save(out, {"train_seconds": elapsed_before + time.perf_counter() - start, "data": str(data)})
+        if ctx.is_main:
+            trainer.save(out, {"train_seconds": elapsed_before + time.perf_counter() - start, "data": str(data),
+                               "world_size": ctx.world})
+        barrier(ctx)  # a rollback on any rank reads this checkpoint
 
     bar = tqdm(total=cfg.steps, initial=trainer.step_done, desc="training", disable=not progress, dynamic_ncols=True)
     stopped_early = False
@@ -336,11 +383,13 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
                 bar.update(1)
                 if trainer.step_done % cfg.checkpoint_every == 0:
                     checkpoint()
-                if interrupted():  # Ctrl-C: stop between steps, so the checkpoint is an exact resume point
+                # Ctrl-C: stop between steps, so the checkpoint is an exact resume point (all ranks together)
+                if broadcast_flag(interrupted(), ctx, device):
                     checkpoint()
                     raise AnosegError(f"interrupted at step {trainer.step_done}; checkpoint saved in {out}, "
                                       "continue with --resume")
-                if cfg.max_minutes and (time.perf_counter() - start) / 60 > cfg.max_minutes:
+                over_time = bool(cfg.max_minutes) and (time.perf_counter() - start) / 60 > cfg.max_minutes
+                if broadcast_flag(over_time, ctx, device):
                     stopped_early = True
                     break
         finally:
@@ -350,10 +399,13 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
 
     model = AnoSegModel(cfg, trainer.final_generator, meta={
         "steps_done": trainer.step_done, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 2),
-        "n_train": len(train_idx), "data": str(data), "rollbacks": trainer.rollbacks, "lr_scale": trainer.lr_scale})
+        "n_train": len(train_idx), "data": str(data), "rollbacks": trainer.rollbacks, "lr_scale": trainer.lr_scale,
+        "world_size": ctx.world})
     model.generator.eval()
-    calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])
-    model.save(out)
+    if ctx.is_main:
+        calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])
+        model.save(out)
+    barrier(ctx)
     return model
 
 
