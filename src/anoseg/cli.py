@@ -73,6 +73,25 @@ def _threshold_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector-threshold", type=float, help="override the detector's threshold (verdict)")
 
 
+def _training_options(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--profile", default="fast", choices=list(PROFILES),
+                   help="settings preset: paper (256 px, as in the paper), fast (CPU), tiny (tests/demo)")
+    t.add_argument("--config", help="start from a saved config.json instead of a profile")
+    for name, (kind, text) in TRAIN_FLAGS.items():
+        t.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting, e.g. --set lambda_adv=0.05 (repeatable; see docs/settings.md)")
+
+
+def _training_argv(args: argparse.Namespace) -> list[str]:
+    """The training options of `args` as command-line words (for the per-category processes of train-all)."""
+    words = ["--profile", args.profile] + (["--config", args.config] if args.config else [])
+    for name in TRAIN_FLAGS:
+        if getattr(args, name) is not None:
+            words += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return words + [w for s in args.set for w in ("--set", s)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anoseg", description="AnoSeg anomaly segmentation: learn normal parts from "
                                 "defect-free images, then paint where new images show defects (1 = defect).")
@@ -83,13 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(uses DATA/train/good) or a folder of images. Writes the model to --out.")
     t.add_argument("data", help="MVTec category folder or folder of normal images")
     t.add_argument("--out", required=True, help="model folder to write (config, checkpoints, weights)")
-    t.add_argument("--profile", default="fast", choices=list(PROFILES),
-                   help="settings preset: paper (256 px, as in the paper), fast (CPU), tiny (tests/demo)")
-    t.add_argument("--config", help="start from a saved config.json instead of a profile")
-    for name, (kind, text) in TRAIN_FLAGS.items():
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other setting, e.g. --set lambda_adv=0.05 (repeatable; see docs/settings.md)")
+    _training_options(t)
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--overwrite", action="store_true", help="replace a model or checkpoint already in --out")
     t.add_argument("--save-examples", type=int, default=0, metavar="N",
@@ -99,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--evaluate", action="store_true",
                    help="evaluate on DATA/test afterwards (MVTec layout) into --out/eval")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ta = sub.add_parser("train-all", help="train every category of an MVTec-layout root",
+                        description="Train ROOT/<category> for every category into OUT/<category>, one after "
+                        "another or --jobs at a time; finished categories are skipped, interrupted ones resumed. "
+                        "Writes OUT/summary.csv and OUT/summary.md.")
+    ta.add_argument("root", help="folder of MVTec categories (each with train/good)")
+    ta.add_argument("--out", required=True, help="folder for one model folder per category")
+    _training_options(ta)
+    ta.add_argument("--jobs", type=int, default=1, help="categories trained at the same time (default 1)")
+    ta.add_argument("--only", action="append", default=[], metavar="CATEGORY", help="train only these (repeatable)")
+    ta.add_argument("--evaluate", action="store_true", help="evaluate each category on its test split")
+    ta.add_argument("--quiet", action="store_true", help="no progress bar")
 
     td = sub.add_parser("train-detector", help="train the image-level anomaly detector for a trained model",
                         description="Train the second GAN of paper section 3.4 on the model's normal training "
@@ -189,6 +214,17 @@ def run(argv: list[str] | None = None) -> int:
         if args.evaluate:
             result = api.evaluate(model, args.data, Path(args.out) / "eval", progress=progress)
             _print_metrics(result)
+    elif args.command == "train-all":
+        from .train_all import train_all
+
+        _train_config(args)  # bad settings stop here, before any category starts
+        rows = train_all(args.root, args.out, _training_argv(args), jobs=args.jobs, evaluate=args.evaluate,
+                         only=args.only, progress=progress)
+        failed = [r["category"] for r in rows if r["status"].startswith("failed")]
+        print(Path(args.out, "summary.md").read_text(), end="")
+        print(f"{len(rows)} categories, {len(failed)} failed; summary in {args.out}/summary.csv")
+        if failed:
+            raise AnosegError(f"training failed for {', '.join(failed)} (see each train_all.log)")
     elif args.command == "train-detector":
         overrides = parse_sets(args.set)
         if args.steps is not None:
