@@ -36,7 +36,8 @@ def test_train_all_two_at_a_time_then_skips_finished(root, tmp_path, capsys):
     assert "training failed for gamma" in err
     rows = read_summary(out)
     assert rows["alpha"]["status"] == rows["beta"]["status"] == "trained"  # ... the others do not
-    assert rows["gamma"]["status"].startswith("failed") and "anoseg: error: only 1 normal image" in rows["gamma"]["status"]
+    gamma = rows["gamma"]["status"]
+    assert gamma.startswith("failed") and "anoseg: error: only 1 normal image" in gamma
     assert (out / "alpha" / "model.safetensors").is_file() and (out / "summary.md").is_file()
     assert float(rows["alpha"]["threshold"]) >= 0 and rows["alpha"]["steps"] == "3"
 
