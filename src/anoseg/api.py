@@ -40,10 +40,13 @@ def load(folder: str | Path, device: str | None = None) -> AnoSegModel:
 
 def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, *, threshold: float | None = None,
             detector_threshold: float | None = None, map_format: str = "png",
-            progress: bool = True) -> list[dict[str, Any]]:
-    """Anomaly maps, overlays and verdicts for image files, folders or globs."""
+            progress: bool = True, resume: bool = False, workers: int = 0) -> list[dict[str, Any]]:
+    """Anomaly maps, overlays and verdicts for image files, folders or globs (written as they are made).
+
+    For very many images use :func:`anoseg.predict.predict_stream`, which does not keep the rows.
+    """
     return _predict(model, inputs, out, threshold=threshold, detector_threshold=detector_threshold,
-                    map_format=map_format, progress=progress)
+                    map_format=map_format, progress=progress, resume=resume, workers=workers)
 
 
 def evaluate(model: AnoSegModel, data: str | Path | None, out: str | Path | None, *, threshold: float | None = None,

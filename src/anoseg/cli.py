@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     _threshold_options(pr)
     pr.add_argument("--map-format", choices=["png", "npy"], default="png", help="raw map format")
     pr.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the model's setting)")
+    pr.add_argument("--workers", type=int, default=0,
+                    help="processes that decode images beside the model (default 0: in the main process)")
+    pr.add_argument("--resume", action="store_true",
+                    help="keep the results already in --out and score only the images not in predictions.jsonl")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("evaluate", help="metrics on a labelled test set",
@@ -235,12 +239,15 @@ def run(argv: list[str] | None = None) -> int:
         _detector_written(args.model, api.train_detector(args.model, args.data, overrides=overrides,
                                                          progress=progress))
     elif args.command == "predict":
+        from .predict import predict_stream
+
         model = api.load(args.model, device=args.device)
-        records = api.predict(model, args.inputs, args.out, threshold=args.threshold,
-                              detector_threshold=args.detector_threshold, map_format=args.map_format,
-                              progress=progress)
-        n_def = sum(r["verdict"] == "defect" for r in records)
-        print(f"{len(records)} image(s) scored, {n_def} defect; results in {args.out}/predictions.csv")
+        summary = predict_stream(model, args.inputs, args.out, threshold=args.threshold,
+                                 detector_threshold=args.detector_threshold, map_format=args.map_format,
+                                 progress=progress, resume=args.resume, workers=args.workers)
+        done = f" ({summary.already_done} already done)" if summary.already_done else ""
+        print(f"{summary.scored} image(s) scored{done}, {summary.defects} defect, {summary.skipped} skipped, "
+              f"{summary.scored / max(summary.seconds, 1e-9):.1f} img/s; results in {args.out}/predictions.csv")
     elif args.command == "evaluate":
         if not args.data and not (args.normal or args.abnormal):
             raise AnosegError("give an MVTec category folder, or --normal/--abnormal/--masks folders")

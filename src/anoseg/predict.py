@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import os
+import time
 import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from .errors import DataError
+from .errors import DataError, OutputError
 from .fileio import (
     IMAGE_SUFFIXES,
+    _write_atomic,
     load_image,
     make_output_dir,
     safe_name,
     save_npy_atomic,
     save_png_atomic,
-    write_text_atomic,
 )
 from .inference import AnoSegModel, Prediction, verdict
 from .visualize import overlay, save_map_png16
@@ -32,88 +36,195 @@ RESULT_FIELDS = ["path", "score", "verdict", "threshold", "map_score", "topk_sco
                  "map_threshold", "width", "height", "overlay", "map"]
 
 
-def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Image files from a mix of files, folders and glob patterns, in order, without repeats."""
-    found: list[Path] = []
-    for item in inputs:
-        text = str(item)
+def _check_inputs(inputs: list[str | Path]) -> list[str]:
+    texts = [str(i) for i in inputs]
+    for text in texts:
+        if not Path(text).exists() and not glob.has_magic(text):
+            raise DataError(f"{text}: no such file or folder")
+    if not texts:
+        raise DataError("no inputs given")
+    return texts
+
+
+def _walk(folder: Path, skip: Path) -> Iterator[Path]:
+    """Image files under `folder`, in sorted order, without listing the whole tree at once."""
+    for here, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if (Path(here) / d).resolve() != skip)
+        for f in sorted(files):
+            if Path(f).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(here) / f
+
+
+def iter_inputs(inputs: list[str | Path], skip: Path | None = None) -> Iterator[tuple[Path, Path]]:
+    """(image file, folder it is named relative to) for files, folders and globs, lazily and in order.
+
+    A file already reached through an earlier input is not repeated; `skip` (the output folder) is never
+    entered, so earlier outputs are not scored again.
+    """
+    texts = _check_inputs(inputs)
+    skip = (skip or Path("/nonexistent")).resolve()
+    base = _common_base(texts)
+    earlier: list[str] = []
+
+    def seen_before(p: Path) -> bool:  # bounded memory: compare with the earlier inputs, not with every file
+        r = str(p.resolve())
+        return any(r == e or r.startswith(e.rstrip(os.sep) + os.sep) or (glob.has_magic(e) and fnmatch(r, e))
+                   for e in earlier)
+
+    for text in texts:
         path = Path(text)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found: Iterator[Path] = _walk(path, skip)
         elif path.is_file():
-            found.append(path)
-        elif glob.has_magic(text):
-            matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
-            found += [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            found = iter([path])
         else:
-            raise DataError(f"{text}: no such file or folder")
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    if not unique:
-        raise DataError(f"no images found in {', '.join(map(str, inputs))}")
-    return unique
+            found = (Path(p) for p in glob.iglob(text, recursive=True))
+        for p in found:
+            if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if p.resolve().is_relative_to(skip) or (earlier and seen_before(p)):
+                continue
+            yield p, base
+        earlier.append(str(path.resolve()) if not glob.has_magic(text) else os.path.abspath(text))
 
 
-def output_names(paths: list[Path]) -> list[str]:
-    """Distinct, safe output stems: the path below the inputs' common folder."""
-    parents = [str(p.parent) for p in paths]
-    root = Path(os.path.commonpath(parents))
-    names, seen = [], set()
-    for p in paths:
-        try:
-            rel = p.relative_to(root)
-        except ValueError:
-            rel = Path(p.name)
-        name = safe_name(str(rel.with_suffix("")))
-        base, k = name, 1
-        while name in seen:
-            k += 1
-            name = f"{base}_{k}"
-        seen.add(name)
-        names.append(name)
-    return names
+def _common_base(texts: list[str]) -> Path:
+    """The folder output names are relative to: the inputs' common folder."""
+    roots = []
+    for text in texts:
+        p = Path(text)
+        if glob.has_magic(text):
+            parts = []
+            for part in Path(os.path.abspath(text)).parts:
+                if glob.has_magic(part):
+                    break
+                parts.append(part)
+            roots.append(str(Path(*parts)))
+        else:
+            roots.append(str(p.resolve() if p.is_dir() else p.resolve().parent))
+    return Path(os.path.commonpath(roots))
+
+
+def output_name(path: Path, base: Path, used: set[str]) -> str:
+    """A distinct, safe output stem: the path below `base`, with '__' for folder separators."""
+    try:
+        rel = path.resolve().relative_to(base)
+    except ValueError:
+        rel = Path(path.name)
+    name = base_name = safe_name(str(rel.with_suffix("")))
+    k = 1
+    while name in used:
+        k += 1
+        name = f"{base_name}_{k}"
+    used.add(name)
+    return name
+
+
+class _Images(IterableDataset):
+    """Decodes images in DataLoader workers; each worker takes every n-th file, so order is kept."""
+
+    def __init__(self, inputs: list[str | Path], out: Path, done: set[str]) -> None:
+        self.inputs, self.out, self.done = inputs, out, done
+
+    def __iter__(self):
+        info = get_worker_info()
+        n, k = (info.num_workers, info.id) if info else (1, 0)
+        for i, (path, name) in enumerate(_named(self.inputs, self.out, self.done)):
+            if i % n != k:
+                continue
+            try:
+                yield path, name, load_image(path), None
+            except DataError as e:
+                yield path, name, None, str(e)
+
+
+def _named(inputs: list[str | Path], out: Path, done: set[str]) -> Iterator[tuple[Path, str]]:
+    used: set[str] = set()
+    for path, base in iter_inputs(inputs, skip=out):
+        name = output_name(path, base, used)
+        if str(path) not in done:
+            yield path, name
+
+
+@dataclass
+class PredictSummary:
+    """What a predict run did; `records` holds the result rows unless they were not kept."""
+
+    scored: int = 0
+    defects: int = 0
+    skipped: int = 0
+    already_done: int = 0
+    seconds: float = 0.0
+    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, threshold: float | None = None,
-            map_format: str = "png", progress: bool = True,
-            detector_threshold: float | None = None) -> list[dict[str, Any]]:
+            map_format: str = "png", progress: bool = True, detector_threshold: float | None = None,
+            resume: bool = False, workers: int = 0) -> list[dict[str, Any]]:
+    """Like :func:`predict_stream`, returning the result rows (for a manageable number of images)."""
+    return predict_stream(model, inputs, out, threshold, map_format, progress, detector_threshold, resume, workers,
+                          keep_records=True).records
+
+
+def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path, threshold: float | None = None,
+                   map_format: str = "png", progress: bool = True, detector_threshold: float | None = None,
+                   resume: bool = False, workers: int = 0, keep_records: bool = False) -> PredictSummary:
     """Score images and write overlays, raw maps and ``predictions.csv`` / ``predictions.jsonl`` into `out`.
 
-    Files that cannot be read are skipped with a warning (listed in ``skipped.txt``).
+    Streams: files are found lazily, decoded by `workers` DataLoader processes, and each batch's results
+    are appended to the tables as soon as they exist, so memory does not grow with the number of images
+    (apart from about 100 bytes of bookkeeping per image for distinct output names). With `resume`,
+    images already in ``predictions.jsonl`` are skipped. Unreadable files are skipped with a warning and
+    listed in ``skipped.txt``.
     """
+    start = time.perf_counter()
     if map_format not in ("png", "npy"):
         raise DataError(f"map format {map_format!r}: choose png or npy")
+    if workers < 0:
+        raise DataError(f"--workers {workers}: must be 0 or more")
     t_map, t_img = model.thresholds(threshold, detector_threshold)
     out = Path(out)
-    # never score our own earlier outputs when --out lies inside an input folder
-    paths = [p for p in expand_inputs(inputs) if not p.is_relative_to(out.resolve())]
-    if not paths:
-        raise DataError(f"no images to score outside the output folder {out}")
-    names = output_names(paths)
-    make_output_dir(out)
-    records: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    bs = model.config.batch_size_infer
-    bar = tqdm(total=len(paths), desc="predicting", unit="img", disable=not progress)
-    for i in range(0, len(paths), bs):
-        batch = []
-        for p, name in zip(paths[i:i + bs], names[i:i + bs]):
-            try:
-                batch.append((p, name, load_image(p)))
-            except DataError as e:
-                warnings.warn(f"skipped {e}", stacklevel=2)
-                skipped.append(str(e))
-        preds = model.maps_for_batch([im for _, _, im in batch]) if batch else []
-        for (p, name, image), pred in zip(batch, preds):
-            records.append(_write_one(out, name, p, image, pred, t_map, t_img, map_format))
-        bar.update(len(paths[i:i + bs]))
-    bar.close()
-    if skipped:
-        write_text_atomic(out / "skipped.txt", "\n".join(skipped) + "\n")
-    if not records:
-        raise DataError(f"none of the {len(paths)} image(s) could be read (see {out / 'skipped.txt'}); "
-                        f"first: {skipped[0]}")
-    _write_tables(out, records)
-    return records
+    _check_inputs(inputs)
+    done = _resume_tables(out) if resume else set()
+    tables = _Tables(out, append=resume and bool(done))
+    # items one by one (workers take turns, so the order is the inputs' order), batched here for the model
+    loader = DataLoader(_Images(inputs, out, done), batch_size=None, num_workers=workers, collate_fn=_as_is,
+                        prefetch_factor=None if workers == 0 else 2 * model.config.batch_size_infer)
+    summary = PredictSummary(already_done=len(done))
+    seen = 0
+    first_skipped = ""
+    bar = tqdm(desc="predicting", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in _batches(loader, model.config.batch_size_infer):
+            seen += len(batch)
+            good = [(p, n, im) for p, n, im, err in batch if err is None]
+            for _, _, _, err in (b for b in batch if b[3] is not None):
+                warnings.warn(f"skipped {err}", stacklevel=2)
+                first_skipped = first_skipped or err
+                summary.skipped += 1
+                tables.skipped(err)
+            if good:
+                make_output_dir(out)
+                preds = model.maps_for_batch([im for _, _, im in good])
+                rows = [_write_one(out, n, p, im, pred, t_map, t_img, map_format)
+                        for (p, n, im), pred in zip(good, preds)]
+                tables.append(rows)
+                summary.scored += len(rows)
+                summary.defects += sum(r["verdict"] == "defect" for r in rows)
+                if keep_records:
+                    summary.records += rows
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        tables.close()
+    if seen == 0 and not done:
+        raise DataError(f"no images found in {', '.join(map(str, inputs))}" +
+                        (f" outside the output folder {out}" if any(Path(str(i)).is_dir() for i in inputs) else ""))
+    if summary.scored == 0 and not done:
+        raise DataError(f"none of the {seen} image(s) could be read (see {out / 'skipped.txt'}); "
+                        f"first: {first_skipped}")
+    summary.seconds = time.perf_counter() - start
+    return summary
 
 
 def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Prediction, t_map: float | None,
@@ -135,10 +246,87 @@ def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Predic
             "overlay": overlay_file, "map": map_file}
 
 
-def _write_tables(out: Path, records: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_FIELDS)
-    w.writeheader()
-    w.writerows(records)
-    write_text_atomic(out / "predictions.csv", buf.getvalue())
-    write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+def _as_is(item: Any) -> Any:
+    return item  # keep NumPy images as they are (the default would turn them into tensors)
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _Tables:
+    """predictions.csv / .jsonl (and skipped.txt), appended batch by batch and flushed, so an interrupted
+    run keeps every finished image; created only once there is something to write."""
+
+    def __init__(self, out: Path, append: bool) -> None:
+        self.out, self.mode = out, "a" if append else "w"
+        self.csv = self.jsonl = self.skip = None
+        self.writer: csv.DictWriter | None = None
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            if self.csv is None:
+                new = self.mode == "w" or not (self.out / "predictions.csv").exists()
+                self.csv = open(self.out / "predictions.csv", self.mode, newline="")
+                self.jsonl = open(self.out / "predictions.jsonl", self.mode)
+                self.writer = csv.DictWriter(self.csv, fieldnames=RESULT_FIELDS)
+                if new:
+                    self.writer.writeheader()
+            self.writer.writerows(rows)
+            self.jsonl.write("".join(json.dumps(r) + "\n" for r in rows))
+            self.csv.flush()
+            self.jsonl.flush()
+        except OSError as e:
+            raise OutputError(f"{self.out}: cannot write the results ({e.strerror or e}); "
+                              "results up to the last batch are kept, continue with --resume") from None
+
+    def skipped(self, line: str) -> None:
+        if self.skip is None:
+            make_output_dir(self.out)
+            self.skip = open(self.out / "skipped.txt", self.mode)
+        self.skip.write(line + "\n")
+        self.skip.flush()
+
+    def close(self) -> None:
+        for f in (self.csv, self.jsonl, self.skip):
+            if f is not None:
+                f.close()
+
+
+def _resume_tables(out: Path) -> set[str]:
+    """Paths already scored in `out`; drops a half-written last line and makes the CSV match the JSONL."""
+    jsonl = out / "predictions.jsonl"
+    if not jsonl.is_file():
+        return set()
+    done: set[str] = set()
+    good_bytes = 0
+    with open(jsonl, "rb") as f:
+        for line in f:
+            try:
+                done.add(json.loads(line)["path"])
+            except (ValueError, KeyError, TypeError):
+                break  # a kill in the middle of a line: everything from here is rewritten
+            good_bytes += len(line)
+    with open(jsonl, "r+b") as f:
+        f.truncate(good_bytes)
+
+    def rows() -> Iterator[dict]:
+        with open(jsonl) as f:
+            for line in f:
+                yield json.loads(line)
+
+    def write(p: Path) -> None:
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+            w.writeheader()
+            w.writerows(rows())
+
+    _write_atomic(out / "predictions.csv", write)
+    return done
