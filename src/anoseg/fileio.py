@@ -184,8 +184,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     _write_atomic(path, lambda p: p.write_bytes(data))
 
 
-def save_png_atomic(path: Path, image: Image.Image) -> None:
-    _write_atomic(path, lambda p: image.save(p, format="PNG"))
+def save_png_atomic(path: Path, image: Image.Image, compress_level: int = 1) -> None:
+    # level 1: about 4x faster to write than the default 6, for files about a fifth larger
+    _write_atomic(path, lambda p: image.save(p, format="PNG", compress_level=compress_level))
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
