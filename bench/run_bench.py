@@ -117,6 +117,7 @@ def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[st
         "images_per_second": round(batch_ips, 1),
         "images_per_second_single": round(single_ips, 1),
         "batch_size_infer": model.config.batch_size_infer,
+        "ema_decay": model.config.ema_decay,
         "settings": sets,
         **{k: result["metrics"][k] for k in ("image_auroc_max", "image_auroc_topk", "image_auroc_detector")},
         **extra,
@@ -135,14 +136,15 @@ def write_tables(records: list[dict], command: str) -> None:
     lines = [
         "# Benchmark results", "",
         f"Command: `{command}`  ", f"Machine: {meta['machine']}; date {meta['date']}.", "",
-        "| dataset | category | profile | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | image F1-max | "
+        "| dataset | category | profile | EMA | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | image F1-max | "
         "IoU@thr | best IoU | train s | peak RSS MB | img/s batch | img/s single | ONNX img/s batch | "
         "ONNX img/s single |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
-            f"| {r['dataset']} | {r['category']} | {r['profile']} | {f(r['pixel_auroc'])} | {f(r['aupro'])} | "
+            f"| {r['dataset']} | {r['category']} | {r['profile']} | {r.get('ema_decay', 0.0)} | "
+            f"{f(r['pixel_auroc'])} | {f(r['aupro'])} | "
             f"{f(r['pixel_ap'])} | {f(r['image_auroc'])} | {f(r['image_f1_max'])} | {f(r['iou'])} | "
             f"{f(r['best_iou'])} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{r['images_per_second']:.1f} | {r['images_per_second_single']:.1f} | "

@@ -55,7 +55,7 @@ class Config:
     lambda_seg: float = 10.0  # weight of the segmentation loss
     lambda_rec: float = 1.0  # weight of the masked (normal pixels only) L1 reconstruction loss
     lambda_adv: float = 0.1  # weight of the adversarial loss on (image, map) pairs
-    ema_decay: float = 0.0  # keep an exponential moving average of the generator weights (0 = off); the model uses it
+    ema_decay: float = 0.999  # keep an exponential moving average of the generator weights (0 = off); the model uses it
     train_augment_flip: bool = False  # random flips of training images (off: many parts are not symmetric)
     checkpoint_every: int = 500  # save a resumable checkpoint every N steps
     max_rollbacks: int = 3  # on a non-finite loss or a collapsed discriminator, go back to the last checkpoint ...
@@ -206,13 +206,13 @@ class Config:
 PROFILES: dict[str, dict[str, Any]] = {
     # As close to the paper as its text allows: 256 px, 8x8x512 code, decoders of the same shape.
     "paper": dict(image_size=256, base_channels=64, max_channels=512, seg_skips=False,
-                  steps=20000, batch_size=16),
+                  steps=20000, batch_size=16, ema_decay=0.0),
     # Sized to train one category on 2 CPU cores in well under 30 minutes.
     "fast": dict(image_size=128, base_channels=16, max_channels=256, seg_skips=True,
                  steps=2000, batch_size=16, smoothing_sigma=4.0),
     # For tests and the demo: seconds, not minutes.
     "tiny": dict(image_size=64, base_channels=8, max_channels=32, seg_skips=True,
-                 steps=200, batch_size=8, checkpoint_every=100, holdout_min=2),
+                 steps=200, batch_size=8, checkpoint_every=100, holdout_min=2, ema_decay=0.0),
 }
 
 
