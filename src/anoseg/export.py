@@ -124,6 +124,8 @@ class OnnxModel:
         if self.meta.get("format") != EXPORT_FORMAT:
             raise ModelFileError(f"{folder / ONNX_META}: export format {self.meta.get('format')!r} is not supported")
         options = ort.SessionOptions()
+        # no busy-waiting between runs: idle ONNX Runtime threads would take the CPU from everything else
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         try:

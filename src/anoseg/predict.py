@@ -186,6 +186,8 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
     out = Path(out)
     _check_inputs(inputs)
     done = _resume_tables(out) if resume else set()
+    if not resume:  # a fresh run: an earlier run's list of skipped files no longer applies
+        (out / "skipped.txt").unlink(missing_ok=True)
     tables = _Tables(out, append=resume and bool(done))
     # items one by one (workers take turns, so the order is the inputs' order), batched here for the model
     loader = DataLoader(_Images(inputs, out, done), batch_size=None, num_workers=workers, collate_fn=_as_is,
