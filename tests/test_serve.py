@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
+pytest.importorskip("fastapi.testclient", reason="the test client needs httpx2 (or httpx): pip install -e '.[dev]'")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
