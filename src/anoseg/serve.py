@@ -152,7 +152,8 @@ def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None =
         async def stream():
             yield body
 
-        parser = MultiPartParser(request.headers, stream(), max_files=1, max_fields=10, max_part_size=limit_part())
+        parser = MultiPartParser(request.headers, stream(), max_files=1, max_fields=10,
+                                 max_part_size=settings.max_bytes + 1)
         parser.spool_max_size = len(body) + 1  # keep file parts in memory: uploads never touch the disk
         try:
             form = await parser.parse()
@@ -163,9 +164,6 @@ def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None =
             raise UploadError(422, "no_file", "the form has no file field named 'file'")
         data = await file.read()
         return data, file.filename or "upload"
-
-    def limit_part() -> int:
-        return settings.max_bytes + 1
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
