@@ -17,13 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .checkpoint import load_json
-from .data import resize_rgb
 from .errors import AnosegError, ModelFileError
 from .fileio import _write_atomic, make_output_dir, write_text_atomic
-from .inference import AnoSegModel, Prediction, gaussian_blur
+from .inference import AnoSegModel, Prediction, gaussian_blur, model_input, predictions_from_maps
 
 ONNX_FILE = "model.onnx"
 ONNX_META = "model.onnx.json"
@@ -142,24 +140,12 @@ class OnnxModel:
         return dict(zip(self.outputs, self.session.run(None, {"image": x.astype(np.float32, copy=False)})))
 
     def maps_for_batch(self, images: list[np.ndarray]) -> list[Prediction]:
-        batch = np.stack([resize_rgb(im, self.size).transpose(2, 0, 1) for im in images]).astype(np.float32)
         fixed = self.meta.get("batch")
         if fixed and len(images) != fixed:
             raise AnosegError(f"this ONNX model was exported for batches of {fixed}, got {len(images)}")
-        res = self.run(batch / 127.5 - 1.0)
-        maps = torch.from_numpy(res["map"])
-        flat = maps.flatten(1)
-        k = max(1, round(self.meta["topk_fraction"] * flat.shape[1]))
-        topk = flat.topk(k, dim=1).values.mean(1).numpy()
-        det = res.get("detector_score")
-        out = []
-        for i, im in enumerate(images):
-            h, w = im.shape[:2]
-            full = F.interpolate(maps[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            m = float(res["map_score"][i])
-            d = None if det is None else float(det[i])
-            out.append(Prediction(None, full.clamp(0, 1).numpy(), m if d is None else d, m, float(topk[i]), d))
-        return out
+        res = self.run(model_input(images, self.size))
+        return predictions_from_maps(torch.from_numpy(res["map"]), images, self.meta["topk_fraction"],
+                                     res.get("detector_score"))
 
 
 def check_export(model: AnoSegModel, folder: str | Path, n: int = 2, seed: int = 0) -> float:

@@ -48,6 +48,30 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, k.view(1, 1, -1, 1))
 
 
+def model_input(images: list[np.ndarray], size: int) -> np.ndarray:
+    """RGB uint8 images of any sizes as the network's input: B x 3 x size x size float32 in [-1, 1]."""
+    batch = np.stack([resize_rgb(im, size).transpose(2, 0, 1) for im in images])
+    return batch.astype(np.float32) / 127.5 - 1.0
+
+
+def predictions_from_maps(maps: torch.Tensor, images: list[np.ndarray], topk_fraction: float,
+                          det_scores: np.ndarray | None = None) -> list[Prediction]:
+    """Scores of smoothed B x 1 x S x S maps, and each map resized back to its image's size."""
+    flat = maps.flatten(1)
+    k = max(1, round(topk_fraction * flat.shape[1]))
+    map_scores = flat.amax(1).cpu().numpy()
+    topk_scores = flat.topk(k, dim=1).values.mean(1).cpu().numpy()
+    out = []
+    for i, (m, im) in enumerate(zip(maps, images)):
+        h, w = im.shape[:2]
+        full = F.interpolate(m[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        d = None if det_scores is None else float(det_scores[i])
+        s = float(map_scores[i])
+        out.append(Prediction(None, full.clamp(0, 1).cpu().numpy().astype(np.float32), s if d is None else d, s,
+                              float(topk_scores[i]), d))
+    return out
+
+
 @dataclass
 class Prediction:
     """One image's result: the map at the image's own size (1 = defect) and its image-level scores.
@@ -115,24 +139,11 @@ class AnoSegModel:
     @torch.no_grad()
     def maps_for_batch(self, images: list[np.ndarray]) -> list[Prediction]:
         """Maps and scores for RGB uint8 images of any sizes (one forward pass)."""
-        size = self.config.image_size
-        batch = np.stack([resize_rgb(im, size).transpose(2, 0, 1) for im in images])
-        x = torch.from_numpy(batch).to(self.device, torch.float32) / 127.5 - 1.0
+        x = torch.from_numpy(model_input(images, self.config.image_size)).to(self.device)
         raw = self.raw_maps(x)
         maps = gaussian_blur(raw, self.config.smoothing_sigma)
-        flat = maps.flatten(1)
-        k = max(1, round(self.config.topk_fraction * flat.shape[1]))
-        map_scores = flat.amax(1).cpu().numpy()
-        topk_scores = flat.topk(k, dim=1).values.mean(1).cpu().numpy()
-        det_scores = self.detector.score(x, raw).cpu().numpy() if self.detector is not None else [None] * len(images)
-        out = []
-        for m, im, s, t, d in zip(maps, images, map_scores, topk_scores, det_scores):
-            h, w = im.shape[:2]
-            full = F.interpolate(m[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-            score = float(d) if d is not None else float(s)
-            out.append(Prediction(None, full.clamp(0, 1).cpu().numpy().astype(np.float32), score, float(s),
-                                  float(t), None if d is None else float(d)))
-        return out
+        det_scores = self.detector.score(x, raw).cpu().numpy() if self.detector is not None else None
+        return predictions_from_maps(maps, images, self.config.topk_fraction, det_scores)
 
     def raw_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Unsmoothed maps of a normalised batch, averaged over the flips of `tta_flips`."""
