@@ -66,3 +66,41 @@ def test_coord_channels():
     xs, ys = x[0, 3], x[0, 4]
     assert xs[0, 0] == -1 and xs[0, -1] == 1 and torch.all(xs[0] == xs[-1])
     assert ys[0, 0] == -1 and ys[-1, 0] == 1 and torch.all(ys[:, 0] == ys[:, -1])
+
+
+def test_every_family_marks_a_visible_region():
+    for family in ("paste", "noise", "crack", "shading"):
+        cfg = profile_config("tiny", anomaly_families=(family,), region_min=0.05, region_max=0.1)
+        imgs = _images(2, size=64, seed=1) * 0.5 + 0.25  # mid-grey: every family can change it visibly
+        hits = 0
+        for seed in range(5):
+            out, mask = synthesize(imgs[0], imgs[1], cfg, np.random.default_rng(seed))
+            changed = (out - imgs[0]).abs().amax(0) > cfg.mask_min_diff
+            assert torch.equal(mask[0].bool(), changed), family  # marked = visibly changed, nothing else
+            assert out.min() >= 0 and out.max() <= 1
+            hits += int(mask.sum() > 0)
+        assert hits >= 4, f"{family}: too many empty masks"
+
+
+def test_family_sizes_span_thin_to_large():
+    size, rng = 128, np.random.default_rng(0)
+    flat = torch.full((3, size, size), 0.5)
+    cfg = profile_config("fast", opacity_min=1.0)
+    area = {f: np.mean([synthesize(flat, flat, cfg.replace(anomaly_families=(f,)), rng)[1].mean().item()
+                        for _ in range(8)]) for f in ("crack", "shading")}
+    assert 0 < area["crack"] < 0.01  # thin lines
+    assert area["shading"] > 0.08  # large diffuse regions
+
+
+def test_opacity_blends_the_region():
+    cfg = profile_config("tiny", anomaly_families=("noise",), opacity_min=0.3, mask_min_diff=0.0)
+    imgs = _images(2, size=64)
+    out, mask = synthesize(imgs[0], imgs[1], cfg, np.random.default_rng(2))
+    inside = mask[0].bool()
+    assert inside.any() and torch.equal(out[:, ~inside], imgs[0][:, ~inside])
+
+
+def test_paper_profile_keeps_the_papers_augmentation():
+    cfg = profile_config("paper")
+    assert cfg.anomaly_families == ("paste",) and cfg.opacity_min == 1.0 and cfg.resize_mode == "square"
+    assert set(profile_config("fast").anomaly_families) >= {"paste", "noise", "crack", "shading"}

@@ -121,3 +121,13 @@ def test_predict_when_no_image_can_be_read(tiny_model_dir, tmp_path, capsys):
                         "--quiet"])
     assert "none of the 1 image(s) could be read" in err and "a.png" in err
     assert not (tmp_path / "p" / "predictions.csv").exists()
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
+def test_predict_out_is_an_existing_file(tiny_model_dir, demo_root, tmp_path, capsys, resume):
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    code = main(["predict", str(tiny_model_dir), str(demo_root / "test" / "good"), "--out", str(target), *resume])
+    err = capsys.readouterr().err
+    assert code == 2 and "results.txt: exists and is not a folder" in err and "Traceback" not in err
+    assert target.read_text() == "keep me"

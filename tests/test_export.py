@@ -78,3 +78,18 @@ def test_bad_export_inputs(tiny_model_dir, tmp_path, capsys):
     (tmp_path / ONNX_META).write_text(json.dumps({"format": 99}))
     with pytest.raises(ModelFileError, match="export format 99"):
         OnnxModel(tmp_path)
+
+
+@pytest.mark.parametrize("opset", ["7", "17", "99"])
+def test_unsupported_opset_is_refused_before_export(tiny_model_dir, tmp_path, capsys, opset):
+    assert main(["export", str(tiny_model_dir), "--out", str(tmp_path), "--opset", opset]) == 2
+    assert f"--opset {opset}: not supported" in capsys.readouterr().err
+    assert not (tmp_path / ONNX_FILE).exists() and not (tmp_path / ONNX_META).exists()
+
+
+def test_sidecar_records_the_opset_the_file_has(tiny_model_dir, tmp_path):
+    import onnx
+
+    export_onnx(load(tiny_model_dir, device="cpu"), tmp_path, opset=20)
+    declared = {o.domain: o.version for o in onnx.load(str(tmp_path / ONNX_FILE)).opset_import}
+    assert json.loads((tmp_path / ONNX_META).read_text())["opset"] == declared[""] == 20

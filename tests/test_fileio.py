@@ -88,3 +88,20 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     write_text_atomic(p, "two")
     assert p.read_text() == "two"
     assert [q.name for q in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path):
+    from anoseg.fileio import load_image_bytes
+
+    stored = np.zeros((100, 200, 3), np.uint8)  # stored 200 wide, 100 high
+    stored[:, :20] = 255  # a white band at the stored left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display": viewers show it 100 wide, 200 high
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = load_image(tmp_path / "phone.jpg")
+    assert shown.shape == (200, 100, 3)
+    assert shown[:20].mean() > 200 and shown[-20:].mean() < 50  # the band is now at the top
+    assert load_image_bytes((tmp_path / "phone.jpg").read_bytes()).shape == (200, 100, 3)
+    Image.fromarray(stored[..., 0]).save(tmp_path / "mask.png", exif=exif)
+    mask = load_mask(tmp_path / "mask.png")
+    assert mask.shape == (200, 100) and mask[:20].all() and not mask[-20:].any()

@@ -64,6 +64,9 @@ def test_resume_reaches_the_same_weights(demo_root, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the log of a resumed run reads as an uninterrupted one's (steps stay integers, not 1.0)
+    log = (tmp_path / "part" / "train_log.csv").read_text()
+    assert log == (tmp_path / "full" / "train_log.csv").read_text() and "\n1," in log
 
 
 def test_same_seed_same_model_and_existing_work_is_kept(demo_root, tmp_path):

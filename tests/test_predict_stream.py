@@ -95,3 +95,83 @@ def test_inputs_are_found_lazily_without_repeats(photos, tmp_path):
     assert len(paths) + 1 == 23 and len(set(paths)) == len(paths)
     with pytest.raises(Exception, match="no such file or folder"):
         list(iter_inputs([tmp_path / "missing"]))
+
+
+def test_resume_lists_each_unreadable_file_once(model, tmp_path):
+    src = tmp_path / "in"
+    write_png(src / "a.png", np.zeros((20, 20, 3), np.uint8))
+    (src / "broken.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning):
+        predict(model, [src], tmp_path / "out", progress=False)
+    for _ in range(2):
+        with pytest.warns(UserWarning):
+            predict(model, [src], tmp_path / "out", progress=False, resume=True)
+    lines = (tmp_path / "out" / "skipped.txt").read_text().splitlines()
+    assert len(lines) == 1 and "broken.png" in lines[0]
+
+
+def test_resume_matches_inputs_however_spelled(model, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(photos.parent)
+    out = tmp_path / "out"
+    predict(model, [photos.name], out, progress=False)
+    first = rows(out)[1]
+    for spelled in (f"./{photos.name}", str(photos), f"{photos.name}/../{photos.name}"):
+        summary = predict_stream(model, [spelled], out, progress=False, resume=True)
+        assert summary.already_done == 23 and summary.scored == 0
+    assert rows(out)[1] == first  # nothing scored twice
+
+
+def test_resume_with_other_inputs_is_refused(model, photos, tmp_path):
+    from anoseg.errors import DataError
+
+    out = tmp_path / "out"
+    predict(model, [photos / "line2"], out, progress=False)
+    with pytest.raises(DataError, match="--resume: the inputs differ"):
+        predict(model, [photos], out, progress=False, resume=True)
+
+
+def test_glob_through_a_symlink_loop_scores_each_file_once(model, tmp_path):
+    names = tmp_path / "names"
+    for i in range(4):
+        write_png(names / "sub" / f"{i}.png", np.zeros((20, 20, 3), np.uint8))
+    (names / "sub" / "loop").symlink_to("..")
+    records = predict(model, [str(names / "**" / "*.png")], tmp_path / "out", progress=False)
+    assert len(records) == 4
+
+
+def test_file_names_that_are_not_utf8(model, tmp_path):
+    import os
+
+    src = tmp_path / "nu"
+    write_png(src / "a.png", np.zeros((20, 20, 3), np.uint8))
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    write_png(src / odd, np.full((20, 20, 3), 9, np.uint8))
+    out = tmp_path / "out"
+    predict(model, [src], out, progress=False)
+    table, lines = rows_bytes_safe(out)
+    assert len(table) == len(lines) == 2
+    paths = {ln["path"] for ln in lines}
+    assert str(src / odd) in paths  # lossless: os.fsencode gives the original bytes back
+    assert os.fsencode(str(src / odd)) in {os.fsencode(r["path"]) for r in table}
+    summary = predict_stream(model, [src], out, progress=False, resume=True)
+    assert summary.already_done == 2 and summary.scored == 0
+
+
+def rows_bytes_safe(out):
+    with open(out / "predictions.csv", newline="", errors="surrogateescape") as f:
+        table = list(csv.DictReader(f))
+    return table, [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_evaluate_with_a_file_name_that_is_not_utf8(model, tmp_path):
+    import os
+
+    from anoseg import evaluate
+
+    odd = os.fsdecode(b"caf\xe9.png")
+    write_png(tmp_path / "ok" / odd, np.zeros((20, 20, 3), np.uint8))
+    write_png(tmp_path / "ok" / "b.png", np.zeros((20, 20, 3), np.uint8))
+    evaluate(model, None, tmp_path / "eval", normal=tmp_path / "ok", progress=False)
+    with open(tmp_path / "eval" / "scores.csv", newline="", errors="surrogateescape") as f:
+        table = list(csv.DictReader(f))
+    assert {os.fsencode(r["path"]) for r in table} == {os.fsencode(str(tmp_path / "ok" / n)) for n in (odd, "b.png")}

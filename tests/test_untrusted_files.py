@@ -108,3 +108,36 @@ def test_checkpoint_naming_a_file_outside_its_folder_is_refused(tiny_model_dir, 
     (run / CKPT_STATE).write_text(json.dumps(state))
     with pytest.raises(ModelFileError, match="bad weights file name"):
         checkpoint_weights(run)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "true", "\"0.5\""])
+def test_non_finite_or_non_number_threshold_in_model_json_is_refused(tiny_model_dir, tmp_path, value):
+    broken = copy_model(tiny_model_dir, tmp_path / "m")
+    meta = json.loads((broken / "model.json").read_text())
+    text = json.dumps({**meta, "threshold": 0.0}).replace('"threshold": 0.0', f'"threshold": {value}')
+    (broken / "model.json").write_text(text)
+    with pytest.raises(ModelFileError, match=r"model\.json: threshold .* must be a finite number"):
+        load(broken)
+
+
+@pytest.mark.parametrize("setting", ["smoothing_sigma", "lr", "region_max"])
+def test_non_finite_setting_in_config_json_is_refused(tiny_model_dir, tmp_path, setting):
+    from anoseg.errors import ConfigError
+
+    broken = copy_model(tiny_model_dir, tmp_path / "m")
+    text = (broken / "config.json").read_text()
+    cfg = json.loads(text)
+    cfg[setting] = 12345.5
+    (broken / "config.json").write_text(json.dumps(cfg).replace("12345.5", "NaN"))
+    with pytest.raises(ConfigError, match=f"setting {setting}=nan: must be a finite number"):
+        load(broken)
+
+
+def test_config_json_that_is_a_folder(tiny_model_dir, tmp_path):
+    from anoseg.errors import ConfigError
+
+    broken = copy_model(tiny_model_dir, tmp_path / "m")
+    (broken / "config.json").unlink()
+    (broken / "config.json").mkdir()
+    with pytest.raises(ConfigError, match="config.json: cannot read the configuration"):
+        load(broken)

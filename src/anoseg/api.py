@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import train as _train
 from .config import Config, profile_config
-from .data import folder_test_samples, load_stack, mvtec_test_samples, train_images
+from .data import TrainingImages, folder_test_samples, mvtec_test_samples, train_images
 from .demo import make_demo_dataset
 from .evaluate import evaluate as _evaluate
 from .inference import AnoSegModel
@@ -62,7 +64,9 @@ def evaluate(model: AnoSegModel, data: str | Path | None, out: str | Path | None
 def save_synthetic_examples(config: Config, data: str | Path, path: str | Path, n: int = 16) -> None:
     """A PNG grid of synthetic anomalies (outlined in green) as training makes them."""
     files = train_images(data)[: max(n, 1) * 2]
-    synthetic_examples_grid(Path(path), load_stack(files, config.image_size), config, n, config.seed)
+    images = TrainingImages.load(files, config, progress=False)
+    crops = images.crops(np.arange(len(images)), np.random.default_rng([config.seed, 98]))[0]  # as training sees them
+    synthetic_examples_grid(Path(path), crops.numpy(), config, n, config.seed)
 
 
 DEMO_STEPS = 800  # the tiny profile learns the demo data in about a minute on 2 cores (pixel AUROC ~0.95)

@@ -1,7 +1,9 @@
-"""Hard augmentation: synthetic anomalies made from normal images only (paper section 3.1).
+"""Synthetic anomalies made from normal images only.
 
-An augmented copy of a normal image (rotation, patch permutation, colour jitter, each with
-probability 0.5) is pasted into a random region of a normal image; that region is the mask.
+The paper's hard augmentation (section 3.1, family ``paste``): an augmented copy of a normal image
+(rotation, patch permutation, colour jitter, each with probability 0.5) is pasted into a random region
+of a normal image; that region is the mask. Other families (``anomaly_families``) add defect-like
+regions the paper does not have: noise-shaped foreign regions, thin cracks, large shading changes.
 All functions take a NumPy ``Generator`` so that a run is repeatable from its seed.
 """
 
@@ -93,13 +95,9 @@ def augmented_copy(img: torch.Tensor, cfg: Config, rng: np.random.Generator) -> 
     return out
 
 
-def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
-               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paste a random region of the augmented `source` into `target` (both 3 x H x W in [0, 1]).
-
-    Returns the new image and its mask (1 x H x W, 1 = defect). Pixels the paste left
-    (almost) unchanged are not marked, so the mask never claims a defect that cannot be seen.
-    """
+def paste(target: torch.Tensor, source: torch.Tensor, cfg: Config,
+          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's hard augmentation: a region of the augmented `source` replaces the same region of `target`."""
     size = target.shape[-1]
     shape = cfg.region_shapes[int(rng.integers(len(cfg.region_shapes)))]
     area = math.exp(rng.uniform(math.log(cfg.region_min), math.log(cfg.region_max)))
@@ -107,9 +105,98 @@ def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     src = augmented_copy(source, cfg, rng)
     shift = tuple(int(s) for s in rng.integers(0, size, size=2))
     src = torch.roll(src, shifts=shift, dims=(1, 2))  # a random region of the source lands in the mask
-    out = torch.where(mask, src, target)
+    return src, mask.float()
+
+
+def smooth_noise(h: int, w: int, cells: int, rng: np.random.Generator, octaves: int = 1) -> torch.Tensor:
+    """Smooth random field (H x W, about zero mean, unit scale): bicubic-upsampled random grids, summed over octaves."""
+    out = torch.zeros(h, w)
+    for o in range(octaves):
+        n = max(2, cells * 2**o)
+        grid = torch.from_numpy(rng.standard_normal((1, 1, n + 1, n + 1)).astype(np.float32))
+        out += F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=True)[0, 0] / 2**o
+    return out / out.std().clamp_min(1e-6)
+
+
+def _blob(size: int, area: float, cells: int, rng: np.random.Generator) -> torch.Tensor:
+    """An irregular region of about `area` of the image: the top `area` quantile of a smooth noise field."""
+    field_ = smooth_noise(size, size, cells, rng, octaves=2)
+    return (field_ >= torch.quantile(field_.flatten(), 1.0 - area)).float()
+
+
+def procedural_texture(size: int, rng: np.random.Generator) -> torch.Tensor:
+    """A foreign-looking RGB texture in [0, 1], made from noise (nothing downloaded)."""
+    cells = int(rng.integers(2, 24))
+    base = torch.stack([smooth_noise(size, size, cells, rng, octaves=3) for _ in range(3)])
+    if rng.random() < 0.5:  # grey texture, as on most inspected surfaces
+        base = base[:1].expand(3, -1, -1)
+    return (torch.from_numpy(rng.uniform(0.1, 0.9, (3, 1, 1)).astype(np.float32)) + 0.15 * base).clamp(0, 1)
+
+
+def _fill(target: torch.Tensor, source: torch.Tensor, cfg: Config, rng: np.random.Generator) -> torch.Tensor:
+    """What a noise-shaped region shows: another image strongly jittered, a texture, or a brightness shift."""
+    kind = int(rng.integers(3))
+    if kind == 0:
+        return color_jitter(augmented_copy(source, cfg, rng), max(cfg.jitter_strength, 0.8), rng)
+    if kind == 1:
+        return procedural_texture(target.shape[-1], rng)
+    return (target + float(rng.choice([-1, 1]) * rng.uniform(0.15, 0.5))).clamp(0, 1)
+
+
+def noise_region(target: torch.Tensor, source: torch.Tensor, cfg: Config,
+                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """An irregular noise-shaped region (DRAEM-like) of any size from region_min to region_max."""
+    area = math.exp(rng.uniform(math.log(cfg.region_min), math.log(cfg.region_max)))
+    return _fill(target, source, cfg, rng), _blob(target.shape[-1], area, int(rng.integers(2, 8)), rng)
+
+
+def crack(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: ARG001
+          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A thin curved crack or scratch, 1-3 pixels wide, darker or brighter than the surface."""
+    size = target.shape[-1]
+    n = int(rng.integers(20, 80))
+    angle = rng.uniform(0, 2 * math.pi) + np.cumsum(rng.normal(0, 0.25, n))  # a smoothly turning random walk
+    step = rng.uniform(0.3, 1.5)
+    pts = rng.uniform(0, size, 2) + np.cumsum(step * np.stack([np.cos(angle), np.sin(angle)], 1), 0)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    d2 = np.full((size, size), np.inf, dtype=np.float32)
+    for x, y in pts:
+        d2 = np.minimum(d2, (xx - x) ** 2 + (yy - y) ** 2)
+    width = rng.uniform(0.5, 1.5)
+    mask = torch.from_numpy(d2 <= width**2).float()
+    if rng.random() < 0.7:  # most cracks are dark
+        return target * float(rng.uniform(0.0, 0.6)), mask
+    return target + (1 - target) * float(rng.uniform(0.4, 1.0)), mask
+
+
+def shading(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: ARG001
+            rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A large, low-contrast change of shading (10-50% of the image) with soft edges, like uneven surfaces."""
+    size = target.shape[-1]
+    region = _blob(size, float(rng.uniform(0.1, 0.5)), int(rng.integers(1, 4)), rng)
+    soft = F.avg_pool2d(region[None, None], 9, 1, 4, count_include_pad=False)[0, 0]
+    shift = float(rng.choice([-1, 1]) * rng.uniform(0.08, 0.25))
+    return (target + shift * soft).clamp(0, 1), (soft > 0.5).float()
+
+
+FAMILIES = {"paste": paste, "noise": noise_region, "crack": crack, "shading": shading}
+
+
+def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
+               rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One synthetic anomaly in `target` (3 x H x W in [0, 1]) of a family drawn from ``cfg.anomaly_families``.
+
+    Returns the new image and its mask (1 x H x W, 1 = defect). The family gives a region and what
+    it shows; that is blended in with an opacity drawn from [opacity_min, 1]. Pixels the blend left
+    (almost) unchanged are not marked, so the mask never claims a defect that cannot be seen.
+    """
+    families = cfg.anomaly_families
+    family = families[int(rng.integers(len(families)))] if len(families) > 1 else families[0]
+    src, mask = FAMILIES[family](target, source, cfg, rng)
+    opacity = 1.0 if cfg.opacity_min >= 1.0 else float(rng.uniform(cfg.opacity_min, 1.0))
+    out = target + opacity * mask[None] * (src - target)
     changed = (out - target).abs().amax(dim=0) > cfg.mask_min_diff
-    return out, (mask & changed).float()[None]
+    return out, ((mask > 0) & changed).float()[None]
 
 
 def make_batch(images: torch.Tensor, cfg: Config, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,13 @@ def load_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, t
             pid, name = key[len(prefix) + 1:].split(".", 1)
             state.setdefault(int(pid), {})[name] = val
     opt.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+
+
+def pop_threshold(meta: dict, path: Path) -> float | None:
+    """Take the stored threshold out of a model's metadata; anything but a finite number is refused."""
+    value = meta.pop("threshold", None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelFileError(f"{path}: threshold {value!r} must be a finite number")
+    return float(value)

@@ -16,6 +16,8 @@ CONFIG_VERSION = 1
 SEG_LOSSES = ("focal", "bce", "l1")
 TTA_FLIPS = {"none": [()], "h": [(), (3,)], "v": [(), (2,)], "hv": [(), (3,), (2,), (2, 3)]}  # flipped dims
 REGION_SHAPES = ("rect", "ellipse", "scar")
+ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading")
+RESIZE_MODES = ("square", "aspect")
 
 
 @dataclass
@@ -33,8 +35,12 @@ class Config:
     max_channels: int = 256  # cap on the width (512 in the paper profile)
     seg_skips: bool = True  # U-Net skips from encoder into the map decoder (not in the paper)
     coord_channels: bool = True  # append x, y in [-1, 1] to the input (CoordConv)
+    resize_mode: str = "square"  # square: squash to image_size; aspect: short side to image_size, train on crops
+    max_aspect: float = 4.0  # aspect mode: the long side is at most this many times the short side (longer is squashed)
     # --- synthetic anomalies (hard augmentation) -----------------------------------
-    anomaly_ratio: float = 0.5  # share of each batch that gets a pasted anomaly
+    anomaly_ratio: float = 0.5  # share of each batch that gets a synthetic anomaly
+    anomaly_families: tuple[str, ...] = ("paste",)  # kinds drawn per anomaly: paste (paper), noise, crack, shading
+    opacity_min: float = 1.0  # each anomaly is blended in with an opacity drawn from [opacity_min, 1] (1 = opaque)
     region_min: float = 0.005  # pasted area as a share of the image, lower bound
     region_max: float = 0.08  # upper bound
     region_shapes: tuple[str, ...] = ("rect", "ellipse", "scar")  # shapes of pasted regions, one drawn per anomaly
@@ -89,6 +95,7 @@ class Config:
     def __post_init__(self) -> None:
         self._check_types()
         self.region_shapes = tuple(self.region_shapes)
+        self.anomaly_families = tuple(self.anomaly_families)
         self.validate()
 
     def _check_types(self) -> None:
@@ -111,6 +118,10 @@ class Config:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"setting {name}={getattr(self, name)!r}: {why}")
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
         n = self.image_size
         if n < 16 or n % 8 or not math.log2(n // 8).is_integer():
             raise bad("image_size", "must be 8 times a power of two, at least 16 (e.g. 64, 128, 256)")
@@ -129,6 +140,14 @@ class Config:
             raise bad("region_min", "need 0 < region_min <= region_max < 1")
         if not self.region_shapes or any(s not in REGION_SHAPES for s in self.region_shapes):
             raise bad("region_shapes", f"choose from {', '.join(REGION_SHAPES)}")
+        if not self.anomaly_families or any(s not in ANOMALY_FAMILIES for s in self.anomaly_families):
+            raise bad("anomaly_families", f"choose from {', '.join(ANOMALY_FAMILIES)}")
+        if not 0.0 < self.opacity_min <= 1.0:
+            raise bad("opacity_min", "must lie in (0, 1]")
+        if self.resize_mode not in RESIZE_MODES:
+            raise bad("resize_mode", f"choose from {', '.join(RESIZE_MODES)}")
+        if not 1.0 <= self.max_aspect <= 64.0:
+            raise bad("max_aspect", "must lie in [1, 64]")
         if self.seg_loss not in SEG_LOSSES:
             raise bad("seg_loss", f"choose from {', '.join(SEG_LOSSES)}")
         if self.tta_flips not in TTA_FLIPS:
@@ -166,6 +185,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["region_shapes"] = list(self.region_shapes)
+        d["anomaly_families"] = list(self.anomaly_families)
         return d
 
     @classmethod
@@ -198,6 +218,8 @@ class Config:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: configuration file not found") from None
+        except OSError as e:  # a folder, no permission, ...
+            raise ConfigError(f"{path}: cannot read the configuration ({e.strerror or e})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(data)
@@ -209,7 +231,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                   steps=20000, batch_size=16, ema_decay=0.0),
     # Sized to train one category on 2 CPU cores in well under 30 minutes.
     "fast": dict(image_size=128, base_channels=16, max_channels=256, seg_skips=True,
-                 steps=2000, batch_size=16, smoothing_sigma=4.0),
+                 steps=2000, batch_size=16, smoothing_sigma=4.0, resize_mode="aspect",
+                 anomaly_families=("paste", "noise", "crack", "shading"), opacity_min=0.5),
     # For tests and the demo: seconds, not minutes.
     "tiny": dict(image_size=64, base_channels=8, max_channels=32, seg_skips=True,
                  steps=200, batch_size=8, checkpoint_every=100, holdout_min=2, ema_decay=0.0),

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .config import Config
 from .errors import DataError
 from .fileio import IMAGE_SUFFIXES, image_files, load_image, load_mask
 
@@ -110,9 +112,28 @@ def folder_test_samples(normal_dir: str | Path | None, abnormal_dir: str | Path 
     return samples
 
 
-def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """Square-resize an RGB uint8 image to size x size (aspect ratio is not kept, as in MVTec practice)."""
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+def resize_rgb(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize an RGB uint8 image to size x size, or to (height, width) when `size` is a pair."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def working_shape(height: int, width: int, cfg: Config) -> tuple[int, int]:
+    """The (height, width) an image of this size has inside the model.
+
+    ``square``: image_size x image_size. ``aspect``: the short side becomes image_size and the long side
+    keeps the aspect ratio (at most ``max_aspect`` times the short side), rounded to a multiple of
+    image_size / 8 so that the encoder's halvings come out even.
+    """
+    s = cfg.image_size
+    if cfg.resize_mode == "square":
+        return s, s
+    unit = s // 8
+    ratio = min(max(height, width) / max(min(height, width), 1), cfg.max_aspect)
+    long = max(s, int(round(s * ratio / unit)) * unit)
+    return (long, s) if height > width else (s, long)
 
 
 def load_stack(paths: list[Path], size: int, desc: str = "loading", progress: bool = True) -> np.ndarray:
@@ -121,6 +142,57 @@ def load_stack(paths: list[Path], size: int, desc: str = "loading", progress: bo
     for i, p in enumerate(tqdm(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50)):
         out[i] = resize_rgb(load_image(p), size).transpose(2, 0, 1)
     return out
+
+
+class TrainingImages:
+    """Normal training images at their working shape; hands out square image_size crops with their coordinates.
+
+    In ``square`` mode every image is already image_size x image_size, so a crop is the whole image.
+    In ``aspect`` mode a crop is a random image_size x image_size window, and its coordinate channels
+    are the window's place in the whole image, as the model sees it when it maps the whole image.
+    """
+
+    def __init__(self, images: list[np.ndarray], cfg: Config) -> None:
+        self.images = images  # uint8 3 x H x W each
+        self.size = cfg.image_size
+
+    @classmethod
+    def load(cls, paths: list[Path], cfg: Config, desc: str = "loading", progress: bool = True) -> TrainingImages:
+        images = []
+        for p in tqdm(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50):
+            im = load_image(p)
+            images.append(np.ascontiguousarray(resize_rgb(im, working_shape(*im.shape[:2], cfg)).transpose(2, 0, 1)))
+        return cls(images, cfg)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices: np.ndarray) -> TrainingImages:
+        out = TrainingImages.__new__(TrainingImages)
+        out.images, out.size = [self.images[i] for i in indices], self.size
+        return out
+
+    @property
+    def all_square(self) -> bool:
+        return all(im.shape[1] == im.shape[2] == self.size for im in self.images)
+
+    def crops(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 B x 3 x S x S crops of the given images, and their B x 2 x S x S coordinates (None when whole)."""
+        s = self.size
+        if self.all_square:
+            return torch.from_numpy(np.stack([self.images[i] for i in indices])), None
+        crops, coords = [], []
+        for i in indices:
+            im = self.images[i]
+            h, w = im.shape[1:]
+            top, left = int(rng.integers(h - s + 1)), int(rng.integers(w - s + 1))
+            crops.append(im[:, top:top + s, left:left + s])
+            ys = (np.arange(h, dtype=np.float32) * 2.0 / max(h - 1, 1) - 1.0)[top:top + s]  # as models.coord_channels
+            xs = (np.arange(w, dtype=np.float32) * 2.0 / max(w - 1, 1) - 1.0)[left:left + s]
+            coords.append(np.stack([np.broadcast_to(xs[None, :], (s, s)), np.broadcast_to(ys[:, None], (s, s))]))
+        return torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(coords))
+
+
 
 
 def load_sample_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .augment import make_batch
-from .checkpoint import load_json, load_module, load_tensors, module_state, save_json, save_tensors
+from .checkpoint import load_json, load_module, load_tensors, module_state, pop_threshold, save_json, save_tensors
 from .config import Config
-from .errors import AnosegError, ModelFileError
+from .errors import AnosegError
 from .models import Decoder, Discriminator, Encoder, stage_channels
 
 DETECTOR_WEIGHTS = "detector.safetensors"
@@ -145,9 +145,7 @@ class Detector:
         load_module(det.generator, tensors, "generator", folder / DETECTOR_WEIGHTS)
         load_module(det.discriminator, tensors, "discriminator", folder / DETECTOR_WEIGHTS)
         meta = load_json(folder / DETECTOR_META)
-        det.threshold = meta.pop("threshold", None)
-        if det.threshold is not None and not isinstance(det.threshold, (int, float)):
-            raise ModelFileError(f"{folder / DETECTOR_META}: threshold must be a number")
+        det.threshold = pop_threshold(meta, folder / DETECTOR_META)
         det.meta = meta
         det.generator.eval()
         det.discriminator.eval()

@@ -92,13 +92,44 @@ def compute_metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.
     return out
 
 
+TYPE_METRICS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
+
+
+def per_defect_type(samples: list[Sample], maps: list[np.ndarray], masks: list[np.ndarray],
+                    preds: list[Prediction]) -> dict[str, dict[str, Any]]:
+    """Pixel AUROC, AUPRO, pixel AP and image AUROC of each defect type, on its images plus all normal ones."""
+    types = sorted({s.defect_type for s in samples if s.label == 1})
+    normal = [i for i, s in enumerate(samples) if s.label == 0]
+    out: dict[str, dict[str, Any]] = {}
+    for t in types:
+        idx = normal + [i for i, s in enumerate(samples) if s.defect_type == t and s.label == 1]
+        m = compute_metrics([maps[i] for i in idx], [masks[i] for i in idx],
+                            np.array([samples[i].label for i in idx]), [preds[i] for i in idx], None, None)
+        defect_pixels = sum(int(masks[i].sum()) for i in idx)
+        out[t] = {"n_images": len(idx) - len(normal), "defect_pixels": defect_pixels,
+                  **{k: m[k] for k in TYPE_METRICS}}
+    return out
+
+
 def markdown_table(result: dict[str, Any]) -> str:
+    def f(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
     lines = ["| metric | value |", "|---|---|"]
     for key, name in METRIC_NAMES.items():
-        v = result["metrics"].get(key)
-        lines.append(f"| {name} | {'n/a' if v is None else f'{v:.4f}'} |")
+        lines.append(f"| {name} | {f(result['metrics'].get(key))} |")
     info = (f"\n{result['n_images']} images ({result['n_defect']} defect); image score: {result['image_score']}, "
             f"threshold {result['image_threshold']}; map threshold {result['threshold']}; {result['seconds']:.1f} s.\n")
+    types = result.get("per_defect_type") or {}
+    if types:
+        names = " | ".join(METRIC_NAMES[k] for k in TYPE_METRICS)
+        info += ("\n## Per defect type (its images and all normal images)\n\n"
+                 f"| defect type | images | share of defect pixels | {names} |\n"
+                 "|---|---|---|" + "---|" * len(TYPE_METRICS) + "\n")
+        total = sum(v["defect_pixels"] for v in types.values()) or 1
+        for t, v in types.items():
+            info += (f"| {t} | {v['n_images']} | {v['defect_pixels'] / total:.1%} | "
+                     + " | ".join(f(v[k]) for k in TYPE_METRICS) + " |\n")
     return "\n".join(lines) + "\n" + info
 
 
@@ -118,8 +149,9 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
         "image_score": "detector" if model.detector is not None else "map maximum",
         "n_images": len(samples),
         "n_defect": int(labels.sum()),
-        "seconds": time.perf_counter() - start,
+        "per_defect_type": per_defect_type(samples, maps, masks, preds),
     }
+    result["seconds"] = time.perf_counter() - start
     if out is not None:
         out = Path(out)
         make_output_dir(out)

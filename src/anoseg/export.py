@@ -19,10 +19,16 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_json
+from .config import Config
 from .errors import AnosegError, ModelFileError
 from .fileio import _write_atomic, make_output_dir, write_text_atomic
-from .inference import AnoSegModel, Prediction, gaussian_blur, model_input, predictions_from_maps
+from .inference import AnoSegModel, Prediction, by_working_shape, gaussian_blur, model_input, predictions_from_maps
 
+RESIZE_DOC = {
+    "square": "square, bilinear, to image_size x image_size (aspect ratio not kept)",
+    "aspect": "bilinear, short side to image_size, long side to keep the aspect ratio (at most max_aspect times the "
+              "short side), rounded to a multiple of image_size / 8; images of one batch must share that shape",
+}
 ONNX_FILE = "model.onnx"
 ONNX_META = "model.onnx.json"
 EXPORT_FORMAT = 1
@@ -47,6 +53,26 @@ class ExportGraph(nn.Module):
         return outputs
 
 
+MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes
+
+
+def check_opset(opset: int) -> None:
+    """Refuse, before any work, an opset the exporter cannot write (it would fall back to 18 silently)."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise AnosegError(f"--opset {opset}: not supported; choose {MIN_OPSET} to {newest}")
+
+
+def file_opset(path: Path) -> int:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def output_names(model: AnoSegModel) -> list[str]:
     return ["map", "map_score"] + (["detector_score"] if model.detector is not None else [])
 
@@ -58,12 +84,20 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
     """
     if batch is not None and batch < 1:
         raise AnosegError(f"--batch {batch}: must be at least 1 (or leave it out for a dynamic batch)")
+    check_opset(opset)
     out = make_output_dir(out)
     cfg = model.config
     graph = ExportGraph(model).to("cpu").eval()  # moves the model's networks to the CPU, in eval mode
-    example = torch.zeros(batch or 2, 3, cfg.image_size, cfg.image_size)
+    rows, cols = (cfg.image_size, cfg.image_size) if cfg.resize_mode == "square" else \
+        (2 * cfg.image_size, cfg.image_size + cfg.image_size // 8)  # unequal sides: no shape gets fixed by chance
+    example = torch.zeros(batch or 2, 3, rows, cols)
     names = output_names(model)
-    dynamic = None if batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    dims = {} if batch else {0: torch.export.Dim("batch", min=1, max=4096)}
+    if cfg.resize_mode == "aspect":  # whole images of any working shape: multiples of image_size / 8
+        unit, most = cfg.image_size // 8, int(8 * cfg.max_aspect) + 1
+        dims.update({2: unit * torch.export.Dim("rows", min=8, max=most),
+                     3: unit * torch.export.Dim("cols", min=8, max=most)})
+    dynamic = (dims,) if dims else None
 
     def write(path: Path) -> None:
         # the exporter is chatty (progress lines, warnings about torchvision); none of it concerns the user
@@ -86,23 +120,26 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
     meta = {
         "format": EXPORT_FORMAT,
         "onnx": ONNX_FILE,
-        "input": {"name": "image", "shape": [batch or "batch", 3, cfg.image_size, cfg.image_size],
+        "input": {"name": "image", "shape": [batch or "batch", 3, *(
+                      [cfg.image_size] * 2 if cfg.resize_mode == "square" else ["height", "width"])],
                   "dtype": "float32", "layout": "NCHW", "colour": "RGB",
-                  "resize": "square, bilinear, to image_size x image_size (aspect ratio not kept)",
+                  "resize": RESIZE_DOC[cfg.resize_mode],
                   "normalise": "x = pixel / 127.5 - 1 for 8-bit RGB pixels (0..255)", "scale": 1 / 127.5,
                   "offset": -1.0},
-        "outputs": {"map": "B x 1 x S x S smoothed anomaly map in [0, 1], 1 = defect; resize (bilinear) to "
+        "outputs": {"map": "B x 1 x H x W smoothed anomaly map in [0, 1], 1 = defect; resize (bilinear) to "
                            "the image's own size",
                     "map_score": "B: maximum of the map",
                     **({"detector_score": "B: the anomaly detector's score (decides the verdict)"}
                        if model.detector is not None else {})},
         "image_size": cfg.image_size,
+        "resize_mode": cfg.resize_mode,
+        "max_aspect": cfg.max_aspect,
         "batch": batch,
         "map_threshold": t_map,
         "score_output": "detector_score" if model.detector is not None else "map_score",
         "threshold": t_img,
         "topk_fraction": cfg.topk_fraction,
-        "opset": opset,
+        "opset": file_opset(out / ONNX_FILE),  # what the file holds, not what was asked
         "torch": torch.__version__,
     }
     write_text_atomic(out / ONNX_META, json.dumps(meta, indent=2) + "\n")
@@ -132,6 +169,8 @@ class OnnxModel:
             raise ModelFileError(f"{folder / ONNX_FILE}: cannot load the ONNX model ({e})") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.size = int(self.meta["image_size"])
+        self.geometry = Config(image_size=self.size, resize_mode=self.meta.get("resize_mode", "square"),
+                               max_aspect=float(self.meta.get("max_aspect", 4.0)))
         self.threshold = self.meta.get("threshold")
         self.map_threshold = self.meta.get("map_threshold")
 
@@ -143,7 +182,10 @@ class OnnxModel:
         fixed = self.meta.get("batch")
         if fixed and len(images) != fixed:
             raise AnosegError(f"this ONNX model was exported for batches of {fixed}, got {len(images)}")
-        res = self.run(model_input(images, self.size))
+        return by_working_shape(images, self.geometry, self._maps_same_shape)
+
+    def _maps_same_shape(self, images: list[np.ndarray], shape: tuple[int, int]) -> list[Prediction]:
+        res = self.run(model_input(images, shape))
         return predictions_from_maps(torch.from_numpy(res["map"]), images, self.meta["topk_fraction"],
                                      res.get("detector_score"))
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError, ImageError, OutputError
 
@@ -59,6 +59,17 @@ def _decode(source: Path | io.BytesIO, label: str, max_pixels: int,
         raise ImageError(f"{label}: image declares a huge size (decompression bomb?)", "too_large") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, MemoryError, UserWarning) as e:
         raise ImageError(f"{label}: damaged or truncated image ({e})", "damaged") from None
+    return _upright(im)
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos), so pixels, maps and masks are the way every viewer shows them."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # unreadable EXIF: Pillow raises many kinds; the pixels stay as stored
+        return im
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(im)
     return im
 
 
@@ -176,8 +187,13 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+# Text files are UTF-8; file names that are not (os.fsdecode's surrogates) are written as their own bytes,
+# so os.fsencode of what is read back with the same options gives the original name.
+TEXT = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda p: p.write_text(text))
+    _write_atomic(path, lambda p: p.write_text(text, **TEXT))
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_json, load_module, load_tensors, module_state, save_json, save_tensors
+from .checkpoint import load_json, load_module, load_tensors, module_state, pop_threshold, save_json, save_tensors
 from .config import TTA_FLIPS, Config
-from .data import resize_rgb
+from .data import resize_rgb, working_shape
 from .detector import DETECTOR_WEIGHTS, Detector
 from .errors import AnosegError, DataError, ModelFileError
 from .fileio import load_image, make_output_dir
@@ -48,10 +48,29 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, k.view(1, 1, -1, 1))
 
 
-def model_input(images: list[np.ndarray], size: int) -> np.ndarray:
-    """RGB uint8 images of any sizes as the network's input: B x 3 x size x size float32 in [-1, 1]."""
-    batch = np.stack([resize_rgb(im, size).transpose(2, 0, 1) for im in images])
+def model_input(images: list[np.ndarray], shape: int | tuple[int, int]) -> np.ndarray:
+    """RGB uint8 images of any sizes as the network's input: B x 3 x H x W float32 in [-1, 1].
+
+    `shape` is the working (height, width), or one int for a square.
+    """
+    batch = np.stack([resize_rgb(im, shape).transpose(2, 0, 1) for im in images])
     return batch.astype(np.float32) / 127.5 - 1.0
+
+
+def by_working_shape(images: list[np.ndarray], cfg: Config,
+                     run: Callable[[list[np.ndarray], tuple[int, int]], list[Prediction]]) -> list[Prediction]:
+    """Call ``run(group, shape)`` once per group of images that share a working shape; results in input order.
+
+    In square mode all images form one group; in aspect mode images of other shapes need their own pass.
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(working_shape(*im.shape[:2], cfg), []).append(i)
+    out: list[Prediction] = [None] * len(images)  # type: ignore[list-item]
+    for shape, idx in groups.items():
+        for i, pred in zip(idx, run([images[i] for i in idx], shape)):
+            out[i] = pred
+    return out
 
 
 def predictions_from_maps(maps: torch.Tensor, images: list[np.ndarray], topk_fraction: float,
@@ -127,9 +146,7 @@ class AnoSegModel:
         meta = load_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
         generator = Generator(config)
         load_module(generator, load_tensors(folder / WEIGHTS_FILE), "generator", folder / WEIGHTS_FILE)
-        threshold = meta.pop("threshold", None)
-        if threshold is not None and not isinstance(threshold, (int, float)):
-            raise ModelFileError(f"{folder / META_FILE}: threshold must be a number")
+        threshold = pop_threshold(meta, folder / META_FILE)
         model = cls(config, generator, threshold, meta, device)
         if (folder / DETECTOR_WEIGHTS).exists():
             model.detector = Detector.load(folder, config, model.device)
@@ -138,8 +155,11 @@ class AnoSegModel:
     # --- inference ------------------------------------------------------------------------
     @torch.no_grad()
     def maps_for_batch(self, images: list[np.ndarray]) -> list[Prediction]:
-        """Maps and scores for RGB uint8 images of any sizes (one forward pass)."""
-        x = torch.from_numpy(model_input(images, self.config.image_size)).to(self.device)
+        """Maps and scores for RGB uint8 images of any sizes (one forward pass per working shape)."""
+        return by_working_shape(images, self.config, self._maps_same_shape)
+
+    def _maps_same_shape(self, images: list[np.ndarray], shape: tuple[int, int]) -> list[Prediction]:
+        x = torch.from_numpy(model_input(images, shape)).to(self.device)
         raw = self.raw_maps(x)
         maps = gaussian_blur(raw, self.config.smoothing_sigma)
         det_scores = self.detector.score(x, raw).cpu().numpy() if self.detector is not None else None

@@ -15,11 +15,17 @@ from torch.nn.utils.parametrizations import spectral_norm
 from .config import Config
 
 
+def _axis(n: int, like: torch.Tensor) -> torch.Tensor:
+    """n coordinates from -1 to 1 (arange, not linspace: the ONNX export keeps the length dynamic)."""
+    return torch.arange(n, device=like.device, dtype=like.dtype) * 2.0 / max(n - 1, 1) - 1.0
+
+
 def coord_channels(x: torch.Tensor) -> torch.Tensor:
     """x (B x C x H x W) with two more channels: the pixel's x and y coordinate in [-1, 1]."""
-    b, _, h, w = x.shape
-    ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
-    xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    _, _, h, w = x.shape
+    zero = torch.zeros_like(x[:, :1])  # broadcasting, not expand: exports with dynamic height and width
+    ys = zero + _axis(h, x).view(1, 1, h, 1)
+    xs = zero + _axis(w, x).view(1, 1, 1, w)
     return torch.cat([x, xs, ys], dim=1)
 
 
@@ -102,15 +108,23 @@ class Generator(nn.Module):
         self.image_decoder = Decoder(widths, 3, cin, skips=False)  # skips would let it copy defects through
         self.map_decoder = Decoder(widths, 1, cin, skips=cfg.seg_skips)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x in [-1, 1], B x 3 x S x S -> (reconstruction in [-1, 1], anomaly map in [0, 1])."""
-        x_in = coord_channels(x) if self.coords else x
+    def _input(self, x: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
+        if not self.coords:
+            return x
+        return coord_channels(x) if coords is None else torch.cat([x, coords.to(x.dtype)], dim=1)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x in [-1, 1], B x 3 x H x W -> (reconstruction in [-1, 1], anomaly map in [0, 1]).
+
+        `coords` (B x 2 x H x W) places a crop in its whole image; by default x is a whole image.
+        """
+        x_in = self._input(x, coords)
         feats = self.encoder(x_in)
         return torch.tanh(self.image_decoder(feats, x_in)), torch.sigmoid(self.map_decoder(feats, x_in))
 
-    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+    def anomaly_map(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
         """Only the map (skips the image decoder: faster inference)."""
-        x_in = coord_channels(x) if self.coords else x
+        x_in = self._input(x, coords)
         return torch.sigmoid(self.map_decoder(self.encoder(x_in), x_in))
 
 

@@ -22,12 +22,14 @@ from tqdm import tqdm
 from .errors import DataError, OutputError
 from .fileio import (
     IMAGE_SUFFIXES,
+    TEXT,
     _write_atomic,
     load_image,
     make_output_dir,
     safe_name,
     save_npy_atomic,
     save_png_atomic,
+    write_text_atomic,
 )
 from .inference import AnoSegModel, Prediction, verdict
 from .visualize import overlay, save_map_png16
@@ -55,6 +57,16 @@ def _walk(folder: Path, skip: Path) -> Iterator[Path]:
                 yield Path(here) / f
 
 
+def _unique(paths: Iterator[Path]) -> Iterator[Path]:
+    """Each real file once: a '**' glob through a symlink loop reaches the same file under many names."""
+    seen: set[str] = set()
+    for p in paths:
+        r = str(p.resolve())
+        if r not in seen:
+            seen.add(r)
+            yield p
+
+
 def iter_inputs(inputs: list[str | Path], skip: Path | None = None) -> Iterator[tuple[Path, Path]]:
     """(image file, folder it is named relative to) for files, folders and globs, lazily and in order.
 
@@ -78,7 +90,7 @@ def iter_inputs(inputs: list[str | Path], skip: Path | None = None) -> Iterator[
         elif path.is_file():
             found = iter([path])
         else:
-            found = (Path(p) for p in glob.iglob(text, recursive=True))
+            found = _unique(Path(p) for p in glob.iglob(text, recursive=True))
         for p in found:
             if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -140,10 +152,35 @@ class _Images(IterableDataset):
 
 def _named(inputs: list[str | Path], out: Path, done: set[str]) -> Iterator[tuple[Path, str]]:
     used: set[str] = set()
+    done = {os.path.abspath(p) for p in done}  # however the inputs were spelled then and now
     for path, base in iter_inputs(inputs, skip=out):
         name = output_name(path, base, used)
-        if str(path) not in done:
+        if os.path.abspath(path) not in done:
             yield path, name
+
+
+INPUTS_FILE = "predict_inputs.json"
+
+
+def _input_keys(inputs: list[str | Path]) -> list[str]:
+    """Inputs as absolute paths (folders and files resolved, globs made absolute), to compare runs."""
+    return [os.path.abspath(str(i)) if glob.has_magic(str(i)) else str(Path(i).resolve()) for i in inputs]
+
+
+def _record_inputs(out: Path, inputs: list[str | Path]) -> None:
+    if not (out / INPUTS_FILE).exists():
+        write_text_atomic(out / INPUTS_FILE, json.dumps({"inputs": _input_keys(inputs)}, indent=1) + "\n")
+
+
+def _check_same_inputs(out: Path, inputs: list[str | Path]) -> None:
+    """A resume must score the same inputs as the run it continues (spelled any way)."""
+    try:
+        first = json.loads((out / INPUTS_FILE).read_text())["inputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an older run without the record: nothing to compare with
+    if first != _input_keys(inputs):
+        raise DataError(f"--resume: the inputs differ from those of the run in {out} ({', '.join(first)}); "
+                        "give the same inputs, or a new --out")
 
 
 @dataclass
@@ -184,10 +221,15 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
         raise DataError(f"--workers {workers}: must be 0 or more")
     t_map, t_img = model.thresholds(threshold, detector_threshold)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; give --out a folder")
     _check_inputs(inputs)
     done = _resume_tables(out) if resume else set()
-    if not resume:  # a fresh run: an earlier run's list of skipped files no longer applies
+    if resume:
+        _check_same_inputs(out, inputs)
+    else:  # a fresh run: an earlier run's list of skipped files no longer applies
         (out / "skipped.txt").unlink(missing_ok=True)
+        (out / INPUTS_FILE).unlink(missing_ok=True)
     tables = _Tables(out, append=resume and bool(done))
     # items one by one (workers take turns, so the order is the inputs' order), batched here for the model
     loader = DataLoader(_Images(inputs, out, done), batch_size=None, num_workers=workers, collate_fn=_as_is,
@@ -207,6 +249,7 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
                 tables.skipped(err)
             if good:
                 make_output_dir(out)
+                _record_inputs(out, inputs)
                 preds = model.maps_for_batch([im for _, _, im in good])
                 rows = [_write_one(out, n, p, im, pred, t_map, t_img, map_format)
                         for (p, n, im), pred in zip(good, preds)]
@@ -276,8 +319,8 @@ class _Tables:
         try:
             if self.csv is None:
                 new = self.mode == "w" or not (self.out / "predictions.csv").exists()
-                self.csv = open(self.out / "predictions.csv", self.mode, newline="")
-                self.jsonl = open(self.out / "predictions.jsonl", self.mode)
+                self.csv = open(self.out / "predictions.csv", self.mode, newline="", **TEXT)
+                self.jsonl = open(self.out / "predictions.jsonl", self.mode, **TEXT)
                 self.writer = csv.DictWriter(self.csv, fieldnames=RESULT_FIELDS)
                 if new:
                     self.writer.writeheader()
@@ -292,7 +335,14 @@ class _Tables:
     def skipped(self, line: str) -> None:
         if self.skip is None:
             make_output_dir(self.out)
-            self.skip = open(self.out / "skipped.txt", self.mode)
+            path = self.out / "skipped.txt"
+            # a resumed run meets the same unreadable files again: list each one once
+            earlier = path.read_text(**TEXT).splitlines() if self.mode == "a" and path.is_file() else []
+            self.skipped_before = set(earlier)
+            self.skip = open(path, self.mode, **TEXT)
+        if line in self.skipped_before:
+            return
+        self.skipped_before.add(line)
         self.skip.write(line + "\n")
         self.skip.flush()
 
@@ -320,12 +370,12 @@ def _resume_tables(out: Path) -> set[str]:
         f.truncate(good_bytes)
 
     def rows() -> Iterator[dict]:
-        with open(jsonl) as f:
+        with open(jsonl, **TEXT) as f:
             for line in f:
                 yield json.loads(line)
 
     def write(p: Path) -> None:
-        with open(p, "w", newline="") as f:
+        with open(p, "w", newline="", **TEXT) as f:
             w = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
             w.writeheader()
             w.writerows(rows())

@@ -32,7 +32,7 @@ from .checkpoint import (
     save_tensors,
 )
 from .config import Config
-from .data import load_stack, train_images
+from .data import TrainingImages, train_images
 from .detector import DETECTOR_META, DETECTOR_WEIGHTS, Detector
 from .distributed import (
     DistContext,
@@ -148,8 +148,8 @@ class Trainer:
             else:
                 value.copy_(live[name])
 
-    def step(self, images: torch.Tensor) -> dict[str, float]:
-        """One iteration on a batch of normal images (uint8 B x 3 x S x S)."""
+    def step(self, images: torch.Tensor, coords: torch.Tensor | None = None) -> dict[str, float]:
+        """One iteration on a batch of normal images (uint8 B x 3 x S x S), with crop coordinates when cropped."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, self.step_done])  # per-step stream: resume is exact
         x = images.float() / 255.0
@@ -160,8 +160,9 @@ class Trainer:
         if self.dist.enabled:
             mine = torch.tensor(shard(len(x), self.dist))
             x, mask = x[mine], mask[mine]
+            coords = None if coords is None else coords[mine]
         x, mask = x.to(self.device) * 2.0 - 1.0, mask.to(self.device)
-        recon, amap = self.g_step(x)
+        recon, amap = self.g_step(x, None if coords is None else coords.to(self.device))
 
         # discriminator: real (image, reference mask) against fake (reconstruction, predicted map)
         real, _ = self.d_step(x, mask)
@@ -301,7 +302,7 @@ def _read_history(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: int(float(v)) if k == "step" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _prepare_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) -> Config:
@@ -342,7 +343,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     train_idx, hold_idx = holdout_split(len(files), cfg)
     progress = progress and ctx.is_main
     # every file is read now, held-out ones included, so a bad file stops the run before training starts
-    images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images", progress=progress)[train_idx])
+    images = TrainingImages.load(files, cfg, desc="loading images", progress=progress).subset(train_idx)
     if ctx.is_main:  # only rank 0 writes
         make_output_dir(out)
         remove_detector(out)
@@ -373,7 +374,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
                 rng = np.random.default_rng([cfg.seed, trainer.step_done, 1])
                 idx = rng.choice(len(images), cfg.batch_size, replace=len(images) < cfg.batch_size)
                 try:
-                    losses = trainer.step(images[torch.from_numpy(idx)])
+                    losses = trainer.step(*images.crops(idx, rng))
                 except TrainingUnstable as e:
                     _roll_back(trainer, out, e, bar)
                     continue
@@ -491,7 +492,9 @@ def train_detector(folder: str | Path, data: str | Path | None = None, overrides
         raise AnosegError(f"{folder}: the model does not record its training data; give DATA")
     files = train_images(data)
     train_idx, hold_idx = holdout_split(len(files), cfg)
-    images = torch.from_numpy(load_stack(files, cfg.image_size, desc="loading images", progress=progress)[train_idx])
+    images = TrainingImages.load(files, cfg, desc="loading images", progress=progress).subset(train_idx)
+    # the detector trains on one fixed crop per image (the whole image in square mode)
+    images = images.crops(np.arange(len(images)), np.random.default_rng([cfg.seed, 3]))[0]
     detector = Detector(cfg, model.device)
     seconds = detector.fit(model.raw_maps, images, progress=progress)
     model.detector = detector

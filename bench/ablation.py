@@ -1,0 +1,153 @@
+"""Ablation: the default recipe against the paper's and with each part switched off, on the real categories.
+
+    python bench/ablation.py                 # every variant x category, fast profile length (2,000 steps)
+    python bench/ablation.py --quick         # 600 steps: a smaller run with the same variants
+    python bench/ablation.py --only commutator --variants default,paper --jobs 2
+
+Each run trains in its own process (`--jobs` at a time, CPU threads split between them) and is written
+to bench/ablation.json as soon as it ends, so an interrupted ablation continues where it stopped
+(`--fresh` starts again). bench/ablation.md is rewritten from the JSON after every run. With the
+environment variable ABLATION_KEEP=DIR the trained models and their evaluations are kept in DIR.
+Variants change the `fast` profile's settings; `paper` is the paper's recipe at the fast profile's size
+(square resize, hard augmentation only, opaque pastes, no U-Net skips, no weight average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+CATEGORIES = {"bottle": "mvtec_ad", "commutator": "kolektorsdd", "magnetic_tile": "magnetic_tile"}
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "paper": {"resize_mode": "square", "anomaly_families": ["paste"], "opacity_min": 1.0, "seg_skips": False,
+              "ema_decay": 0.0},
+    "no_hard_augmentation": {"anomaly_families": "OTHERS"},
+    "paste_only": {"anomaly_families": ["paste"], "opacity_min": 1.0},  # the paper's augmentation, new geometry  # the default's families without "paste"
+    "no_adversarial_loss": {"lambda_adv": 0.0},
+    "no_coord_channels": {"coord_channels": False},
+    "square_resize": {"resize_mode": "square"},
+    "opaque": {"opacity_min": 1.0},
+    "no_noise": {"anomaly_families": "-noise"},
+    "no_crack": {"anomaly_families": "-crack"},
+    "no_shading": {"anomaly_families": "-shading"},
+}
+KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
+
+
+def overrides(variant: str) -> dict:
+    """The variant's settings, with family lists resolved against the default's."""
+    from anoseg.config import profile_config
+
+    families = list(profile_config("fast").anomaly_families)
+    out = dict(VARIANTS[variant])
+    spec = out.get("anomaly_families")
+    if spec == "OTHERS":
+        out["anomaly_families"] = [f for f in families if f != "paste"]
+    elif isinstance(spec, str) and spec.startswith("-"):
+        out["anomaly_families"] = [f for f in families if f != spec[1:]]
+    if "anomaly_families" in out and not out["anomaly_families"]:
+        raise SystemExit(f"variant {variant}: the default has no other anomaly family to keep")
+    return out
+
+
+def run_one(variant: str, category: str, seed: int, steps: int, threads: int) -> dict:
+    """Train and evaluate one variant (inside a child process)."""
+    import torch
+
+    import anoseg
+
+    torch.set_num_threads(threads)
+    cfg = anoseg.profile_config("fast", seed=seed, steps=steps, **overrides(variant))
+    root = DATA / CATEGORIES[category] / category
+    keep = os.environ.get("ABLATION_KEEP")  # a folder to keep the trained models in (for later inspection)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(keep) / f"{category}_{variant}_{seed}_{steps}" if keep else Path(tmp)
+        model = anoseg.train(cfg, root, folder, overwrite=True, progress=False)
+        result = anoseg.evaluate(model, root, folder / "eval" if keep else None, progress=False)
+    m = result["metrics"]
+    return {"dataset": CATEGORIES[category], "category": category, "variant": variant, "seed": seed, "steps": steps,
+            **{k: m[k] for k in KEYS}, "image_auroc_topk": m["image_auroc_topk"],
+            "per_defect_type": result["per_defect_type"], "train_seconds": model.meta["train_seconds"],
+            "settings": overrides(variant)}
+
+
+def write_tables(path: Path, records: list[dict], command: str) -> None:
+    path.with_suffix(".json").write_text(json.dumps({"command": command, "results": records}, indent=2) + "\n")
+    lines = ["# Ablation", "", f"Command: `{command}` (2 CPU cores). Each row: one training run of the `fast` "
+             "profile with the variant's settings, evaluated on the category's test split. See bench/ablation.py "
+             "for what each variant changes.", "",
+             "| category | variant | seed | steps | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["category"], list(VARIANTS).index(r["variant"]), r["seed"])):
+        lines.append(f"| {r['category']} | {r['variant']} | {r['seed']} | {r['steps']} | "
+                     + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {r['train_seconds']:.0f} |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="600 steps instead of 2,000")
+    ap.add_argument("--steps", type=int, help="training steps per run (overrides --quick)")
+    ap.add_argument("--only", default=",".join(CATEGORIES), help="comma-separated categories")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU threads are split between them)")
+    ap.add_argument("--out", default=str(HERE / "ablation"), help="results file stem (.json and .md)")
+    ap.add_argument("--fresh", action="store_true", help="forget earlier results in the output file")
+    ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # variant category seed steps threads (child)
+    args = ap.parse_args()
+    if args.one:
+        v, c, seed, steps, threads = args.one
+        print(json.dumps(run_one(v, c, int(seed), int(steps), int(threads))))
+        return
+    steps = args.steps or (600 if args.quick else 2000)
+    variants, categories = args.variants.split(","), args.only.split(",")
+    for name in variants + categories:
+        if name not in VARIANTS and name not in CATEGORIES:
+            raise SystemExit(f"unknown variant or category {name!r}")
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: the real data is not here; nothing to run")
+    out = Path(args.out)
+    old = [] if args.fresh or not out.with_suffix(".json").exists() else \
+        json.loads(out.with_suffix(".json").read_text())["results"]
+    done = {(r["variant"], r["category"], r["seed"], r["steps"]) for r in old}
+    todo = [(v, c, int(s)) for c in categories for v in variants for s in args.seeds.split(",")
+            if (v, c, int(s), steps) not in done]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    command = "python bench/ablation.py " + " ".join(sys.argv[1:])
+    records = list(old)
+    lock = threading.Lock()
+
+    def child(job: tuple[str, str, int]) -> None:
+        v, c, s = job
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--one", v, c, str(s), str(steps), str(threads)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{c} {v} seed {s}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        with lock:
+            records.append(r)
+            write_tables(out, records, command)
+        print(f"{c} {v} seed {s}: " + " ".join(f"{k} {r[k]:.3f}" for k in KEYS)
+              + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    print(f"{len(todo)} run(s) of {steps} steps, {args.jobs} at a time", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(child, todo))
+
+
+if __name__ == "__main__":
+    main()

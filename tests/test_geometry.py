@@ -1,0 +1,105 @@
+"""Aspect-ratio mode: working shapes, training crops with their place in the image, whole-image maps."""
+
+import numpy as np
+import pytest
+import torch
+
+from anoseg import AnoSegModel, profile_config
+from anoseg.data import TrainingImages, working_shape
+from anoseg.models import Generator, coord_channels
+
+
+def test_working_shape():
+    sq = profile_config("tiny", resize_mode="square")
+    assert working_shape(640, 254, sq) == (64, 64)
+    cfg = profile_config("tiny", resize_mode="aspect", max_aspect=4.0)  # image_size 64, unit 8
+    assert working_shape(640, 254, cfg) == (160, 64)  # portrait: 64 * 2.52 = 161 -> 160
+    assert working_shape(254, 640, cfg) == (64, 160)
+    assert working_shape(500, 500, cfg) == (64, 64)
+    assert working_shape(100, 5000, cfg) == (64, 256)  # capped at max_aspect
+    for h, w in [(37, 201), (300, 90), (9000, 9000), (1, 1)]:
+        rows, cols = working_shape(h, w, cfg)
+        assert rows % 8 == 0 and cols % 8 == 0 and min(rows, cols) == 64
+
+
+def test_crops_carry_their_place_in_the_whole_image():
+    cfg = profile_config("tiny", resize_mode="aspect")
+    rng = np.random.default_rng(0)
+    im = rng.integers(0, 256, (3, 160, 64), dtype=np.uint8)
+    images = TrainingImages([im], cfg)
+    crops, coords = images.crops(np.array([0, 0, 0]), np.random.default_rng(1))
+    whole = coord_channels(torch.zeros(1, 3, 160, 64))[0, 3:]
+    assert crops.shape == (3, 3, 64, 64) and coords.shape == (3, 2, 64, 64)
+    for crop, c in zip(crops, coords):
+        top = int(np.flatnonzero(np.all(im == crop[:, :1, :1].numpy(), axis=0)[:, 0])[0])  # where the crop came from
+        assert torch.equal(crop, torch.from_numpy(im[:, top:top + 64]))
+        assert torch.allclose(c, whole[:, top:top + 64], atol=1e-6)
+
+
+def test_square_images_give_whole_images_and_no_coordinates():
+    cfg = profile_config("tiny", resize_mode="aspect")
+    im = np.zeros((3, 64, 64), dtype=np.uint8)
+    crops, coords = TrainingImages([im, im], cfg).crops(np.array([1, 0]), np.random.default_rng(0))
+    assert crops.shape == (2, 3, 64, 64) and coords is None
+
+
+def test_explicit_coordinates_equal_the_default_for_whole_images():
+    cfg = profile_config("tiny")
+    g = Generator(cfg).eval()
+    x = torch.rand(2, 3, 64, 128) * 2 - 1
+    with torch.no_grad():
+        a = g.anomaly_map(x)
+        b = g.anomaly_map(x, coord_channels(x)[:, 3:])
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["square", "aspect"])
+def test_maps_of_mixed_sizes_keep_order_and_size(mode):
+    model = AnoSegModel(profile_config("tiny", resize_mode=mode), threshold=0.5, device="cpu")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(64, 64), (200, 60), (64, 64), (30, 90)]]
+    preds = model.maps_for_batch(images)
+    for im, p in zip(images, preds):
+        assert p.anomaly_map.shape == im.shape[:2]
+        one = model.maps_for_batch([im])[0]  # the same image alone gives the same map
+        np.testing.assert_allclose(one.anomaly_map, p.anomaly_map, atol=1e-5)
+
+
+def _rect_category(root, n_train=6):
+    """A tiny MVTec-layout category of 40 x 100 (portrait) images with one dark-spot defect."""
+    from tests.conftest import write_png
+
+    rng = np.random.default_rng(0)
+    for i in range(n_train):
+        write_png(root / "train" / "good" / f"{i:03d}.png", rng.integers(100, 140, (100, 40, 3), dtype=np.uint8))
+    write_png(root / "test" / "good" / "000.png", rng.integers(100, 140, (100, 40, 3), dtype=np.uint8))
+    bad = rng.integers(100, 140, (100, 40, 3), dtype=np.uint8)
+    bad[60:70, 10:20] = 0
+    mask = np.zeros((100, 40), dtype=np.uint8)
+    mask[60:70, 10:20] = 255
+    write_png(root / "test" / "spot" / "000.png", bad)
+    write_png(root / "ground_truth" / "spot" / "000_mask.png", mask)
+    return root
+
+
+def test_aspect_mode_trains_predicts_evaluates_and_exports(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from anoseg import evaluate, load, train
+    from anoseg.export import OnnxModel, export_onnx
+
+    root = _rect_category(tmp_path / "rect")
+    cfg = profile_config("tiny", resize_mode="aspect", steps=4, batch_size=4,
+                         anomaly_families=("paste", "noise", "crack", "shading"), opacity_min=0.5)
+    train(cfg, root, tmp_path / "model", progress=False)
+    model = load(tmp_path / "model", device="cpu")
+    assert model.config.resize_mode == "aspect"
+    result = evaluate(model, root, tmp_path / "eval", progress=False)
+    assert result["per_defect_type"]["spot"]["n_images"] == 1
+    assert 0.0 <= result["per_defect_type"]["spot"]["pixel_auroc"] <= 1.0
+    assert "Per defect type" in (tmp_path / "eval" / "metrics.md").read_text()
+    image = np.asarray(__import__("PIL.Image").Image.open(root / "test" / "spot" / "000.png").convert("RGB"))
+    ours = model.maps_for_batch([image])[0]
+    assert ours.anomaly_map.shape == (100, 40)
+    export_onnx(model, tmp_path / "onnx")
+    theirs = OnnxModel(tmp_path / "onnx").maps_for_batch([image])[0]
+    assert np.abs(ours.anomaly_map - theirs.anomaly_map).max() <= 1e-4
