@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import ctypes
+import functools
 import glob
 import json
 import os
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -150,6 +154,17 @@ class _Images(IterableDataset):
                 yield path, name, None, str(e)
 
 
+def _die_with_parent(parent: int, worker_id: int) -> None:  # noqa: ARG001
+    """A decoding worker ends when the predict process dies, even by SIGKILL (Linux: PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # no prctl: torch's own watchdog still ends idle workers
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(0)
+
+
 def _named(inputs: list[str | Path], out: Path, done: set[str]) -> Iterator[tuple[Path, str]]:
     used: set[str] = set()
     done = {os.path.abspath(p) for p in done}  # however the inputs were spelled then and now
@@ -233,7 +248,8 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
     tables = _Tables(out, append=resume and bool(done))
     # items one by one (workers take turns, so the order is the inputs' order), batched here for the model
     loader = DataLoader(_Images(inputs, out, done), batch_size=None, num_workers=workers, collate_fn=_as_is,
-                        prefetch_factor=None if workers == 0 else 2 * model.config.batch_size_infer)
+                        prefetch_factor=None if workers == 0 else 2 * model.config.batch_size_infer,
+                        worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
     summary = PredictSummary(already_done=len(done))
     seen = 0
     first_skipped = ""
