@@ -131,3 +131,16 @@ def test_predict_out_is_an_existing_file(tiny_model_dir, demo_root, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and "results.txt: exists and is not a folder" in err and "Traceback" not in err
     assert target.read_text() == "keep me"
+
+
+def test_progress_outside_a_terminal_is_a_few_plain_lines(demo_root, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "anoseg", "train", str(demo_root), "--out", str(tmp_path / "m"),
+                           "--profile", "tiny", "--set", "steps=40", "--set", "batch_size=4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr
+    training = [ln for ln in proc.stderr.splitlines() if ln.startswith("training")]
+    assert 1 <= len(training) <= 3 and "40/40" in training[-1]

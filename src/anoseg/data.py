@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from .config import Config
 from .errors import DataError
 from .fileio import IMAGE_SUFFIXES, image_files, load_image, load_mask
+from .progress import bar
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def working_shape(height: int, width: int, cfg: Config) -> tuple[int, int]:
 def load_stack(paths: list[Path], size: int, desc: str = "loading", progress: bool = True) -> np.ndarray:
     """Load images as one uint8 array N x 3 x size x size."""
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    for i, p in enumerate(tqdm(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50)):
+    for i, p in enumerate(bar(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50)):
         out[i] = resize_rgb(load_image(p), size).transpose(2, 0, 1)
     return out
 
@@ -159,7 +159,7 @@ class TrainingImages:
     @classmethod
     def load(cls, paths: list[Path], cfg: Config, desc: str = "loading", progress: bool = True) -> TrainingImages:
         images = []
-        for p in tqdm(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50):
+        for p in bar(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50):
             im = load_image(p)
             images.append(np.ascontiguousarray(resize_rgb(im, working_shape(*im.shape[:2], cfg)).transpose(2, 0, 1)))
         return cls(images, cfg)

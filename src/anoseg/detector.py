@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .augment import make_batch
 from .checkpoint import load_json, load_module, load_tensors, module_state, pop_threshold, save_json, save_tensors
 from .config import Config
 from .errors import AnosegError
 from .models import Decoder, Discriminator, Encoder, stage_channels
+from .progress import bar
 
 DETECTOR_WEIGHTS = "detector.safetensors"
 DETECTOR_META = "detector.json"
@@ -91,7 +91,7 @@ class Detector:
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.detector_lr, betas=(cfg.beta1, cfg.beta2))
         bce = F.binary_cross_entropy_with_logits
         start = time.perf_counter()
-        for step in tqdm(range(cfg.detector_steps), desc="training detector", disable=not progress):
+        for step in bar(range(cfg.detector_steps), desc="training detector", disable=not progress):
             rng = np.random.default_rng([cfg.seed, step, 2])
             idx = rng.choice(len(images), cfg.batch_size, replace=len(images) < cfg.batch_size)
             x01 = images[torch.from_numpy(idx)].float() / 255.0

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from . import metrics
 from .data import Sample, load_sample_mask
 from .fileio import load_image, make_output_dir, write_text_atomic
 from .inference import AnoSegModel, Prediction, verdict
+from .progress import bar as progress_bar
 from .visualize import plot_pro, plot_roc
 
 PRO_FPR_LIMIT = 0.3
@@ -41,7 +41,7 @@ def collect(model: AnoSegModel, samples: list[Sample], progress: bool = True):
     """Maps, masks and predictions for every sample (masks checked against their image's size)."""
     maps, masks, preds = [], [], []
     bs = model.config.batch_size_infer
-    bar = tqdm(total=len(samples), desc="evaluating", disable=not progress, leave=False)
+    bar = progress_bar(total=len(samples), desc="evaluating", disable=not progress, leave=False)
     for i in range(0, len(samples), bs):
         chunk = samples[i:i + bs]
         images = [load_image(s.path) for s in chunk]

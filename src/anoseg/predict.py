@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from .errors import DataError, OutputError
 from .fileio import (
@@ -36,6 +35,7 @@ from .fileio import (
     write_text_atomic,
 )
 from .inference import AnoSegModel, Prediction, verdict
+from .progress import bar as progress_bar
 from .visualize import overlay, save_map_png16
 
 RESULT_FIELDS = ["path", "score", "verdict", "threshold", "map_score", "topk_score", "detector_score",
@@ -253,7 +253,7 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
     summary = PredictSummary(already_done=len(done))
     seen = 0
     first_skipped = ""
-    bar = tqdm(desc="predicting", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(desc="predicting", unit="img", disable=not progress)
     try:
         for batch in _batches(loader, model.config.batch_size_infer):
             seen += len(batch)

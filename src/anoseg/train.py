@@ -14,11 +14,11 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .augment import make_batch
 from .checkpoint import (
@@ -48,6 +48,7 @@ from .errors import AnosegError, DataError, ModelFileError
 from .fileio import make_output_dir, write_text_atomic
 from .inference import CONFIG_FILE, META_FILE, WEIGHTS_FILE, AnoSegModel, resolve_device
 from .models import Discriminator, Generator
+from .progress import bar as progress_bar
 
 CKPT_WEIGHTS = "checkpoint.safetensors"
 CKPT_STATE = "checkpoint.json"
@@ -366,7 +367,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
                                "world_size": ctx.world})
         barrier(ctx)  # a rollback on any rank reads this checkpoint
 
-    bar = tqdm(total=cfg.steps, initial=trainer.step_done, desc="training", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=cfg.steps, initial=trainer.step_done, desc="training", disable=not progress)
     stopped_early = False
     with _deferred_interrupt() as interrupted:
         try:
@@ -380,7 +381,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
                     continue
                 if trainer.step_done % 10 == 0 or trainer.step_done == 1:
                     trainer.history.append({"step": trainer.step_done, **losses})
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
                 bar.update(1)
                 if trainer.step_done % cfg.checkpoint_every == 0:
                     checkpoint()
@@ -410,7 +411,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     return model
 
 
-def _roll_back(trainer: Trainer, out: Path, error: TrainingUnstable, bar: tqdm) -> None:
+def _roll_back(trainer: Trainer, out: Path, error: TrainingUnstable, bar: Any) -> None:
     """Go back to the last checkpoint with lower learning rates, or stop once the retries are spent."""
     cfg = trainer.cfg
     if trainer.rollbacks >= cfg.max_rollbacks:

@@ -18,12 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from .data import is_mvtec_category
 from .errors import DataError
 from .fileio import make_output_dir, write_text_atomic
 from .inference import WEIGHTS_FILE
+from .progress import bar as progress_bar
 
 SUMMARY_FIELDS = ["category", "status", "seconds", "train_seconds", "steps", "threshold", "pixel_auroc", "aupro",
                   "image_auroc", "log"]
@@ -115,14 +114,14 @@ def train_all(root: str | Path, out: str | Path, train_args: list[str] | None = 
     make_output_dir(out)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
     rows: dict[str, dict] = {}
-    bar = tqdm(total=len(todo), desc="categories", unit="cat", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="categories", unit="cat", disable=not progress)
     with ThreadPoolExecutor(jobs) as pool:
         futures = {pool.submit(_run, j, list(train_args or []), evaluate, threads): j for j in todo}
         for fut in futures:
             row = fut.result()
             rows[row["category"]] = row
             bar.update(1)
-            bar.set_postfix_str(f"{row['category']}: {row['status'][:40]}")
+            bar.set_postfix_str(f"{row['category']}: {row['status'][:40]}", refresh=False)
             write_summary(Path(out), [rows[j.category] for j in todo if j.category in rows])
     bar.close()
     return [rows[j.category] for j in todo]
