@@ -128,7 +128,41 @@ def test_save_uploads_when_asked(model, image, tmp_path):
     r = client.post("/predict", files={"file": ("../../evil name.png", image)})
     assert r.status_code == 200
     kept = list((tmp_path / "kept").iterdir())
-    assert [p.name for p in kept] == ["000001_evil_name.png"] and kept[0].read_bytes() == image
+    assert [p.name for p in kept] == [r.json()["saved_as"]] and kept[0].read_bytes() == image
+    assert kept[0].name.endswith("_evil_name.png")
+
+
+def test_saved_uploads_never_overwrite_earlier_ones(model, image, tmp_path):
+    for _ in range(2):  # two server starts into the same folder
+        client = TestClient(create_app(model, ServeSettings(save_uploads=str(tmp_path / "kept"))))
+        for _ in range(3):
+            assert client.post("/predict", files={"file": ("a.png", image)}).status_code == 200
+    assert len(list((tmp_path / "kept").iterdir())) == 6
+
+
+def test_unwritable_uploads_folder(model, image, tmp_path):
+    import os
+
+    from anoseg.errors import OutputError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="cannot create the output folder"):
+        create_app(model, ServeSettings(save_uploads=str(blocker / "kept")))
+    folder = tmp_path / "kept"
+    client = TestClient(create_app(model, ServeSettings(save_uploads=str(folder))))
+    folder.rmdir()
+    blocker2 = folder  # the folder vanishes and a file takes its place while the server runs
+    blocker2.write_text("x")
+    r = client.post("/predict", files={"file": ("a.png", image)})
+    body = r.json()
+    assert r.status_code == 200 and body["verdict"] in ("normal", "defect")  # the verdict is not lost
+    assert body["saved_as"] is None and "cannot" in body["save_error"]
+    if os.geteuid() != 0:  # root writes anywhere: the permission check means nothing there
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(OutputError, match="not writable"):
+            create_app(model, ServeSettings(save_uploads=str(ro)))
 
 
 def test_bad_settings():

@@ -8,7 +8,10 @@ pixel count and real image type, and refused with a JSON error that says what is
 
 import base64
 import io
+import secrets
+import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,7 +21,7 @@ from urllib.parse import unquote
 import numpy as np
 from PIL import Image
 
-from .errors import AnosegError, DataError, ImageError
+from .errors import AnosegError, DataError, ImageError, OutputError
 from .fileio import load_image_bytes, make_output_dir, safe_name, write_bytes_atomic
 from .inference import AnoSegModel, verdict
 from .visualize import heatmap, overlay
@@ -73,6 +76,8 @@ class Inspector:
         self.lock = threading.Lock()  # one forward pass at a time: torch modules are not re-entrant
         self.map_threshold, self.threshold = model.thresholds()
         self.count = 0
+        if settings.save_uploads:
+            check_writable(Path(settings.save_uploads))
 
     def predict(self, data: bytes, name: str, overlay_png: bool = False, pictures: bool = False) -> dict[str, Any]:
         try:
@@ -84,9 +89,7 @@ class Inspector:
         with self.lock:
             pred = self.model.maps_for_batch([image])[0]
             self.count += 1
-            if self.settings.save_uploads:
-                folder = make_output_dir(self.settings.save_uploads)
-                write_bytes_atomic(folder / f"{self.count:06d}_{safe_name(name or 'upload')}", data)
+        saved = self.save_upload(data, name) if self.settings.save_uploads else {}
         h, w = image.shape[:2]
         result: dict[str, Any] = {
             "score": round(pred.score, 6), "verdict": verdict(pred.score, self.threshold),
@@ -95,7 +98,7 @@ class Inspector:
             "detector_score": None if pred.detector_score is None else round(pred.detector_score, 6),
             "map_threshold": self.map_threshold, "width": w, "height": h, "map_size": [w, h],
             "defect_fraction": None if self.map_threshold is None else
-            round(float((pred.anomaly_map > self.map_threshold).mean()), 6),
+            round(float((pred.anomaly_map > self.map_threshold).mean()), 6), **saved,
         }
         if overlay_png or pictures:
             result["overlay_png"] = png_b64(overlay(image, pred.anomaly_map, self.map_threshold))
@@ -104,6 +107,27 @@ class Inspector:
             result["heatmap_png"] = png_b64(blend.astype(np.uint8))
             result["map_png"] = png_b64(np.round(np.clip(pred.anomaly_map, 0, 1) * 255).astype(np.uint8))
         return result
+
+
+    def save_upload(self, data: bytes, name: str) -> dict[str, Any]:
+        """Keep an upload under a name that never collides (UTC time + random); a failure is reported, not raised."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        file = f"{stamp}_{secrets.token_hex(4)}_{safe_name(name or 'upload')}"
+        try:
+            write_bytes_atomic(make_output_dir(self.settings.save_uploads) / file, data)
+        except AnosegError as e:
+            return {"saved_as": None, "save_error": str(e)}
+        return {"saved_as": file}
+
+
+def check_writable(folder: Path) -> None:
+    """At start-up: the uploads folder exists (or can be made) and takes files."""
+    make_output_dir(folder)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".anoseg-write-check-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"{folder}: --save-uploads folder is not writable ({e.strerror or e})") from None
 
 
 def page_html() -> str:
