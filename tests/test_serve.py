@@ -186,3 +186,14 @@ def test_fuzzed_uploads_get_json_answers(client):
         assert ("score" in body) if r.status_code == 200 else (body["error"] and body["detail"])
 
     check()
+
+
+def test_api_docs_work_offline(client):
+    pytest.importorskip("swagger_ui_bundle")
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui-bundle.js" in page.text
+    assert "cdn" not in page.text.lower() and "http://" not in page.text and "https://" not in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        r = client.get(f"/docs-assets/{asset}")
+        assert r.status_code == 200 and len(r.content) > 10_000
+    assert client.get("/openapi.json").json()["paths"]["/predict"]

@@ -120,6 +120,31 @@ class Inspector:
         return {"saved_as": file}
 
 
+def _swagger_assets() -> Path | None:
+    """Swagger UI's files from the swagger-ui-bundle package, so /docs works without internet."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    path = Path(swagger_ui_path)
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
+
+
+def _offline_docs(app, assets: Path) -> None:
+    """/docs served from this machine (FastAPI's default loads Swagger UI from a CDN: blank on a closed network)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="anoseg API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+
 def check_writable(folder: Path) -> None:
     """At start-up: the uploads folder exists (or can be made) and takes files."""
     make_output_dir(folder)
@@ -148,7 +173,11 @@ def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None =
     if not isinstance(model, AnoSegModel):
         model = AnoSegModel.load(model)
     inspector = Inspector(model, settings)
-    app = FastAPI(title="anoseg", version="1", description="Anomaly maps and defect verdicts for images.")
+    assets = _swagger_assets()
+    app = FastAPI(title="anoseg", version="1", description="Anomaly maps and defect verdicts for images.",
+                  **({"docs_url": None, "redoc_url": None} if assets else {}))
+    if assets:
+        _offline_docs(app, assets)
     app.state.inspector = inspector
 
     def error(status: int, code: str, detail: str) -> JSONResponse:
