@@ -117,6 +117,10 @@ def load_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PI
 
 
 def _as_rgb8(im: Image.Image, label: str) -> np.ndarray:
+    if im.mode in ("RGB", "L", "RGBA", "P"):  # 8-bit: no float copies (a 48 MP photo stays ~150 MB)
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        return np.ascontiguousarray(np.asarray(im.convert("RGB") if im.mode == "L" else im)[..., :3])
     try:
         arr = _to_float_gray_or_rgb(im)
     except (OSError, ValueError, TypeError) as e:  # a mode Pillow decodes but cannot convert

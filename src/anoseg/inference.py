@@ -83,11 +83,10 @@ def predictions_from_maps(maps: torch.Tensor, images: list[np.ndarray], topk_fra
     out = []
     for i, (m, im) in enumerate(zip(maps, images)):
         h, w = im.shape[:2]
-        full = F.interpolate(m[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        full = F.interpolate(m[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp_(0, 1)
         d = None if det_scores is None else float(det_scores[i])
         s = float(map_scores[i])
-        out.append(Prediction(None, full.clamp(0, 1).cpu().numpy().astype(np.float32), s if d is None else d, s,
-                              float(topk_scores[i]), d))
+        out.append(Prediction(None, full.cpu().numpy(), s if d is None else d, s, float(topk_scores[i]), d))
     return out
 
 

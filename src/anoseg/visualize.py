@@ -17,9 +17,22 @@ from .fileio import _write_atomic, save_png_atomic  # noqa: E402
 OUTLINE_RGB = np.array([0, 255, 0], dtype=np.uint8)
 
 
+ROWS_PER_CHUNK = 512  # large images are blended in bands of rows, so memory stays a few copies of one band
+
+
+def _jet_lut() -> np.ndarray:
+    """matplotlib's 256-colour 'jet' as a uint8 table (256 x 3)."""
+    return (matplotlib.colormaps["jet"](np.arange(256))[:, :3] * 255).astype(np.uint8)
+
+
+def _lut_index(amap: np.ndarray) -> np.ndarray:
+    # the colour matplotlib picks for a value: floor(value * 256), the top value included in the last colour
+    return np.minimum((np.clip(amap, 0, 1).astype(np.float32) * 256).astype(np.int32), 255)
+
+
 def heatmap(amap: np.ndarray) -> np.ndarray:
     """A [0, 1] map as RGB uint8 in the 'jet' colour map (blue = normal, red = defect)."""
-    return (matplotlib.colormaps["jet"](np.clip(amap, 0, 1))[..., :3] * 255).astype(np.uint8)
+    return _jet_lut()[_lut_index(amap)]
 
 
 def outline(region: np.ndarray, width: int = 2) -> np.ndarray:
@@ -30,7 +43,11 @@ def outline(region: np.ndarray, width: int = 2) -> np.ndarray:
 
 def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None, alpha: float = 0.45) -> np.ndarray:
     """Image blended with the heat map, regions above the threshold outlined in green."""
-    out = (image.astype(np.float32) * (1 - alpha) + heatmap(amap).astype(np.float32) * alpha).astype(np.uint8)
+    lut = _jet_lut().astype(np.float32) * alpha
+    out = np.empty_like(image)
+    for r in range(0, image.shape[0], ROWS_PER_CHUNK):
+        band = slice(r, r + ROWS_PER_CHUNK)
+        out[band] = (image[band].astype(np.float32) * (1 - alpha) + lut[_lut_index(amap[band])]).astype(np.uint8)
     if threshold is not None:
         width = max(1, round(max(image.shape[:2]) / 256))
         out[outline(amap > threshold, width)] = OUTLINE_RGB
@@ -39,7 +56,9 @@ def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None, alpha:
 
 def save_map_png16(path: Path, amap: np.ndarray) -> None:
     """The raw map as a 16-bit grey PNG: value / 65535 is the map value (1 = defect)."""
-    arr = np.round(np.clip(amap, 0, 1) * 65535).astype(np.uint16)
+    arr = np.empty(amap.shape, dtype=np.uint16)
+    for r in range(0, amap.shape[0], ROWS_PER_CHUNK):
+        arr[r:r + ROWS_PER_CHUNK] = np.round(np.clip(amap[r:r + ROWS_PER_CHUNK], 0, 1) * 65535)
     save_png_atomic(path, Image.fromarray(arr))
 
 
