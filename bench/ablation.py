@@ -32,8 +32,8 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "paper": {"resize_mode": "square", "anomaly_families": ["paste"], "opacity_min": 1.0, "seg_skips": False,
               "ema_decay": 0.0},
-    "no_hard_augmentation": {"anomaly_families": "OTHERS"},
-    "paste_only": {"anomaly_families": ["paste"], "opacity_min": 1.0},  # the paper's augmentation, new geometry  # the default's families without "paste"
+    "no_hard_augmentation": {"anomaly_families": "OTHERS"},  # the default's families without "paste"
+    "paste_only": {"anomaly_families": ["paste"], "opacity_min": 1.0},  # the paper's augmentation, new geometry
     "no_adversarial_loss": {"lambda_adv": 0.0},
     "no_coord_channels": {"coord_channels": False},
     "square_resize": {"resize_mode": "square"},

@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -70,24 +71,35 @@ def speed_one(dataset: str, category: str, profile: str, work: Path, sets: list[
         export_onnx(model, tmp)
         onnx_batch = max(onnx_images_per_second(tmp, n=128, batch=bs) for _ in range(3))
         onnx_single = max(onnx_images_per_second(tmp, n=16, batch=1) for _ in range(3))
-    return {"images_per_second": round(torch_batch, 1), "images_per_second_single": round(torch_single, 1),
+    # one full-size test image of the category, end to end as predict does it (map back to its own size)
+    from anoseg.data import mvtec_test_samples
+    from anoseg.fileio import load_image
+
+    full = load_image(mvtec_test_samples(DATA / dataset / category)[0].path)
+    full_ips = max(images_per_second(model, [full] * 16, True) for _ in range(3))
+    return {"images_per_second_full_size": round(full_ips, 1), "full_size": list(full.shape[1::-1]),
+            "images_per_second": round(torch_batch, 1), "images_per_second_single": round(torch_single, 1),
             "onnx_images_per_second": round(onnx_batch, 1), "onnx_images_per_second_single": round(onnx_single, 1),
             "speed_weights": "trained" if trained else "untrained (same architecture)"}
 
 
+def model_folder(work: Path, dataset: str, category: str, profile: str, seed: int) -> Path:
+    return work / f"{dataset}_{category}_{profile}" if seed == 0 else work / f"{dataset}_{category}_{profile}_s{seed}"
+
+
 def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[str], reuse: bool,
-            detector: bool) -> dict:
-    """Train + evaluate + time one category (runs inside the child process)."""
+            detector: bool, seed: int = 0, threads: int = 0) -> dict:
+    """Train + evaluate + time one category with one seed (runs inside the child process)."""
     import numpy as np
     import torch
 
     import anoseg
     from anoseg.cli import parse_sets
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     root = DATA / dataset / category
-    out = work / f"{dataset}_{category}_{profile}"
-    cfg = anoseg.profile_config(profile, **parse_sets(sets))
+    out = model_folder(work, dataset, category, profile, seed)
+    cfg = anoseg.profile_config(profile, **{**parse_sets(sets), "seed": seed})
     if reuse and (out / "model.safetensors").exists():
         model = anoseg.load(out)
     else:
@@ -109,8 +121,9 @@ def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[st
                  "images_per_second_with_detector": round(images_per_second(model, images, False), 1)}
 
     return {
-        "dataset": dataset, "category": category, "profile": profile,
+        "dataset": dataset, "category": category, "profile": profile, "seed": seed,
         **{k: result["metrics"][k] for k in KEYS},
+        "per_defect_type": result["per_defect_type"],
         "threshold": model.threshold,
         "train_seconds": round(train_seconds, 1),
         "steps": model.meta["steps_done"],
@@ -141,16 +154,22 @@ def write_tables(records: list[dict], command: str) -> None:
         "`python bench/run_bench.py --reuse --detector` (detector pass) and `python bench/run_bench.py --speed` "
         "(PyTorch and ONNX Runtime speed side by side); each record in results.json names its own `command` and "
         "`speed_command`.  ", f"Machine: {meta['machine']}; last written {meta['date']} by `{command}`.", "",
-        "| dataset | category | profile | EMA | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | image F1-max | "
+        "Headline rows are the mean over the seeds listed (± the standard deviation over seeds).", "",
+        "| dataset | category | profile | seeds | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | image F1-max | "
         "IoU@thr | best IoU | train s | peak RSS MB | img/s batch | img/s single | ONNX img/s batch | "
         "ONNX img/s single |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def pm(r, k):
+        std = r.get(f"{k}_std")
+        return f(r[k]) + ("" if std is None else f" ± {std:.3f}")
+
     for r in records:
         lines.append(
-            f"| {r['dataset']} | {r['category']} | {r['profile']} | {r.get('ema_decay', 0.0)} | "
-            f"{f(r['pixel_auroc'])} | {f(r['aupro'])} | "
-            f"{f(r['pixel_ap'])} | {f(r['image_auroc'])} | {f(r['image_f1_max'])} | {f(r['iou'])} | "
+            f"| {r['dataset']} | {r['category']} | {r['profile']} | {','.join(map(str, r.get('seeds', [0])))} | "
+            f"{pm(r, 'pixel_auroc')} | {pm(r, 'aupro')} | "
+            f"{f(r['pixel_ap'])} | {pm(r, 'image_auroc')} | {f(r['image_f1_max'])} | {f(r['iou'])} | "
             f"{f(r['best_iou'])} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
             f"{r['images_per_second']:.1f} | {r['images_per_second_single']:.1f} | "
             f"{r.get('onnx_images_per_second', 'n/a')} | {r.get('onnx_images_per_second_single', 'n/a')} |")
@@ -161,6 +180,19 @@ def write_tables(records: list[dict], command: str) -> None:
         lines.append(f"| {r['dataset']} | {r['category']} | {f(r.get('image_auroc_max'))} | "
                      f"{f(r.get('image_auroc_topk'))} | {f(r.get('image_auroc_detector'))} | "
                      f"{r.get('detector_train_seconds', 'n/a')} | {r.get('images_per_second_with_detector', 'n/a')} |")
+    lines += ["", "## Per defect type (each type's images and all normal images; mean over seeds)", "",
+              "| category | defect type | images | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC |",
+              "|---|---|---|---|---|---|---|"]
+    for r in records:
+        for t, d in (r.get("per_defect_type") or {}).items():
+            lines.append(f"| {r['category']} | {t} | {d['n_images']} | {f(d['pixel_auroc'])} | {f(d['aupro'])} | "
+                         f"{f(d['pixel_ap'])} | {f(d['image_auroc'])} |")
+    lines += ["", "## Inference on a full-size test image (PyTorch, one image at a time)", "",
+              "| category | image size | img/s |", "|---|---|---|"]
+    for r in records:
+        if r.get("images_per_second_full_size"):
+            size = "x".join(map(str, r["full_size"]))
+            lines.append(f"| {r['category']} | {size} | {r['images_per_second_full_size']} |")
     lines += ["", "Image score in the first table: the detector's where one was trained, else the maximum of the "
               "smoothed anomaly map. IoU@thr uses the threshold chosen from "
               "held-out normal training images only; best IoU picks the threshold with the labels (upper bound). "
@@ -181,6 +213,9 @@ def main() -> int:
     p.add_argument("--detector", action="store_true", help="also train and score the anomaly detector")
     p.add_argument("--speed", action="store_true",
                    help="only re-measure inference speed (PyTorch and ONNX Runtime) for the existing records")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds; headline rows are their mean (default 0,1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time; CPU threads are split between them")
+    p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work)
@@ -188,45 +223,84 @@ def main() -> int:
         print("RESULT " + json.dumps(speed_one(*args.child, args.profile, work, args.set)))
         return 0
     if args.child:
-        record = run_one(*args.child, args.profile, work, args.set, args.reuse, args.detector)
+        record = run_one(*args.child, args.profile, work, args.set, args.reuse, args.detector,
+                         seed=int(args.seeds), threads=args.threads)
         print("RESULT " + json.dumps(record))
         return 0
 
     results_file = HERE / "results.json"
     records = json.loads(results_file.read_text())["results"] if results_file.exists() else []
     command = "python bench/run_bench.py " + " ".join(sys.argv[1:])
+    seeds = [int(x) for x in args.seeds.split(",")]
+    jobs: list[tuple[str, str, int]] = []
     for dataset, category in CATEGORIES:
         if args.only and category not in args.only:
             continue
         if not (DATA / dataset / category / "train").is_dir():
             print(f"skipping {dataset}/{category}: not found under {DATA}")
             continue
-        print(f"== {dataset}/{category} ({args.profile})", flush=True)
-        cmd = [sys.executable, __file__, "--child", dataset, category, "--profile", args.profile, "--work", str(work)]
+        jobs += [(dataset, category, seed) for seed in ([0] if args.speed else seeds)]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    results: dict[tuple[str, str], list[dict]] = {}
+
+    def child(job: tuple[str, str, int]) -> None:
+        dataset, category, seed = job
+        print(f"== {dataset}/{category} ({args.profile}, seed {seed})", flush=True)
+        cmd = [sys.executable, __file__, "--child", dataset, category, "--profile", args.profile, "--work", str(work),
+               "--seeds", str(seed), "--threads", str(threads)]
         cmd += [x for s in args.set for x in ("--set", s)] + (["--reuse"] if args.reuse else [])
         cmd += ["--detector"] if args.detector else []
         cmd += ["--speed"] if args.speed else []
         old = [r for r in records if (r["dataset"], r["category"], r["profile"]) == (dataset, category, args.profile)]
         if args.speed and not old:
             print(f"skipping {dataset}/{category}: no benchmark record to add speeds to")
-            continue
+            return
         if args.speed:  # the architecture must be the one the record was measured with
             cmd += [x for s in old[0].get("settings", []) for x in ("--set", s)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
-            print(f"failed: {dataset}/{category} (exit {proc.returncode})\n{proc.stdout[-2000:]}")
-            continue
-        record = {**json.loads(lines[-1][len("RESULT "):]), "command": command}
-        if args.speed:
-            record = {**old[0], **record, "command": old[0]["command"], "speed_command": command}
-        print(json.dumps(record), flush=True)
+            print(f"failed: {dataset}/{category} seed {seed} (exit {proc.returncode})\n{proc.stdout[-2000:]}")
+            return
+        results.setdefault((dataset, category), []).append(json.loads(lines[-1][len("RESULT "):]))
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(child, jobs))
+    for (dataset, category), runs in results.items():
         key = (dataset, category, args.profile)
-        if args.reuse and old:  # the model was trained by an earlier run: its training peak still counts
-            record["peak_rss_mb"] = max(record["peak_rss_mb"], old[0]["peak_rss_mb"])
+        old = [r for r in records if (r["dataset"], r["category"], r["profile"]) == key]
+        if args.speed:
+            record = {**old[0], **runs[0], "speed_command": command}
+        else:
+            record = {**merge_seeds(sorted(runs, key=lambda r: r["seed"])), "command": command}
+            if args.reuse and old:  # the models were trained by an earlier run: its training peak still counts
+                record["peak_rss_mb"] = max(record["peak_rss_mb"], old[0]["peak_rss_mb"])
+        print(json.dumps({k: v for k, v in record.items() if k not in ("runs", "per_defect_type")}), flush=True)
         records = [r for r in records if (r["dataset"], r["category"], r["profile"]) != key] + [record]
-        write_tables(records, command)
+    write_tables(records, command)
     return 0
+
+
+def merge_seeds(runs: list[dict]) -> dict:
+    """One headline record: the mean over seeds of every metric, their spread, and each run kept in `runs`."""
+    import numpy as np
+
+    out = {k: v for k, v in runs[0].items() if k != "seed"}
+    out["seeds"] = [r["seed"] for r in runs]
+    for k in [*KEYS, "image_auroc_max", "image_auroc_topk", "image_auroc_detector", "train_seconds",
+              "images_per_second", "images_per_second_single"]:
+        values = [r.get(k) for r in runs]
+        out[k] = None if any(v is None for v in values) else round(float(np.mean(values)), 4)
+    for k in ("pixel_auroc", "aupro", "image_auroc"):
+        values = [r[k] for r in runs if r.get(k) is not None]
+        out[f"{k}_std"] = round(float(np.std(values)), 4) if values else None
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    types = runs[0].get("per_defect_type", {})
+    out["per_defect_type"] = {t: {k: round(float(np.mean([r["per_defect_type"][t][k] for r in runs])), 4)
+                                  if v is not None and not isinstance(v, int) else v for k, v in d.items()}
+                              for t, d in types.items()}
+    out["runs"] = [{k: v for k, v in r.items() if k != "per_defect_type"} for r in runs]
+    return out
 
 
 if __name__ == "__main__":
