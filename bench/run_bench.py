@@ -17,6 +17,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -264,8 +265,23 @@ def main() -> int:
             return
         results.setdefault((dataset, category), []).append(json.loads(lines[-1][len("RESULT "):]))
 
+    lock = threading.Lock()
+
+    def child_then_write(job: tuple[str, str, int]) -> None:
+        child(job)
+        with lock:  # every finished run is written at once: an interrupted benchmark keeps what it has
+            nonlocal records
+            records = merge_results(records, {k: v for k, v in results.items() if k == job[:2]}, args, command)
+            write_tables(records, command)
+
+    jobs.sort(key=lambda j: (j[2], [c for _, c in CATEGORIES].index(j[1])))  # every category's first seed first
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(child, jobs))
+        list(pool.map(child_then_write, jobs))
+    return 0
+
+
+def merge_results(records: list[dict], results: dict, args, command: str) -> list[dict]:
+    """Records with the finished runs of `results` ((dataset, category) -> runs) merged in."""
     for (dataset, category), runs in results.items():
         key = (dataset, category, args.profile)
         old = [r for r in records if (r["dataset"], r["category"], r["profile"]) == key]
@@ -277,8 +293,7 @@ def main() -> int:
                 record["peak_rss_mb"] = max(record["peak_rss_mb"], old[0]["peak_rss_mb"])
         print(json.dumps({k: v for k, v in record.items() if k not in ("runs", "per_defect_type")}), flush=True)
         records = [r for r in records if (r["dataset"], r["category"], r["profile"]) != key] + [record]
-    write_tables(records, command)
-    return 0
+    return records
 
 
 def merge_seeds(runs: list[dict]) -> dict:
