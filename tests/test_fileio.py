@@ -105,3 +105,15 @@ def test_exif_orientation_is_applied_to_images_and_masks(tmp_path):
     Image.fromarray(stored[..., 0]).save(tmp_path / "mask.png", exif=exif)
     mask = load_mask(tmp_path / "mask.png")
     assert mask.shape == (200, 100) and mask[:20].all() and not mask[-20:].any()
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o640  # 0666 less the umask, as any new file

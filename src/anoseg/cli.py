@@ -291,8 +291,14 @@ def _print_metrics(result: dict[str, Any]) -> None:
     print(markdown_table(result))
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
+    """The CLI's warnings as one plain line (the process-wide format is left alone)."""
+    (file or sys.stderr).write(f"anoseg: warning: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"anoseg: warning: {msg}\n"
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning  # only while the command runs
     try:
         return run(argv)
     except AnosegError as e:
@@ -302,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         print("anoseg: interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.showwarning = previous
         shutdown_process_group()
 
 

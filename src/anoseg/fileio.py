@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import secrets
 import struct
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +20,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # Refuse images whose declared size is absurd before decoding them (decompression bombs).
 MAX_PIXELS = 100_000_000
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def _open(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -168,6 +165,21 @@ def make_output_dir(folder: str | Path) -> Path:
     return folder
 
 
+def _new_temp_file(path: Path) -> str:
+    """An empty, new file beside `path`, with the permissions any new file gets (0666 less the umask).
+
+    The kernel applies the umask itself, so it is never read or changed (mkstemp would make 0600 files).
+    """
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file.
 
@@ -178,10 +190,8 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = _new_temp_file(path)
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be readable like any other
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import numpy as np
+from PIL import Image
+from scipy import ndimage
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-from .fileio import _write_atomic, save_png_atomic  # noqa: E402
+from .fileio import _write_atomic, save_png_atomic
 
 OUTLINE_RGB = np.array([0, 255, 0], dtype=np.uint8)
 
@@ -20,8 +18,11 @@ OUTLINE_RGB = np.array([0, 255, 0], dtype=np.uint8)
 ROWS_PER_CHUNK = 512  # large images are blended in bands of rows, so memory stays a few copies of one band
 
 
+@functools.cache
 def _jet_lut() -> np.ndarray:
-    """matplotlib's 256-colour 'jet' as a uint8 table (256 x 3)."""
+    """matplotlib's 256-colour 'jet' as a uint8 table (256 x 3); matplotlib is imported on first use only."""
+    import matplotlib
+
     return (matplotlib.colormaps["jet"](np.arange(256))[:, :3] * 255).astype(np.uint8)
 
 
@@ -73,14 +74,21 @@ def save_grid(path: Path, tiles: list[np.ndarray], columns: int) -> None:
     save_png_atomic(path, Image.fromarray(grid))
 
 
-def save_figure(path: Path, fig: plt.Figure) -> None:
+def new_figure() -> tuple[Any, Any]:
+    """A figure and its axes, without pyplot: no global figure list and no change of the user's backend."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5, 4.5))
+    return fig, fig.subplots()
+
+
+def save_figure(path: Path, fig: Any) -> None:
     _write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
 
 
 def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> None:
     """ROC curves: name -> (fpr, tpr, auroc)."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = new_figure()
     for name, (fpr, tpr, area) in curves.items():
         ax.plot(fpr, tpr, label=f"{name} (AUROC {area:.3f})")
     ax.plot([0, 1], [0, 1], ":", color="grey")
@@ -90,7 +98,7 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]]
 
 
 def plot_pro(path: Path, fpr: np.ndarray, pro: np.ndarray, limit: float, area: float) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = new_figure()
     keep = fpr <= min(1.0, limit * 1.5)
     ax.plot(fpr[keep], pro[keep], label=f"AUPRO@{limit} = {area:.3f}")
     ax.axvline(limit, ls=":", color="grey")
