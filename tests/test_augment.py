@@ -28,9 +28,10 @@ def test_jitter_stays_in_range():
 def test_region_area_close_to_target():
     rng = np.random.default_rng(0)
     for shape in ("rect", "ellipse", "scar"):
-        m = region_mask(128, shape, 0.02, rng)
+        areas = [region_mask(128, shape, 0.02, rng).mean() for _ in range(20)]
         # a region partly outside the image may be cut; never larger than asked (+ rounding)
-        assert 0 <= m.mean() <= 0.03
+        assert max(areas) <= 0.03
+        assert np.median(areas) >= 0.01 and min(areas) > 0  # most lie inside: about the area asked for
 
 
 def test_mask_marks_exactly_the_changed_pixels():

@@ -18,12 +18,32 @@ def _err(capsys, argv):
     return lines[-1]
 
 
-@pytest.mark.parametrize("cmd", ["train", "predict", "evaluate", "demo"])
+def _subcommands():
+    import argparse
+
+    from anoseg.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_help_covers_every_subcommand():
+    assert set(_subcommands()) == {"train", "train-all", "train-detector", "predict", "evaluate", "export", "serve",
+                                   "demo"}
+
+
+@pytest.mark.parametrize("cmd", sorted(_subcommands()))
 def test_help_explains_options(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
     assert e.value.code == 0
-    assert "--out" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: anoseg {cmd}")
+    for action in _subcommands()[cmd]._actions:  # every option is listed with its help text
+        for flag in action.option_strings:
+            assert flag in out, flag
+        if action.help and action.help != "==SUPPRESS==":
+            assert action.help.split("%")[0][:25] in " ".join(out.split()), action.help
 
 
 def test_missing_and_empty_training_folder(tmp_path, capsys):

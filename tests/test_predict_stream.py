@@ -93,7 +93,9 @@ def test_inputs_are_found_lazily_without_repeats(photos, tmp_path):
     assert next(found)[0].parent.name == "line2"  # a generator: the first file comes before the walk ends
     paths = [p for p, _ in found]
     assert len(paths) + 1 == 23 and len(set(paths)) == len(paths)
-    with pytest.raises(Exception, match="no such file or folder"):
+    from anoseg.errors import DataError
+
+    with pytest.raises(DataError, match="no such file or folder"):
         list(iter_inputs([tmp_path / "missing"]))
 
 

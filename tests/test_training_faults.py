@@ -61,9 +61,9 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(demo
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         steps_seen.append(readable_checkpoint(part))  # whatever the moment, the checkpoint loads
-        assert not list(part.glob(".*.tmp")) or proc.returncode == -signal.SIGKILL
         resume = ["--resume"]
     subprocess.run(train_cmd(demo_root, part, "--resume"), check=True, timeout=300)
+    assert not list(part.glob(".*.tmp")), "temporary files of killed writes are cleaned up by the next checkpoint"
     assert steps_seen == sorted(steps_seen)
     assert_same_tensors(load_tensors(full / "model.safetensors"), load_tensors(part / "model.safetensors"))
     assert_same_tensors(load_tensors(checkpoint_weights(full)), load_tensors(checkpoint_weights(part)))
