@@ -71,3 +71,29 @@ def test_settings_doc_is_current():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
     assert doc.read_text() == settings_markdown(), "regenerate docs/settings.md with anoseg.config.settings_markdown()"
+
+
+def test_a_setting_with_an_unknown_annotation_is_refused():
+    import dataclasses
+
+    from anoseg.config import Config
+    from anoseg.errors import ConfigError
+
+    @dataclasses.dataclass
+    class Odd(Config):
+        odd: "set[int]" = dataclasses.field(default_factory=set)  # noqa: F821 - a type nobody checks
+
+    with pytest.raises(ConfigError, match="annotation 'set\\[int\\]' is not one of"):
+        Odd()
+
+
+def test_set_values_are_typed_by_the_one_table():
+    from anoseg.cli import parse_sets
+    from anoseg.errors import ConfigError
+
+    got = parse_sets(["steps=5", "lr=0.1", "seg_skips=off", "anomaly_families=paste, crack", "device=cpu"])
+    assert got == {"steps": 5, "lr": 0.1, "seg_skips": False, "anomaly_families": ("paste", "crack"), "device": "cpu"}
+    with pytest.raises(ConfigError, match="expected a value of type int"):
+        parse_sets(["steps=many"])
+    with pytest.raises(ConfigError, match="unknown setting"):
+        parse_sets(["nonsense=1"])

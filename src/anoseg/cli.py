@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 import time
 import warnings
@@ -12,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import api
-from .config import PROFILES, Config, profile_config
+from .config import PROFILES, Config, parse_setting, profile_config
 from .distributed import is_main_process, shutdown_process_group
 from .errors import AnosegError, ConfigError
 
@@ -30,40 +28,17 @@ TRAIN_FLAGS = {
 }
 
 
-def _parse_value(field: dataclasses.Field, text: str) -> Any:
-    kind = str(field.type)
-    try:
-        if kind == "bool":
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind.startswith("tuple"):
-            return tuple(s.strip() for s in text.split(",") if s.strip())
-        if kind.startswith("dict"):
-            return json.loads(text)
-    except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"--set {field.name}={text}: expected a value of type {kind}") from None
-    return text
-
-
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
     """KEY=VALUE strings to typed Config overrides."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
-        if key not in fields or key in ("version", "profile"):
+        if key in ("version", "profile"):
             raise ConfigError(f"--set {key}: unknown setting (see docs/settings.md or anoseg train --help)")
-        out[key] = _parse_value(fields[key], value)
+        out[key] = parse_setting(key, value)
     return out
 
 

@@ -20,6 +20,49 @@ ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading")
 RESIZE_MODES = ("square", "aspect")
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+# The one table of setting types: each annotation used in Config -> (type check, parser of command-line text).
+KINDS: dict[str, tuple[Any, Any]] = {
+    "int": (_is_int, int),
+    "float": (lambda v: isinstance(v, float), float),
+    "bool": (lambda v: isinstance(v, bool), _parse_bool),
+    "str": (lambda v: isinstance(v, str), str),
+    "tuple[str, ...]": (lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v),
+                        lambda t: tuple(x.strip() for x in t.split(",") if x.strip())),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), json.loads),
+}
+
+
+def _kind(f: dataclasses.Field) -> str:
+    kind = str(f.type)
+    if kind not in KINDS:  # a new setting with a type nobody checks: fail loudly, never accept silently
+        raise ConfigError(f"setting {f.name}: annotation {kind!r} is not one of {', '.join(KINDS)}")
+    return kind
+
+
+def parse_setting(name: str, text: str) -> Any:
+    """A setting's value from command-line text (``--set KEY=VALUE``), typed by its annotation."""
+    f = next((f for f in dataclasses.fields(Config) if f.name == name), None)
+    if f is None:
+        raise ConfigError(f"--set {name}: unknown setting (see docs/settings.md or anoseg train --help)")
+    kind = _kind(f)
+    try:
+        return KINDS[kind][1](text)
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"--set {name}={text}: expected a value of type {kind}") from None
+
+
 @dataclass
 class Config:
     """Settings for model, synthetic anomalies, training, scoring and thresholds.
@@ -101,15 +144,10 @@ class Config:
     def _check_types(self) -> None:
         """Refuse values of the wrong type (a hand-edited or foreign config.json) with the setting's name."""
         for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), str(f.type)
+            value, kind = getattr(self, f.name), _kind(f)
             if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
-                continue
-            ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": isinstance(value, float),
-                  "bool": isinstance(value, bool), "str": isinstance(value, str),
-                  "tuple[str, ...]": isinstance(value, list | tuple) and all(isinstance(v, str) for v in value),
-                  "dict[str, Any]": isinstance(value, dict)}.get(kind, True)
-            if not ok:
+            elif not KINDS[kind][0](value):
                 raise ConfigError(f"setting {f.name}={value!r}: expected {kind}")
 
     # ------------------------------------------------------------------------------
