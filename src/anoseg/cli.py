@@ -176,82 +176,99 @@ def _train_config(args: argparse.Namespace) -> Config:
     return base.replace(**overrides)
 
 
+def _cmd_train(args: argparse.Namespace, progress: bool) -> None:
+    cfg = _train_config(args)
+    if args.save_examples:
+        api.save_synthetic_examples(cfg, args.data, Path(args.out) / "synthetic_examples.png", args.save_examples)
+    model = api.train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
+    if not is_main_process():  # torchrun: rank 0 reports, trains the detector and evaluates
+        return
+    print(f"model written to {args.out} (threshold {model.threshold:.4f}, {model.meta['train_seconds']:.0f} s)")
+    if args.detector:
+        _detector_written(args.out, api.train_detector(args.out, args.data, progress=progress))
+    if args.evaluate:
+        _print_metrics(api.evaluate(model, args.data, Path(args.out) / "eval", progress=progress))
+
+
+def _cmd_train_all(args: argparse.Namespace, progress: bool) -> None:
+    from .train_all import train_all
+
+    _train_config(args)  # bad settings stop here, before any category starts
+    rows = train_all(args.root, args.out, _training_argv(args), jobs=args.jobs, evaluate=args.evaluate,
+                     only=args.only, progress=progress)
+    failed = [r["category"] for r in rows if r["status"].startswith("failed")]
+    print(Path(args.out, "summary.md").read_text(), end="")
+    print(f"{len(rows)} categories, {len(failed)} failed; summary in {args.out}/summary.csv")
+    if failed:
+        raise AnosegError(f"training failed for {', '.join(failed)} (see each train_all.log)")
+
+
+def _cmd_train_detector(args: argparse.Namespace, progress: bool) -> None:
+    overrides = parse_sets(args.set)
+    if args.steps is not None:
+        overrides["detector_steps"] = args.steps
+    bad = [k for k in overrides if not k.startswith("detector_")]
+    if bad:
+        raise ConfigError(f"train-detector takes detector settings only, not {', '.join(bad)}")
+    _detector_written(args.model, api.train_detector(args.model, args.data, overrides=overrides, progress=progress))
+
+
+def _cmd_predict(args: argparse.Namespace, progress: bool) -> None:
+    from .predict import predict_stream
+
+    model = api.load(args.model, device=args.device)
+    summary = predict_stream(model, args.inputs, args.out, threshold=args.threshold,
+                             detector_threshold=args.detector_threshold, map_format=args.map_format,
+                             progress=progress, resume=args.resume, workers=args.workers)
+    done = f" ({summary.already_done} already done)" if summary.already_done else ""
+    print(f"{summary.scored} image(s) scored{done}, {summary.defects} defect, {summary.skipped} skipped, "
+          f"{summary.scored / max(summary.seconds, 1e-9):.1f} img/s; results in {args.out}/predictions.csv")
+
+
+def _cmd_evaluate(args: argparse.Namespace, progress: bool) -> None:
+    if not args.data and not (args.normal or args.abnormal):
+        raise AnosegError("give an MVTec category folder, or --normal/--abnormal/--masks folders")
+    model = api.load(args.model, device=args.device)
+    result = api.evaluate(model, args.data, args.out, threshold=args.threshold,
+                          detector_threshold=args.detector_threshold, normal=args.normal,
+                          abnormal=args.abnormal, masks=args.masks, progress=progress)
+    _print_metrics(result)
+    print(f"results in {args.out}/metrics.json and metrics.md")
+
+
+def _cmd_export(args: argparse.Namespace, progress: bool) -> None:  # noqa: ARG001
+    from .export import check_export, export_onnx
+
+    model = api.load(args.model, device="cpu")
+    path = export_onnx(model, args.out or args.model, batch=args.batch, opset=args.opset)
+    diff = check_export(model, path.parent)
+    print(f"ONNX model written to {path} (+ {path.name}.json); ONNX Runtime vs PyTorch max map difference "
+          f"{diff:.2e}")
+
+
+def _cmd_serve(args: argparse.Namespace, progress: bool) -> None:  # noqa: ARG001
+    from .serve import ServeSettings, serve
+
+    settings = ServeSettings(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+                             max_pixels=args.max_pixels, save_uploads=args.save_uploads)
+    serve(api.load(args.model, device=args.device), settings, model_name=args.model)
+
+
+def _cmd_demo(args: argparse.Namespace, progress: bool) -> None:
+    start = time.perf_counter()
+    _print_metrics(api.demo(args.data, args.out, steps=args.steps, progress=progress))
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; open {args.out}/eval/metrics.md and "
+          f"{args.out}/predictions/*_overlay.png")
+
+
+COMMANDS = {"train": _cmd_train, "train-all": _cmd_train_all, "train-detector": _cmd_train_detector,
+            "predict": _cmd_predict, "evaluate": _cmd_evaluate, "export": _cmd_export, "serve": _cmd_serve,
+            "demo": _cmd_demo}
+
+
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = not getattr(args, "quiet", False)
-    if args.command == "train":
-        cfg = _train_config(args)
-        if args.save_examples:
-            api.save_synthetic_examples(cfg, args.data, Path(args.out) / "synthetic_examples.png", args.save_examples)
-        model = api.train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
-        if not is_main_process():  # torchrun: rank 0 reports, trains the detector and evaluates
-            return 0
-        print(f"model written to {args.out} (threshold {model.threshold:.4f}, "
-              f"{model.meta['train_seconds']:.0f} s)")
-        if args.detector:
-            _detector_written(args.out, api.train_detector(args.out, args.data, progress=progress))
-        if args.evaluate:
-            result = api.evaluate(model, args.data, Path(args.out) / "eval", progress=progress)
-            _print_metrics(result)
-    elif args.command == "train-all":
-        from .train_all import train_all
-
-        _train_config(args)  # bad settings stop here, before any category starts
-        rows = train_all(args.root, args.out, _training_argv(args), jobs=args.jobs, evaluate=args.evaluate,
-                         only=args.only, progress=progress)
-        failed = [r["category"] for r in rows if r["status"].startswith("failed")]
-        print(Path(args.out, "summary.md").read_text(), end="")
-        print(f"{len(rows)} categories, {len(failed)} failed; summary in {args.out}/summary.csv")
-        if failed:
-            raise AnosegError(f"training failed for {', '.join(failed)} (see each train_all.log)")
-    elif args.command == "train-detector":
-        overrides = parse_sets(args.set)
-        if args.steps is not None:
-            overrides["detector_steps"] = args.steps
-        bad = [k for k in overrides if not k.startswith("detector_")]
-        if bad:
-            raise ConfigError(f"train-detector takes detector settings only, not {', '.join(bad)}")
-        _detector_written(args.model, api.train_detector(args.model, args.data, overrides=overrides,
-                                                         progress=progress))
-    elif args.command == "predict":
-        from .predict import predict_stream
-
-        model = api.load(args.model, device=args.device)
-        summary = predict_stream(model, args.inputs, args.out, threshold=args.threshold,
-                                 detector_threshold=args.detector_threshold, map_format=args.map_format,
-                                 progress=progress, resume=args.resume, workers=args.workers)
-        done = f" ({summary.already_done} already done)" if summary.already_done else ""
-        print(f"{summary.scored} image(s) scored{done}, {summary.defects} defect, {summary.skipped} skipped, "
-              f"{summary.scored / max(summary.seconds, 1e-9):.1f} img/s; results in {args.out}/predictions.csv")
-    elif args.command == "evaluate":
-        if not args.data and not (args.normal or args.abnormal):
-            raise AnosegError("give an MVTec category folder, or --normal/--abnormal/--masks folders")
-        model = api.load(args.model, device=args.device)
-        result = api.evaluate(model, args.data, args.out, threshold=args.threshold,
-                              detector_threshold=args.detector_threshold, normal=args.normal,
-                              abnormal=args.abnormal, masks=args.masks, progress=progress)
-        _print_metrics(result)
-        print(f"results in {args.out}/metrics.json and metrics.md")
-    elif args.command == "export":
-        from .export import check_export, export_onnx
-
-        model = api.load(args.model, device="cpu")
-        path = export_onnx(model, args.out or args.model, batch=args.batch, opset=args.opset)
-        diff = check_export(model, path.parent)
-        print(f"ONNX model written to {path} (+ {path.name}.json); ONNX Runtime vs PyTorch max map difference "
-              f"{diff:.2e}")
-    elif args.command == "serve":
-        from .serve import ServeSettings, serve
-
-        settings = ServeSettings(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-                                 max_pixels=args.max_pixels, save_uploads=args.save_uploads)
-        serve(api.load(args.model, device=args.device), settings, model_name=args.model)
-    elif args.command == "demo":
-        start = time.perf_counter()
-        result = api.demo(args.data, args.out, steps=args.steps, progress=progress)
-        _print_metrics(result)
-        print(f"demo finished in {time.perf_counter() - start:.0f} s; open {args.out}/eval/metrics.md and "
-              f"{args.out}/predictions/*_overlay.png")
+    COMMANDS[args.command](args, not getattr(args, "quiet", False))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,28 @@ TTA_FLIPS = {"none": [()], "h": [(), (3,)], "v": [(), (2,)], "hv": [(), (3,), (2
 REGION_SHAPES = ("rect", "ellipse", "scar")
 ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading")
 RESIZE_MODES = ("square", "aspect")
+
+
+# Value rules: (settings, test, what a failing value must be). The first broken rule is reported.
+RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
+    (("base_channels", "max_channels", "steps", "batch_size", "batch_size_infer", "checkpoint_every",
+      "detector_steps", "permute_grid", "holdout_min"), lambda v: v >= 1, "must be at least 1"),
+    (("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction"), lambda v: 0.0 <= v <= 1.0,
+     "must lie in [0, 1]"),
+    (("threshold_quantile", "topk_fraction", "opacity_min"), lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
+    (("max_aspect",), lambda v: 1.0 <= v <= 64.0, "must lie in [1, 64]"),
+    (("ema_decay",), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
+    (("rollback_lr_factor",), lambda v: 0.0 < v < 1.0, "must lie in (0, 1)"),
+    (("lr", "lr_d", "detector_lr"), lambda v: v > 0, "must be positive"),
+    (("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength", "mask_min_diff",
+      "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls", "detector_lambda_fm",
+      "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience"), lambda v: v >= 0,
+     "must not be negative"),
+]
+CHOICES: dict[str, tuple[str, ...]] = {
+    "region_shapes": REGION_SHAPES, "anomaly_families": ANOMALY_FAMILIES, "resize_mode": RESIZE_MODES,
+    "seg_loss": SEG_LOSSES, "tta_flips": tuple(TTA_FLIPS),
+}
 
 
 def _is_int(v: Any) -> bool:
@@ -153,65 +176,31 @@ class Config:
     # ------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid setting."""
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"setting {name}={getattr(self, name)!r}: {why}")
+        for name, why in self._problems():
+            raise ConfigError(f"setting {name}={getattr(self, name)!r}: {why}")
 
+    def _problems(self) -> Iterator[tuple[str, str]]:
+        """(setting, what is wrong) for every broken rule, in the order the rules are listed."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise bad(f.name, "must be a finite number")
+                yield f.name, "must be a finite number"
         n = self.image_size
         if n < 16 or n % 8 or not math.log2(n // 8).is_integer():
-            raise bad("image_size", "must be 8 times a power of two, at least 16 (e.g. 64, 128, 256)")
-        for name in ("base_channels", "max_channels", "steps", "batch_size", "batch_size_infer", "checkpoint_every",
-                     "detector_steps"):
-            if getattr(self, name) < 1:
-                raise bad(name, "must be at least 1")
+            yield "image_size", "must be 8 times a power of two, at least 16 (e.g. 64, 128, 256)"
+        for names, ok, why in RANGE_RULES:
+            yield from ((name, why) for name in names if not ok(getattr(self, name)))
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            if not values or any(v not in allowed for v in values):
+                yield name, f"choose from {', '.join(allowed)}"
         if self.max_channels < self.base_channels:
-            raise bad("max_channels", "must be at least base_channels")
-        for name in ("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise bad(name, "must lie in [0, 1]")
-        if not 0.0 < self.threshold_quantile <= 1.0:
-            raise bad("threshold_quantile", "must lie in (0, 1]")
+            yield "max_channels", "must be at least base_channels"
         if not 0.0 < self.region_min <= self.region_max < 1.0:
-            raise bad("region_min", "need 0 < region_min <= region_max < 1")
-        if not self.region_shapes or any(s not in REGION_SHAPES for s in self.region_shapes):
-            raise bad("region_shapes", f"choose from {', '.join(REGION_SHAPES)}")
-        if not self.anomaly_families or any(s not in ANOMALY_FAMILIES for s in self.anomaly_families):
-            raise bad("anomaly_families", f"choose from {', '.join(ANOMALY_FAMILIES)}")
-        if not 0.0 < self.opacity_min <= 1.0:
-            raise bad("opacity_min", "must lie in (0, 1]")
-        if self.resize_mode not in RESIZE_MODES:
-            raise bad("resize_mode", f"choose from {', '.join(RESIZE_MODES)}")
-        if not 1.0 <= self.max_aspect <= 64.0:
-            raise bad("max_aspect", "must lie in [1, 64]")
-        if self.seg_loss not in SEG_LOSSES:
-            raise bad("seg_loss", f"choose from {', '.join(SEG_LOSSES)}")
-        if self.tta_flips not in TTA_FLIPS:
-            raise bad("tta_flips", f"choose from {', '.join(TTA_FLIPS)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise bad("ema_decay", "must lie in [0, 1)")
-        if self.permute_grid < 1:
-            raise bad("permute_grid", "must be at least 1")
-        if not 0.0 < self.topk_fraction <= 1.0:
-            raise bad("topk_fraction", "must lie in (0, 1]")
-        for name in ("lr", "lr_d", "detector_lr"):
-            if not getattr(self, name) > 0:
-                raise bad(name, "must be positive")
-        for name in ("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength",
-                     "mask_min_diff", "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec",
-                     "detector_lambda_cls", "detector_lambda_fm", "detector_w_mse", "detector_w_feat"):
-            if getattr(self, name) < 0:
-                raise bad(name, "must not be negative")
-        if self.max_rollbacks < 0 or self.collapse_patience < 0:
-            raise bad("max_rollbacks" if self.max_rollbacks < 0 else "collapse_patience", "must not be negative")
-        if not 0.0 < self.rollback_lr_factor < 1.0:
-            raise bad("rollback_lr_factor", "must lie in (0, 1)")
-        if self.holdout_min < 1:
-            raise bad("holdout_min", "must be at least 1")
+            yield "region_min", "need 0 < region_min <= region_max < 1"
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise bad("device", "use auto, cpu, cuda or cuda:N")
+            yield "device", "use auto, cpu, cuda or cuda:N"
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated)."""
