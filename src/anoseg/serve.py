@@ -159,13 +159,51 @@ def page_html() -> str:
     return resources.files("anoseg").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
+async def read_body(request: Any, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is over `limit` (plus multipart framing)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:  # multipart framing allowance
+        raise UploadError(413, "too_large", f"upload of {int(declared)} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit + 64 * 1024:
+            raise UploadError(413, "too_large", f"upload is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def upload_from(request: Any, settings: ServeSettings) -> tuple[bytes, str]:
+    """(bytes, name) of the upload: the multipart field ``file``, or the raw body (name from X-Filename)."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    body = await read_body(request, settings.max_bytes)
+    kind = request.headers.get("content-type", "")
+    if not kind.startswith("multipart/form-data"):
+        return body, unquote(request.headers.get("x-filename", "upload"))[:200]
+
+    async def stream():
+        yield body
+
+    parser = MultiPartParser(request.headers, stream(), max_files=1, max_fields=10,
+                             max_part_size=settings.max_bytes + 1)
+    parser.spool_max_size = len(body) + 1  # keep file parts in memory: uploads never touch the disk
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise UploadError(400, "bad_form", f"cannot read the form: {e.message}") from None
+    file = form.get("file")
+    if file is None or isinstance(file, str):
+        raise UploadError(422, "no_file", "the form has no file field named 'file'")
+    return await file.read(), file.filename or "upload"
+
+
 def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None = None):
     """The FastAPI application for a model (or a model folder)."""
     try:
         from fastapi import FastAPI, Query, Request
         from fastapi.responses import HTMLResponse, JSONResponse
         from starlette.concurrency import run_in_threadpool
-        from starlette.formparsers import MultiPartException, MultiPartParser
     except ImportError:
         raise AnosegError("the server needs FastAPI: pip install 'anoseg[deploy]'") from None
 
@@ -182,41 +220,6 @@ def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None =
 
     def error(status: int, code: str, detail: str) -> JSONResponse:
         return JSONResponse({"error": code, "detail": detail}, status_code=status)
-
-    async def read_body(request: Request) -> bytes:
-        limit = settings.max_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:  # multipart framing allowance
-            raise UploadError(413, "too_large", f"upload of {int(declared)} bytes is over the limit of {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit + 64 * 1024:
-                raise UploadError(413, "too_large", f"upload is over the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def upload_from(request: Request) -> tuple[bytes, str]:
-        body = await read_body(request)
-        kind = request.headers.get("content-type", "")
-        if not kind.startswith("multipart/form-data"):
-            return body, unquote(request.headers.get("x-filename", "upload"))[:200]
-
-        async def stream():
-            yield body
-
-        parser = MultiPartParser(request.headers, stream(), max_files=1, max_fields=10,
-                                 max_part_size=settings.max_bytes + 1)
-        parser.spool_max_size = len(body) + 1  # keep file parts in memory: uploads never touch the disk
-        try:
-            form = await parser.parse()
-        except MultiPartException as e:
-            raise UploadError(400, "bad_form", f"cannot read the form: {e.message}") from None
-        file = form.get("file")
-        if file is None or isinstance(file, str):
-            raise UploadError(422, "no_file", "the form has no file field named 'file'")
-        data = await file.read()
-        return data, file.filename or "upload"
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -242,7 +245,7 @@ def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None =
         Answers score, verdict (defect/normal), threshold and map size; PNG pictures on request.
         """
         try:
-            data, name = await upload_from(request)
+            data, name = await upload_from(request, settings)
             return await run_in_threadpool(inspector.predict, data, name, overlay, pictures)
         except UploadError as e:
             return error(e.status, e.code, e.detail)

@@ -325,19 +325,60 @@ def _prepare_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) -> Co
     return cfg
 
 
+@dataclass
+class TrainingRun:
+    """Everything one call of :func:`train` works with, made by :func:`_set_up`."""
+
+    cfg: Config
+    out: Path
+    data: Path
+    files: list[Path]
+    train_idx: np.ndarray
+    hold_idx: np.ndarray
+    images: TrainingImages
+    trainer: Trainer
+    ctx: DistContext
+    device: torch.device
+    progress: bool
+    elapsed_before: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+    def checkpoint(self) -> None:
+        """Rank 0 writes; every rank waits, since a rollback on any rank reads this checkpoint."""
+        if self.ctx.is_main:
+            self.trainer.save(self.out, {"train_seconds": self.seconds(), "data": str(self.data),
+                                         "world_size": self.ctx.world})
+        barrier(self.ctx)
+
+    def seconds(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def agree(self, flag: bool) -> bool:
+        """A stop decision every rank takes together (one process: the flag itself)."""
+        return broadcast_flag(flag, self.ctx, self.device)
+
+
 def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True) -> AnoSegModel:
     """Train on the normal images of `data` (MVTec category or folder); write the model to `out`.
 
     The folder receives ``config.json``, periodic ``checkpoint.*`` files, ``train_log.csv`` and, at the
     end, ``model.safetensors`` + ``model.json`` (with the threshold chosen from held-out normal images).
+    Under torchrun every rank calls this; the distributed concerns live in :func:`_set_up` and
+    :class:`TrainingRun` (which rank writes, barriers, agreed stop decisions).
     """
-    out = Path(out)
+    run = _set_up(cfg, Path(data), Path(out), resume, overwrite, progress)
+    stopped_early = _loop(run)
+    return _finish(run, stopped_early)
+
+
+def _set_up(cfg: Config, data: Path, out: Path, resume: bool, overwrite: bool, progress: bool) -> TrainingRun:
+    """Check the folder and the data, load the images, build (or resume) the networks."""
     ctx, rank_device = init_from_env(cfg.device)  # torchrun: one process per GPU or CPU worker
     cfg = _prepare_folder(out, cfg, resume, overwrite)
     if ctx.enabled:
         shard(cfg.batch_size, ctx)  # the global batch must split evenly: fail before any work
-    data = Path(data).resolve()  # recorded with the model; train-detector finds the data from anywhere
+    data = data.resolve()  # recorded with the model; train-detector finds the data from anywhere
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     files = train_images(data)
@@ -346,68 +387,68 @@ def train(cfg: Config, data: str | Path, out: str | Path, *, resume: bool = Fals
     # every file is read now, held-out ones included, so a bad file stops the run before training starts
     images = TrainingImages.load(files, cfg, desc="loading images", progress=progress).subset(train_idx)
     if ctx.is_main:  # only rank 0 writes
-        make_output_dir(out)
-        remove_detector(out)
-        if not resume:  # --overwrite: the old run's checkpoint and model go now, not mixed with the new run
-            for old in [*out.glob("checkpoint*.safetensors"), out / CKPT_STATE, out / WEIGHTS_FILE, out / META_FILE]:
-                old.unlink(missing_ok=True)
+        _clear_old_outputs(out, resume)
         cfg.save(out / CONFIG_FILE)
     barrier(ctx)
     device = rank_device or resolve_device(cfg.device)
     trainer = Trainer(cfg, device, ctx)
-    elapsed_before = 0.0
+    run = TrainingRun(cfg, out, data, files, train_idx, hold_idx, images, trainer, ctx, device, progress)
     if resume:
-        elapsed_before = float(trainer.load(out).get("train_seconds", 0.0))
+        run.elapsed_before = float(trainer.load(out).get("train_seconds", 0.0))
+    run.start = time.perf_counter()
+    return run
 
-    start = time.perf_counter()
 
-    def checkpoint() -> None:
-        if ctx.is_main:
-            trainer.save(out, {"train_seconds": elapsed_before + time.perf_counter() - start, "data": str(data),
-                               "world_size": ctx.world})
-        barrier(ctx)  # a rollback on any rank reads this checkpoint
+def _clear_old_outputs(out: Path, resume: bool) -> None:
+    make_output_dir(out)
+    remove_detector(out)
+    if not resume:  # --overwrite: the old run's checkpoint and model go now, not mixed with the new run
+        for old in [*out.glob("checkpoint*.safetensors"), out / CKPT_STATE, out / WEIGHTS_FILE, out / META_FILE]:
+            old.unlink(missing_ok=True)
 
-    bar = progress_bar(total=cfg.steps, initial=trainer.step_done, desc="training", disable=not progress)
-    stopped_early = False
-    with _deferred_interrupt() as interrupted:
-        try:
-            while trainer.step_done < cfg.steps:
-                rng = np.random.default_rng([cfg.seed, trainer.step_done, 1])
-                idx = rng.choice(len(images), cfg.batch_size, replace=len(images) < cfg.batch_size)
-                try:
-                    losses = trainer.step(*images.crops(idx, rng))
-                except TrainingUnstable as e:
-                    _roll_back(trainer, out, e, bar)
-                    continue
-                if trainer.step_done % 10 == 0 or trainer.step_done == 1:
-                    trainer.history.append({"step": trainer.step_done, **losses})
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
-                bar.update(1)
-                if trainer.step_done % cfg.checkpoint_every == 0:
-                    checkpoint()
-                # Ctrl-C: stop between steps, so the checkpoint is an exact resume point (all ranks together)
-                if broadcast_flag(interrupted(), ctx, device):
-                    checkpoint()
-                    raise AnosegError(f"interrupted at step {trainer.step_done}; checkpoint saved in {out}, "
-                                      "continue with --resume")
-                over_time = bool(cfg.max_minutes) and (time.perf_counter() - start) / 60 > cfg.max_minutes
-                if broadcast_flag(over_time, ctx, device):
-                    stopped_early = True
-                    break
-        finally:
-            bar.close()
-    checkpoint()
-    train_seconds = elapsed_before + time.perf_counter() - start
 
-    model = AnoSegModel(cfg, trainer.final_generator, meta={
-        "steps_done": trainer.step_done, "stopped_early": stopped_early, "train_seconds": round(train_seconds, 2),
-        "n_train": len(train_idx), "data": str(data), "rollbacks": trainer.rollbacks, "lr_scale": trainer.lr_scale,
-        "world_size": ctx.world})
+def _loop(run: TrainingRun) -> bool:
+    """Train until `steps` (checkpoints, rollbacks, Ctrl-C, time budget); True when the time budget stopped it."""
+    cfg, trainer = run.cfg, run.trainer
+    bar = progress_bar(total=cfg.steps, initial=trainer.step_done, desc="training", disable=not run.progress)
+    with _deferred_interrupt() as interrupted, contextlib.closing(bar):
+        while trainer.step_done < cfg.steps:
+            rng = np.random.default_rng([cfg.seed, trainer.step_done, 1])
+            idx = rng.choice(len(run.images), cfg.batch_size, replace=len(run.images) < cfg.batch_size)
+            try:
+                losses = trainer.step(*run.images.crops(idx, rng))
+            except TrainingUnstable as e:
+                _roll_back(trainer, run.out, e, bar)
+                continue
+            if trainer.step_done % 10 == 0 or trainer.step_done == 1:
+                trainer.history.append({"step": trainer.step_done, **losses})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)
+            bar.update(1)
+            if trainer.step_done % cfg.checkpoint_every == 0:
+                run.checkpoint()
+            # Ctrl-C: stop between steps, so the checkpoint is an exact resume point (all ranks together)
+            if run.agree(interrupted()):
+                run.checkpoint()
+                raise AnosegError(f"interrupted at step {trainer.step_done}; checkpoint saved in {run.out}, "
+                                  "continue with --resume")
+            if run.agree(bool(cfg.max_minutes) and (time.perf_counter() - run.start) / 60 > cfg.max_minutes):
+                return True
+    return False
+
+
+def _finish(run: TrainingRun, stopped_early: bool) -> AnoSegModel:
+    """The last checkpoint, the model with its threshold from held-out normal images, written by rank 0."""
+    run.checkpoint()
+    trainer = run.trainer
+    model = AnoSegModel(run.cfg, trainer.final_generator, meta={
+        "steps_done": trainer.step_done, "stopped_early": stopped_early, "train_seconds": round(run.seconds(), 2),
+        "n_train": len(run.train_idx), "data": str(run.data), "rollbacks": trainer.rollbacks,
+        "lr_scale": trainer.lr_scale, "world_size": run.ctx.world})
     model.generator.eval()
-    if ctx.is_main:
-        calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])
-        model.save(out)
-    barrier(ctx)
+    if run.ctx.is_main:
+        calibrate(model, [run.files[i] for i in run.hold_idx] or [run.files[i] for i in run.train_idx])
+        model.save(run.out)
+    barrier(run.ctx)
     return model
 
 
