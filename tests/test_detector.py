@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from anoseg import evaluate, load, predict, profile_config, train
-from anoseg.detector import DETECTOR_WEIGHTS, pair_scores
+from anoseg.detector import pair_scores
+from anoseg.modelfolder import DETECTOR_WEIGHTS
 
 
 class IdentityDisc(nn.Module):

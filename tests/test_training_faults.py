@@ -16,7 +16,8 @@ from anoseg import AnosegError, OutputError, fileio, profile_config, train
 from anoseg.checkpoint import load_tensors
 from anoseg.config import Config
 from anoseg.inference import resolve_device
-from anoseg.train import CKPT_STATE, Trainer, TrainingUnstable, checkpoint_weights
+from anoseg.modelfolder import CKPT_STATE
+from anoseg.train import Trainer, TrainingUnstable, checkpoint_weights
 
 train_mod = sys.modules["anoseg.train"]
 STEPS = 40

@@ -12,23 +12,15 @@ with f the discriminator's penultimate layer (flattened) and the norm the L2 nor
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .augment import make_batch
 from .checkpoint import load_json, load_module, load_tensors, module_state, pop_threshold, save_json, save_tensors
 from .config import Config
-from .errors import AnosegError
+from .modelfolder import DETECTOR_META, DETECTOR_WEIGHTS
 from .models import Decoder, Discriminator, Encoder, stage_channels
-from .progress import bar
-
-DETECTOR_WEIGHTS = "detector.safetensors"
-DETECTOR_META = "detector.json"
 
 
 class DetectorGenerator(nn.Module):
@@ -76,61 +68,6 @@ class Detector:
         self.discriminator.eval()
         recon = self.generator(x, amap)
         return pair_scores(self.discriminator, x, recon, amap, self.cfg.detector_w_mse, self.cfg.detector_w_feat)
-
-    # --- training ------------------------------------------------------------------------
-    def fit(self, anoseg_map, images: torch.Tensor, progress: bool = True) -> float:
-        """Train on normal images (uint8 N x 3 x S x S); `anoseg_map` maps [-1, 1] images to AnoSeg maps.
-
-        Returns the training time in seconds.
-        """
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed + 1)
-        self.generator.train()
-        self.discriminator.train()
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.detector_lr, betas=(cfg.beta1, cfg.beta2))
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.detector_lr, betas=(cfg.beta1, cfg.beta2))
-        bce = F.binary_cross_entropy_with_logits
-        start = time.perf_counter()
-        for step in bar(range(cfg.detector_steps), desc="training detector", disable=not progress):
-            rng = np.random.default_rng([cfg.seed, step, 2])
-            idx = rng.choice(len(images), cfg.batch_size, replace=len(images) < cfg.batch_size)
-            x01 = images[torch.from_numpy(idx)].float() / 255.0
-            # synthetic anomalies only feed the auxiliary classifier, never the "real" class
-            syn01, syn_mask = make_batch(x01, cfg.replace(anomaly_ratio=1.0), rng)
-            is_syn = (syn_mask.flatten(1).amax(1) > 0).long().to(self.device)
-            x = x01.to(self.device) * 2 - 1
-            syn = syn01.to(self.device) * 2 - 1
-            with torch.no_grad():
-                amap, syn_map = anoseg_map(x), anoseg_map(syn)
-            normal = torch.zeros_like(amap)
-            recon = self.generator(x, amap)
-
-            real_logit, _ = self.discriminator(x, normal)
-            fake_logit, _ = self.discriminator(recon.detach(), amap)
-            _, f_norm = self.discriminator(x, amap)
-            _, f_syn = self.discriminator(syn, syn_map)
-            cls_logits = self.discriminator.classify(torch.cat([f_norm, f_syn]))
-            cls_target = torch.cat([torch.zeros_like(is_syn), is_syn])
-            loss_d = bce(real_logit, torch.ones_like(real_logit)) + bce(fake_logit, torch.zeros_like(fake_logit)) \
-                + cfg.detector_lambda_cls * F.cross_entropy(cls_logits, cls_target)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-
-            fake_logit, f_fake = self.discriminator(recon, amap)
-            with torch.no_grad():
-                _, f_real = self.discriminator(x, normal)
-            loss_g = cfg.detector_lambda_adv * bce(fake_logit, torch.ones_like(fake_logit)) \
-                + cfg.detector_lambda_rec * (recon - x).abs().mean() \
-                + cfg.detector_lambda_fm * (f_real.mean(0) - f_fake.mean(0)).pow(2).mean()
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            if not (torch.isfinite(loss_d) and torch.isfinite(loss_g)):
-                raise AnosegError(f"detector training diverged at step {step + 1}; lower detector_lr")
-        self.generator.eval()
-        self.discriminator.eval()
-        return time.perf_counter() - start
 
     # --- persistence -----------------------------------------------------------------------
     def save(self, folder: Path) -> None:

@@ -14,14 +14,11 @@ import torch.nn.functional as F
 from .checkpoint import load_json, load_module, load_tensors, module_state, pop_threshold, save_json, save_tensors
 from .config import TTA_FLIPS, Config
 from .data import resize_rgb, working_shape
-from .detector import DETECTOR_WEIGHTS, Detector
+from .detector import Detector
 from .errors import AnosegError, DataError, ModelFileError
 from .fileio import load_image, make_output_dir
+from .modelfolder import CONFIG_FILE, DETECTOR_WEIGHTS, META_FILE, WEIGHTS_FILE, has_checkpoint
 from .models import Generator
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -138,7 +135,7 @@ class AnoSegModel:
         if not folder.is_dir():
             raise ModelFileError(f"{folder}: model folder not found")
         if not (folder / WEIGHTS_FILE).is_file():
-            unfinished = (folder / "checkpoint.json").exists()
+            unfinished = has_checkpoint(folder)
             hint = " (training has not finished; resume it with --resume)" if unfinished else ""
             raise ModelFileError(f"{folder / WEIGHTS_FILE}: no trained model here{hint}")
         config = Config.load(folder / CONFIG_FILE)

@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .data import TrainingImages, train_images
-from .detector import DETECTOR_META, DETECTOR_WEIGHTS, Detector
+from .detector_training import fit_detector, new_detector
 from .distributed import (
     DistContext,
     all_reduce_sum,
@@ -46,13 +46,20 @@ from .distributed import (
 )
 from .errors import AnosegError, DataError, ModelFileError
 from .fileio import make_output_dir, write_text_atomic
-from .inference import CONFIG_FILE, META_FILE, WEIGHTS_FILE, AnoSegModel, resolve_device
+from .inference import AnoSegModel, resolve_device
+from .modelfolder import (
+    CKPT_STATE,
+    CKPT_WEIGHTS,
+    CONFIG_FILE,
+    DETECTOR_META,
+    DETECTOR_WEIGHTS,
+    LOG_FILE,
+    META_FILE,
+    WEIGHTS_FILE,
+)
 from .models import Discriminator, Generator
 from .progress import bar as progress_bar
 
-CKPT_WEIGHTS = "checkpoint.safetensors"
-CKPT_STATE = "checkpoint.json"
-LOG_FILE = "train_log.csv"
 # Settings that may change when a run is resumed; the rest must match the saved run.
 RESUMABLE = ("steps", "device", "num_threads", "max_minutes", "checkpoint_every", "batch_size_infer", "max_rollbacks",
              "rollback_lr_factor", "collapse_d_loss", "collapse_patience")
@@ -537,8 +544,8 @@ def train_detector(folder: str | Path, data: str | Path | None = None, overrides
     images = TrainingImages.load(files, cfg, desc="loading images", progress=progress).subset(train_idx)
     # the detector trains on one fixed crop per image (the whole image in square mode)
     images = images.crops(np.arange(len(images)), np.random.default_rng([cfg.seed, 3]))[0]
-    detector = Detector(cfg, model.device)
-    seconds = detector.fit(model.raw_maps, images, progress=progress)
+    detector = new_detector(cfg, model.device)
+    seconds = fit_detector(detector, model.raw_maps, images, progress=progress)
     model.detector = detector
     detector.meta = {"train_seconds": round(seconds, 2), "steps_done": cfg.detector_steps, "data": str(data)}
     calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])

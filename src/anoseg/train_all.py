@@ -21,7 +21,7 @@ from pathlib import Path
 from .data import is_mvtec_category
 from .errors import DataError
 from .fileio import make_output_dir, write_text_atomic
-from .inference import WEIGHTS_FILE
+from .modelfolder import META_FILE, WEIGHTS_FILE, has_checkpoint
 from .progress import bar as progress_bar
 
 SUMMARY_FIELDS = ["category", "status", "seconds", "train_seconds", "steps", "threshold", "pixel_auroc", "aupro",
@@ -61,7 +61,7 @@ def plan(root: str | Path, out: str | Path, only: list[str] | None = None) -> li
     for cat in cats:
         folder = Path(out) / cat.name
         action = ("skip" if (folder / WEIGHTS_FILE).is_file()
-                  else "resume" if (folder / "checkpoint.json").is_file() else "train")
+                  else "resume" if has_checkpoint(folder) else "train")
         jobs.append(Job(cat.name, cat, folder, action))
     return jobs
 
@@ -90,7 +90,7 @@ def _run(job: Job, train_args: list[str], evaluate: bool, threads: int) -> dict:
         else:
             row["status"] = "trained" if job.action == "train" else "resumed"
     row["seconds"] = round(time.perf_counter() - start, 1)
-    meta = job.out / "model.json"
+    meta = job.out / META_FILE
     if meta.is_file():
         m = json.loads(meta.read_text())
         row.update(train_seconds=m.get("train_seconds"), steps=m.get("steps_done"), threshold=m.get("threshold"))
