@@ -89,7 +89,7 @@ def main() -> int:
 
     work = Path(args.work)
     model_dir = work / f"model_{args.profile}"
-    AnoSegModel(anoseg.profile_config(args.profile), threshold=0.5, device="cpu").save(model_dir)
+    AnoSegModel(anoseg.profile_config(args.profile), map_threshold=0.5, device="cpu").save(model_dir)
     results = []
     for n in args.counts:
         images = work / f"images_{n}"

@@ -61,7 +61,8 @@ def speed_one(dataset: str, category: str, profile: str, work: Path, sets: list[
         model = anoseg.load(out, device="cpu")
         model.detector = None
     else:
-        model = anoseg.AnoSegModel(anoseg.profile_config(profile, **parse_sets(sets)), threshold=0.5, device="cpu")
+        model = anoseg.AnoSegModel(anoseg.profile_config(profile, **parse_sets(sets)), map_threshold=0.5,
+                                     device="cpu")
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(128)]
     bs = model.config.batch_size_infer
@@ -125,7 +126,7 @@ def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[st
         "dataset": dataset, "category": category, "profile": profile, "seed": seed,
         **{k: result["metrics"][k] for k in KEYS},
         "per_defect_type": result["per_defect_type"],
-        "threshold": model.threshold,
+        "map_threshold": model.map_threshold,
         "train_seconds": round(train_seconds, 1),
         "steps": model.meta["steps_done"],
         "eval_seconds": round(result["seconds"], 1),

@@ -111,7 +111,7 @@ def test_cli_train_predict_evaluate(demo_root, tmp_path, capsys):
                  "--batch-size", "4", "--save-examples", "4", "--quiet"]) == 0
     assert (model / "synthetic_examples.png").exists()
     assert main(["predict", str(model), str(demo_root / "test" / "good"), "--out", str(tmp_path / "p"),
-                 "--threshold", "0.5", "--map-format", "npy", "--quiet"]) == 0
+                 "--map-threshold", "0.5", "--map-format", "npy", "--quiet"]) == 0
     assert len(list((tmp_path / "p").glob("*_map.npy"))) == 4
     assert main(["evaluate", str(model), str(demo_root), "--out", str(tmp_path / "e"), "--quiet"]) == 0
     assert "pixel AUROC" in capsys.readouterr().out

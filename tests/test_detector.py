@@ -44,7 +44,7 @@ def test_score_is_per_image_and_zero_for_a_perfect_normal_pair():
 def test_detector_round_trip(detector_model, demo_root):
     a = load(detector_model)
     b = load(detector_model)
-    assert a.detector is not None and a.detector.threshold is not None
+    assert a.detector is not None and a.detector.image_threshold is not None
     img = np.zeros((40, 50, 3), np.uint8)
     pa, pb = a.predict_images([img])[0], b.predict_images([img])[0]
     assert pa.detector_score is not None and pa.score == pa.detector_score
@@ -57,8 +57,9 @@ def test_predict_and_evaluate_use_the_detector(detector_model, demo_root, tmp_pa
     model = load(detector_model)
     records = predict(model, [demo_root / "test" / "good"], tmp_path / "p", progress=False)
     for r in records:
-        assert r["threshold"] == model.detector.threshold and r["map_threshold"] == model.threshold
-        assert r["verdict"] == ("defect" if r["detector_score"] > model.detector.threshold else "normal")
+        assert r["image_threshold"] == model.detector.image_threshold and r["map_threshold"] == model.map_threshold
+        assert r["image_threshold"] != r["map_threshold"]  # a detector model has two different thresholds
+        assert r["verdict"] == ("defect" if r["detector_score"] > model.detector.image_threshold else "normal")
     m = evaluate(model, demo_root, tmp_path / "e", progress=False)["metrics"]
     for key in ("image_auroc_max", "image_auroc_topk", "image_auroc_detector"):
         assert 0 <= m[key] <= 1
@@ -77,5 +78,5 @@ def test_detector_threshold_needs_a_detector(tiny_model_dir, demo_root, tmp_path
     from anoseg.errors import DataError
 
     with pytest.raises(DataError, match="no detector"):
-        predict(load(tiny_model_dir), [demo_root / "test" / "good"], tmp_path, detector_threshold=0.5,
+        predict(load(tiny_model_dir), [demo_root / "test" / "good"], tmp_path, image_threshold=0.5,
                 progress=False)

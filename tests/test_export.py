@@ -30,13 +30,13 @@ def test_onnx_matches_pytorch_on_images_of_any_size(tiny_model_dir, exported):
         assert b.anomaly_map.shape == im.shape[:2]
         assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-4
         assert abs(a.score - b.score) <= 1e-4 and abs(a.topk_score - b.topk_score) <= 1e-4
-    assert runner.threshold == model.threshold
+    assert runner.image_threshold == model.image_threshold and runner.map_threshold == model.map_threshold
 
 
 def test_dynamic_batch_and_sidecar(exported, tiny_model_dir):
     meta = json.loads((exported / ONNX_META).read_text())
     model = load(tiny_model_dir)
-    assert meta["image_size"] == model.config.image_size and meta["threshold"] == model.threshold
+    assert meta["image_size"] == model.config.image_size and meta["image_threshold"] == model.image_threshold
     assert meta["input"]["scale"] == pytest.approx(1 / 127.5) and meta["input"]["offset"] == -1.0
     runner = OnnxModel(exported)
     s = meta["image_size"]
@@ -61,6 +61,8 @@ def test_export_with_detector_scores_like_pytorch(detector_model, tmp_path):
     export_onnx(model, tmp_path)
     runner = OnnxModel(tmp_path)
     assert "detector_score" in runner.outputs
+    # the sidecar names both thresholds: the detector's decides the verdict, the map's outlines pixels
+    assert runner.image_threshold == model.detector.image_threshold != runner.map_threshold == model.map_threshold
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
     for a, b in zip(model.maps_for_batch(images), runner.maps_for_batch(images)):

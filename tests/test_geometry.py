@@ -55,7 +55,7 @@ def test_explicit_coordinates_equal_the_default_for_whole_images():
 
 @pytest.mark.parametrize("mode", ["square", "aspect"])
 def test_maps_of_mixed_sizes_keep_order_and_size(mode):
-    model = AnoSegModel(profile_config("tiny", resize_mode=mode), threshold=0.5, device="cpu")
+    model = AnoSegModel(profile_config("tiny", resize_mode=mode), map_threshold=0.5, device="cpu")
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(64, 64), (200, 60), (64, 64), (30, 90)]]
     preds = model.maps_for_batch(images)

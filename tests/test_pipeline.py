@@ -15,7 +15,7 @@ from anoseg.train import checkpoint_weights
 
 def test_model_round_trip(tiny_model_dir, demo_root):
     model = load(tiny_model_dir)
-    assert model.threshold is not None and model.meta["steps_done"] == 6
+    assert model.map_threshold is not None and model.meta["steps_done"] == 6
     img = np.asarray(Image.open(next((demo_root / "test" / "spot").iterdir())).convert("RGB"))
     a = model.predict_images([img])[0]
     b = load(tiny_model_dir).predict_images([img])[0]
@@ -97,3 +97,17 @@ def test_model_file_errors(tiny_model_dir, tmp_path):
     (broken / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ModelFileError, match="not a readable safetensors"):
         load(broken)
+
+
+def test_models_saved_with_the_old_threshold_name_still_load(tiny_model_dir, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, old)
+    meta = json.loads((old / "model.json").read_text())
+    meta["threshold"] = meta.pop("map_threshold")  # model.json as written before the rename
+    (old / "model.json").write_text(json.dumps(meta))
+    model = load(old)
+    assert model.map_threshold == meta["threshold"] == model.image_threshold
+    t_map, t_img = model.thresholds(map_threshold=0.25)
+    assert t_map == t_img == 0.25

@@ -41,7 +41,8 @@ def image(demo_root) -> bytes:
 
 def test_health_and_page(client, model):
     h = client.get("/health").json()
-    assert h["status"] == "ok" and h["threshold"] == model.threshold and h["image_size"] == model.config.image_size
+    assert h["status"] == "ok" and h["image_size"] == model.config.image_size
+    assert h["image_threshold"] == model.image_threshold and h["map_threshold"] == model.map_threshold
     page = client.get("/")
     assert page.status_code == 200 and 'id="verdict"' in page.text and 'id="threshold"' in page.text
     assert "/predict" in client.get("/openapi.json").json()["paths"]
@@ -55,8 +56,8 @@ def test_predict_multipart_and_raw_body_agree_with_the_model(client, model, imag
     a, b = a.json(), b.json()
     expected = model.maps_for_batch([np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))])[0]
     assert a["score"] == pytest.approx(expected.score, abs=1e-6) and a["score"] == b["score"]
-    assert a["verdict"] == ("defect" if expected.score > model.threshold else "normal")
-    assert a["threshold"] == model.threshold
+    assert a["verdict"] == ("defect" if expected.score > model.image_threshold else "normal")
+    assert a["image_threshold"] == model.image_threshold and a["map_threshold"] == model.map_threshold
     w, h = Image.open(io.BytesIO(image)).size
     assert a["map_size"] == [w, h] and "overlay_png" not in a
     overlay = Image.open(io.BytesIO(base64.b64decode(b["overlay_png"])))

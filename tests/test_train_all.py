@@ -39,7 +39,7 @@ def test_train_all_two_at_a_time_then_skips_finished(root, tmp_path, capsys):
     gamma = rows["gamma"]["status"]
     assert gamma.startswith("failed") and "anoseg: error: only 1 normal image" in gamma
     assert (out / "alpha" / "model.safetensors").is_file() and (out / "summary.md").is_file()
-    assert float(rows["alpha"]["threshold"]) >= 0 and rows["alpha"]["steps"] == "3"
+    assert float(rows["alpha"]["map_threshold"]) >= 0 and rows["alpha"]["steps"] == "3"
 
     before = (out / "alpha" / "model.safetensors").read_bytes()
     shutil.rmtree(root / "gamma")

@@ -116,10 +116,12 @@ def test_checkpoint_naming_a_file_outside_its_folder_is_refused(tiny_model_dir, 
 def test_non_finite_or_non_number_threshold_in_model_json_is_refused(tiny_model_dir, tmp_path, value):
     broken = copy_model(tiny_model_dir, tmp_path / "m")
     meta = json.loads((broken / "model.json").read_text())
-    text = json.dumps({**meta, "threshold": 0.0}).replace('"threshold": 0.0', f'"threshold": {value}')
-    (broken / "model.json").write_text(text)
-    with pytest.raises(ModelFileError, match=r"model\.json: threshold .* must be a finite number"):
-        load(broken)
+    meta.pop("map_threshold")
+    for key in ("map_threshold", "threshold"):  # today's name, and the one models trained before it use
+        text = json.dumps({**meta, key: 0.0}).replace(f'"{key}": 0.0', f'"{key}": {value}')
+        (broken / "model.json").write_text(text)
+        with pytest.raises(ModelFileError, match=r"model\.json: map_threshold .* must be a finite number"):
+            load(broken)
 
 
 @pytest.mark.parametrize("setting", ["smoothing_sigma", "lr", "region_max"])

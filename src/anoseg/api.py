@@ -40,24 +40,25 @@ def load(folder: str | Path, device: str | None = None) -> AnoSegModel:
     return AnoSegModel.load(folder, device=device)
 
 
-def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, *, threshold: float | None = None,
-            detector_threshold: float | None = None, map_format: str = "png",
+def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, *, map_threshold: float | None = None,
+            image_threshold: float | None = None, map_format: str = "png",
             progress: bool = True, resume: bool = False, workers: int = 0) -> list[dict[str, Any]]:
     """Anomaly maps, overlays and verdicts for image files, folders or globs (written as they are made).
 
     For very many images use :func:`anoseg.predict.predict_stream`, which does not keep the rows.
     """
-    return _predict(model, inputs, out, threshold=threshold, detector_threshold=detector_threshold,
+    return _predict(model, inputs, out, map_threshold=map_threshold, image_threshold=image_threshold,
                     map_format=map_format, progress=progress, resume=resume, workers=workers)
 
 
-def evaluate(model: AnoSegModel, data: str | Path | None, out: str | Path | None, *, threshold: float | None = None,
-             detector_threshold: float | None = None, normal: str | Path | None = None,
+def evaluate(model: AnoSegModel, data: str | Path | None, out: str | Path | None, *,
+             map_threshold: float | None = None, image_threshold: float | None = None,
+             normal: str | Path | None = None,
              abnormal: str | Path | None = None, masks: str | Path | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Metrics on an MVTec category's test split (`data`), or on plain folders (normal/abnormal/masks)."""
     samples = mvtec_test_samples(data) if data else folder_test_samples(normal, abnormal, masks)
-    return _evaluate(model, samples, out, threshold=threshold, detector_threshold=detector_threshold,
+    return _evaluate(model, samples, out, map_threshold=map_threshold, image_threshold=image_threshold,
                      progress=progress)
 
 

@@ -96,11 +96,15 @@ def load_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, t
     opt.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
 
 
-def pop_threshold(meta: dict, path: Path) -> float | None:
-    """Take the stored threshold out of a model's metadata; anything but a finite number is refused."""
-    value = meta.pop("threshold", None)
+def pop_threshold(meta: dict, path: Path, key: str) -> float | None:
+    """Take the stored threshold `key` out of a model's metadata; anything but a finite number is refused.
+
+    Files written before thresholds had two names store it as plain ``threshold``; that is read too.
+    """
+    legacy = meta.pop("threshold", None)
+    value = meta.pop(key, legacy)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ModelFileError(f"{path}: threshold {value!r} must be a finite number")
+        raise ModelFileError(f"{path}: {key} {value!r} must be a finite number")
     return float(value)

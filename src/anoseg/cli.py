@@ -43,9 +43,11 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
 
 
 def _threshold_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threshold", type=float,
+    # --threshold and --detector-threshold: the names before the two thresholds had their own, still accepted
+    p.add_argument("--map-threshold", "--threshold", dest="map_threshold", type=float,
                    help="override the map threshold (outlined pixels; the verdict too when there is no detector)")
-    p.add_argument("--detector-threshold", type=float, help="override the detector's threshold (verdict)")
+    p.add_argument("--image-threshold", "--detector-threshold", dest="image_threshold", type=float,
+                   help="override the image threshold of a model with a detector (the verdict on its score)")
 
 
 def _training_options(t: argparse.ArgumentParser) -> None:
@@ -183,7 +185,7 @@ def _cmd_train(args: argparse.Namespace, progress: bool) -> None:
     model = api.train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
     if not is_main_process():  # torchrun: rank 0 reports, trains the detector and evaluates
         return
-    print(f"model written to {args.out} (threshold {model.threshold:.4f}, {model.meta['train_seconds']:.0f} s)")
+    print(f"model written to {args.out} (map threshold {model.map_threshold:.4f}, {model.meta['train_seconds']:.0f} s)")
     if args.detector:
         _detector_written(args.out, api.train_detector(args.out, args.data, progress=progress))
     if args.evaluate:
@@ -217,8 +219,8 @@ def _cmd_predict(args: argparse.Namespace, progress: bool) -> None:
     from .predict import predict_stream
 
     model = api.load(args.model, device=args.device)
-    summary = predict_stream(model, args.inputs, args.out, threshold=args.threshold,
-                             detector_threshold=args.detector_threshold, map_format=args.map_format,
+    summary = predict_stream(model, args.inputs, args.out, map_threshold=args.map_threshold,
+                             image_threshold=args.image_threshold, map_format=args.map_format,
                              progress=progress, resume=args.resume, workers=args.workers)
     done = f" ({summary.already_done} already done)" if summary.already_done else ""
     print(f"{summary.scored} image(s) scored{done}, {summary.defects} defect, {summary.skipped} skipped, "
@@ -229,8 +231,8 @@ def _cmd_evaluate(args: argparse.Namespace, progress: bool) -> None:
     if not args.data and not (args.normal or args.abnormal):
         raise AnosegError("give an MVTec category folder, or --normal/--abnormal/--masks folders")
     model = api.load(args.model, device=args.device)
-    result = api.evaluate(model, args.data, args.out, threshold=args.threshold,
-                          detector_threshold=args.detector_threshold, normal=args.normal,
+    result = api.evaluate(model, args.data, args.out, map_threshold=args.map_threshold,
+                          image_threshold=args.image_threshold, normal=args.normal,
                           abnormal=args.abnormal, masks=args.masks, progress=progress)
     _print_metrics(result)
     print(f"results in {args.out}/metrics.json and metrics.md")
@@ -273,7 +275,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def _detector_written(folder: str, model) -> None:
-    print(f"detector written to {folder} (threshold {model.detector.threshold:.4f}, "
+    print(f"detector written to {folder} (image threshold {model.detector.image_threshold:.4f}, "
           f"{model.detector.meta['train_seconds']:.0f} s)")
 
 

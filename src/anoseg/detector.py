@@ -58,7 +58,7 @@ class Detector:
         self.device = device
         self.generator = DetectorGenerator(cfg).to(device)
         self.discriminator = Discriminator(cfg, in_channels=4, aux_classes=2).to(device)
-        self.threshold: float | None = None
+        self.image_threshold: float | None = None  # on its score: the image verdict
         self.meta: dict = {}
 
     @torch.no_grad()
@@ -73,7 +73,7 @@ class Detector:
     def save(self, folder: Path) -> None:
         save_tensors(folder / DETECTOR_WEIGHTS, {**module_state("generator", self.generator),
                                                  **module_state("discriminator", self.discriminator)})
-        save_json(folder / DETECTOR_META, {**self.meta, "threshold": self.threshold})
+        save_json(folder / DETECTOR_META, {**self.meta, "image_threshold": self.image_threshold})
 
     @classmethod
     def load(cls, folder: Path, cfg: Config, device: torch.device) -> Detector:
@@ -82,7 +82,7 @@ class Detector:
         load_module(det.generator, tensors, "generator", folder / DETECTOR_WEIGHTS)
         load_module(det.discriminator, tensors, "discriminator", folder / DETECTOR_WEIGHTS)
         meta = load_json(folder / DETECTOR_META)
-        det.threshold = pop_threshold(meta, folder / DETECTOR_META)
+        det.image_threshold = pop_threshold(meta, folder / DETECTOR_META, "image_threshold")
         det.meta = meta
         det.generator.eval()
         det.discriminator.eval()

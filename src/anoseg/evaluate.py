@@ -56,11 +56,11 @@ def collect(model: AnoSegModel, samples: list[Sample], progress: bool = True):
 
 
 def compute_metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray, preds: list[Prediction],
-                    threshold: float | None, image_threshold: float | None,
+                    map_threshold: float | None, image_threshold: float | None,
                     curves: dict[str, metrics.Curve] | None = None) -> dict[str, Any]:
     """Every metric the data allows; ones it does not allow are None. `curves` receives the ROC curves.
 
-    `threshold` is the map's (pixels, IoU); `image_threshold` the one of the image score (verdicts).
+    `map_threshold` is the map's (pixels, IoU); `image_threshold` the one of the image score (verdicts).
     """
     out: dict[str, Any] = dict.fromkeys(METRIC_NAMES)
     curves = {} if curves is None else curves
@@ -86,8 +86,8 @@ def compute_metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.
         out["pixel_f1_max"] = pixel.f1_max()[0]
         out["best_iou"] = pixel.best_iou()[0]
         out["aupro"] = float(metrics.aupro(masks, maps, PRO_FPR_LIMIT))
-        if threshold is not None:
-            out["iou"] = metrics.iou_at(flat_masks, flat_maps, threshold)
+        if map_threshold is not None:
+            out["iou"] = metrics.iou_at(flat_masks, flat_maps, map_threshold)
         curves["pixel"] = pixel
     return out
 
@@ -119,7 +119,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for key, name in METRIC_NAMES.items():
         lines.append(f"| {name} | {f(result['metrics'].get(key))} |")
     info = (f"\n{result['n_images']} images ({result['n_defect']} defect); image score: {result['image_score']}, "
-            f"threshold {result['image_threshold']}; map threshold {result['threshold']}; {result['seconds']:.1f} s.\n")
+            f"image threshold {result['image_threshold']}; map threshold {result['map_threshold']}; "
+            f"{result['seconds']:.1f} s.\n")
     types = result.get("per_defect_type") or {}
     if types:
         names = " | ".join(METRIC_NAMES[k] for k in TYPE_METRICS)
@@ -134,17 +135,17 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None = None,
-             threshold: float | None = None, progress: bool = True,
-             detector_threshold: float | None = None) -> dict[str, Any]:
+             map_threshold: float | None = None, progress: bool = True,
+             image_threshold: float | None = None) -> dict[str, Any]:
     """Run the model on labelled samples; write metrics.json, metrics.md, scores.csv, roc.png, pro.png to `out`."""
     start = time.perf_counter()
-    t_map, t_img = model.thresholds(threshold, detector_threshold)
+    t_map, t_img = model.thresholds(map_threshold, image_threshold)
     maps, masks, preds = collect(model, samples, progress)
     labels = np.array([s.label for s in samples])
     curves: dict[str, metrics.Curve] = {}
     result = {
         "metrics": compute_metrics(maps, masks, labels, preds, t_map, t_img, curves),
-        "threshold": t_map,
+        "map_threshold": t_map,
         "image_threshold": t_img,
         "image_score": "detector" if model.detector is not None else "map maximum",
         "n_images": len(samples),

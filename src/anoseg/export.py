@@ -137,7 +137,7 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
         "batch": batch,
         "map_threshold": t_map,
         "score_output": "detector_score" if model.detector is not None else "map_score",
-        "threshold": t_img,
+        "image_threshold": t_img,
         "topk_fraction": cfg.topk_fraction,
         "opset": file_opset(out / ONNX_FILE),  # what the file holds, not what was asked
         "torch": torch.__version__,
@@ -171,7 +171,8 @@ class OnnxModel:
         self.size = int(self.meta["image_size"])
         self.geometry = Config(image_size=self.size, resize_mode=self.meta.get("resize_mode", "square"),
                                max_aspect=float(self.meta.get("max_aspect", 4.0)))
-        self.threshold = self.meta.get("threshold")
+        # "threshold": the image threshold's name in sidecars written before the two had their own names
+        self.image_threshold = self.meta.get("image_threshold", self.meta.get("threshold"))
         self.map_threshold = self.meta.get("map_threshold")
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:

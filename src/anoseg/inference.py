@@ -17,7 +17,7 @@ from .data import resize_rgb, working_shape
 from .detector import Detector
 from .errors import AnosegError, DataError, ModelFileError
 from .fileio import load_image, make_output_dir
-from .modelfolder import CONFIG_FILE, DETECTOR_WEIGHTS, META_FILE, WEIGHTS_FILE, has_checkpoint
+from .modelfolder import CONFIG_FILE, DETECTOR_WEIGHTS, META_FILE, WEIGHTS_FILE, Thresholds, has_checkpoint
 from .models import Generator
 
 
@@ -104,28 +104,28 @@ class Prediction:
 
 
 class AnoSegModel:
-    """A trained generator with its configuration and decision threshold."""
+    """A trained generator with its configuration and decision thresholds."""
 
-    def __init__(self, config: Config, generator: Generator | None = None, threshold: float | None = None,
+    def __init__(self, config: Config, generator: Generator | None = None, map_threshold: float | None = None,
                  meta: dict | None = None, device: str | None = None) -> None:
         self.config = config
         self.device = resolve_device(device or config.device)
         self.generator = (generator or Generator(config)).to(self.device).eval()
-        self.threshold = threshold  # for the map: pixels (and map scores) above it are defect
+        self.map_threshold = map_threshold  # map values (pixels, and the map maximum) above it are defect
         self.meta = dict(meta or {})
         self.detector: Detector | None = None
 
     @property
     def image_threshold(self) -> float | None:
-        """The threshold of `Prediction.score`: the detector's when there is one."""
-        return self.detector.threshold if self.detector is not None else self.threshold
+        """The threshold of `Prediction.score`: the detector's when there is one, else the map threshold."""
+        return self.detector.image_threshold if self.detector is not None else self.map_threshold
 
     # --- persistence -------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         make_output_dir(folder)
         self.config.save(folder / CONFIG_FILE)
-        save_json(folder / META_FILE, {**self.meta, "threshold": self.threshold})
+        save_json(folder / META_FILE, {**self.meta, "map_threshold": self.map_threshold})
         # the weights file marks a finished model, so it is written last
         save_tensors(folder / WEIGHTS_FILE, module_state("generator", self.generator))
 
@@ -142,7 +142,7 @@ class AnoSegModel:
         meta = load_json(folder / META_FILE) if (folder / META_FILE).exists() else {}
         generator = Generator(config)
         load_module(generator, load_tensors(folder / WEIGHTS_FILE), "generator", folder / WEIGHTS_FILE)
-        threshold = pop_threshold(meta, folder / META_FILE)
+        threshold = pop_threshold(meta, folder / META_FILE, "map_threshold")
         model = cls(config, generator, threshold, meta, device)
         if (folder / DETECTOR_WEIGHTS).exists():
             model.detector = Detector.load(folder, config, model.device)
@@ -196,20 +196,21 @@ class AnoSegModel:
             pred.path = p
             yield pred
 
-    def thresholds(self, threshold: float | None = None,
-                   detector_threshold: float | None = None) -> tuple[float | None, float | None]:
-        """(map threshold, image threshold), the model's own unless overridden.
+    def thresholds(self, map_threshold: float | None = None, image_threshold: float | None = None) -> Thresholds:
+        """The map and image thresholds, the model's own unless overridden.
 
         The map threshold outlines defect pixels; the image threshold decides the verdict on
-        `Prediction.score` (the detector's score when the model has a detector, else the map's maximum).
+        `Prediction.score` (the detector's score when the model has a detector, else the map's maximum,
+        in which case the two thresholds are one and the same).
         """
-        t_map = self.threshold if threshold is None else check_threshold(threshold)
+        t_map = self.map_threshold if map_threshold is None else check_threshold(map_threshold)
         if self.detector is None:
-            if detector_threshold is not None:
-                raise DataError("--detector-threshold given, but the model has no detector")
-            return t_map, t_map
-        t_det = self.detector.threshold if detector_threshold is None else check_threshold(detector_threshold)
-        return t_map, t_det
+            if image_threshold is not None:
+                raise DataError("--image-threshold given, but the model has no detector: its image score is the "
+                                "map maximum, judged by the map threshold (--map-threshold)")
+            return Thresholds(t_map, t_map)
+        t_img = self.detector.image_threshold if image_threshold is None else check_threshold(image_threshold)
+        return Thresholds(t_map, t_img)
 
 
 def check_threshold(threshold: float) -> float:

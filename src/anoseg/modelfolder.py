@@ -39,3 +39,6 @@ class Thresholds:
 
     map: float | None
     image: float | None
+
+    def __iter__(self):  # t_map, t_img = model.thresholds()
+        return iter((self.map, self.image))

@@ -38,7 +38,7 @@ from .inference import AnoSegModel, Prediction, verdict
 from .progress import bar as progress_bar
 from .visualize import overlay, save_map_png16
 
-RESULT_FIELDS = ["path", "score", "verdict", "threshold", "map_score", "topk_score", "detector_score",
+RESULT_FIELDS = ["path", "score", "verdict", "image_threshold", "map_score", "topk_score", "detector_score",
                  "map_threshold", "width", "height", "overlay", "map"]
 
 
@@ -210,16 +210,17 @@ class PredictSummary:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, threshold: float | None = None,
-            map_format: str = "png", progress: bool = True, detector_threshold: float | None = None,
+def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, map_threshold: float | None = None,
+            map_format: str = "png", progress: bool = True, image_threshold: float | None = None,
             resume: bool = False, workers: int = 0) -> list[dict[str, Any]]:
     """Like :func:`predict_stream`, returning the result rows (for a manageable number of images)."""
-    return predict_stream(model, inputs, out, threshold, map_format, progress, detector_threshold, resume, workers,
+    return predict_stream(model, inputs, out, map_threshold, map_format, progress, image_threshold, resume, workers,
                           keep_records=True).records
 
 
-def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path, threshold: float | None = None,
-                   map_format: str = "png", progress: bool = True, detector_threshold: float | None = None,
+def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path,
+                   map_threshold: float | None = None, map_format: str = "png", progress: bool = True,
+                   image_threshold: float | None = None,
                    resume: bool = False, workers: int = 0, keep_records: bool = False) -> PredictSummary:
     """Score images and write overlays, raw maps and ``predictions.csv`` / ``predictions.jsonl`` into `out`.
 
@@ -234,7 +235,7 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
         raise DataError(f"map format {map_format!r}: choose png or npy")
     if workers < 0:
         raise DataError(f"--workers {workers}: must be 0 or more")
-    t_map, t_img = model.thresholds(threshold, detector_threshold)
+    t_map, t_img = model.thresholds(map_threshold, image_threshold)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; give --out a folder")
@@ -301,7 +302,7 @@ def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Predic
     def r(v: float | None) -> float | None:
         return None if v is None else round(v, 6)
 
-    return {"path": str(path), "score": r(pred.score), "verdict": verdict(pred.score, t_img), "threshold": t_img,
+    return {"path": str(path), "score": r(pred.score), "verdict": verdict(pred.score, t_img), "image_threshold": t_img,
             "map_score": r(pred.map_score), "topk_score": r(pred.topk_score), "detector_score": r(pred.detector_score),
             "map_threshold": t_map, "width": image.shape[1], "height": image.shape[0],
             "overlay": overlay_file, "map": map_file}

@@ -74,7 +74,7 @@ class Inspector:
         self.model = model
         self.settings = settings
         self.lock = threading.Lock()  # one forward pass at a time: torch modules are not re-entrant
-        self.map_threshold, self.threshold = model.thresholds()
+        self.map_threshold, self.image_threshold = model.thresholds()
         self.count = 0
         if settings.save_uploads:
             check_writable(Path(settings.save_uploads))
@@ -92,8 +92,9 @@ class Inspector:
         saved = self.save_upload(data, name) if self.settings.save_uploads else {}
         h, w = image.shape[:2]
         result: dict[str, Any] = {
-            "score": round(pred.score, 6), "verdict": verdict(pred.score, self.threshold),
-            "threshold": self.threshold, "score_kind": "detector" if pred.detector_score is not None else "map_max",
+            "score": round(pred.score, 6), "verdict": verdict(pred.score, self.image_threshold),
+            "image_threshold": self.image_threshold,
+            "score_kind": "detector" if pred.detector_score is not None else "map_max",
             "map_score": round(pred.map_score, 6), "topk_score": round(pred.topk_score, 6),
             "detector_score": None if pred.detector_score is None else round(pred.detector_score, 6),
             "map_threshold": self.map_threshold, "width": w, "height": h, "map_size": [w, h],
@@ -229,7 +230,7 @@ def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None =
     def health() -> dict[str, Any]:
         """Liveness and what is loaded."""
         m = inspector.model
-        return {"status": "ok", "image_size": m.config.image_size, "threshold": inspector.threshold,
+        return {"status": "ok", "image_size": m.config.image_size, "image_threshold": inspector.image_threshold,
                 "map_threshold": inspector.map_threshold, "detector": m.detector is not None,
                 "device": str(m.device), "limits": asdict(settings) | {"max_bytes": settings.max_bytes}}
 
@@ -242,7 +243,7 @@ def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None =
                       pictures: bool = Query(False, description="add overlay, heat map and map PNGs (base64)")):
         """Score one image. Send it as multipart field ``file`` or as the raw request body.
 
-        Answers score, verdict (defect/normal), threshold and map size; PNG pictures on request.
+        Answers score, verdict (defect/normal), image and map thresholds and map size; PNG pictures on request.
         """
         try:
             data, name = await upload_from(request, settings)

@@ -504,14 +504,14 @@ def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
     preds = list(model.iter_predict_files(normal_files))
     q = model.config.threshold_quantile
     map_scores = np.array([p.map_score for p in preds])
-    model.threshold = float(np.quantile(map_scores, q))
+    model.map_threshold = float(np.quantile(map_scores, q))
     info = {"threshold_source": f"quantile {q} of {len(preds)} held-out normal image scores",
             "holdout_scores": [round(float(s), 6) for s in map_scores],
             "holdout_files": [str(f) for f in normal_files]}
     model.meta.update(info)
     if model.detector is not None:
         det_scores = np.array([p.detector_score for p in preds])
-        model.detector.threshold = float(np.quantile(det_scores, q))
+        model.detector.image_threshold = float(np.quantile(det_scores, q))
         model.detector.meta.update({**info, "holdout_scores": [round(float(s), 6) for s in det_scores]})
     return info
 

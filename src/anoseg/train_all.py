@@ -24,7 +24,7 @@ from .fileio import make_output_dir, write_text_atomic
 from .modelfolder import META_FILE, WEIGHTS_FILE, has_checkpoint
 from .progress import bar as progress_bar
 
-SUMMARY_FIELDS = ["category", "status", "seconds", "train_seconds", "steps", "threshold", "pixel_auroc", "aupro",
+SUMMARY_FIELDS = ["category", "status", "seconds", "train_seconds", "steps", "map_threshold", "pixel_auroc", "aupro",
                   "image_auroc", "log"]
 
 
@@ -93,7 +93,8 @@ def _run(job: Job, train_args: list[str], evaluate: bool, threads: int) -> dict:
     meta = job.out / META_FILE
     if meta.is_file():
         m = json.loads(meta.read_text())
-        row.update(train_seconds=m.get("train_seconds"), steps=m.get("steps_done"), threshold=m.get("threshold"))
+        row.update(train_seconds=m.get("train_seconds"), steps=m.get("steps_done"),
+                   map_threshold=m.get("map_threshold", m.get("threshold")))
     metrics = job.out / "eval" / "metrics.json"
     if metrics.is_file():
         values = json.loads(metrics.read_text()).get("metrics", {})
