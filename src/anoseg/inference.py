@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -101,6 +102,16 @@ class Prediction:
     map_score: float
     topk_score: float
     detector_score: float | None = None
+
+    def to_record(self, thresholds: Thresholds) -> dict[str, Any]:
+        """The result fields every output shares (predictions.csv/.jsonl, the server's answer), scores rounded."""
+        def r(v: float | None) -> float | None:
+            return None if v is None else round(v, 6)
+
+        h, w = self.anomaly_map.shape[:2]
+        return {"score": r(self.score), "verdict": verdict(self.score, thresholds.image),
+                "image_threshold": thresholds.image, "map_score": r(self.map_score), "topk_score": r(self.topk_score),
+                "detector_score": r(self.detector_score), "map_threshold": thresholds.map, "width": w, "height": h}
 
 
 class AnoSegModel:

@@ -34,7 +34,8 @@ from .fileio import (
     save_png_atomic,
     write_text_atomic,
 )
-from .inference import AnoSegModel, Prediction, verdict
+from .inference import AnoSegModel, Prediction
+from .modelfolder import Thresholds
 from .progress import bar as progress_bar
 from .visualize import overlay, save_map_png16
 
@@ -299,13 +300,7 @@ def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Predic
     else:
         save_npy_atomic(out / map_file, pred.anomaly_map)
 
-    def r(v: float | None) -> float | None:
-        return None if v is None else round(v, 6)
-
-    return {"path": str(path), "score": r(pred.score), "verdict": verdict(pred.score, t_img), "image_threshold": t_img,
-            "map_score": r(pred.map_score), "topk_score": r(pred.topk_score), "detector_score": r(pred.detector_score),
-            "map_threshold": t_map, "width": image.shape[1], "height": image.shape[0],
-            "overlay": overlay_file, "map": map_file}
+    return {"path": str(path), **pred.to_record(Thresholds(t_map, t_img)), "overlay": overlay_file, "map": map_file}
 
 
 def _as_is(item: Any) -> Any:

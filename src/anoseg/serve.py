@@ -23,7 +23,8 @@ from PIL import Image
 
 from .errors import AnosegError, DataError, ImageError, OutputError
 from .fileio import load_image_bytes, make_output_dir, safe_name, write_bytes_atomic
-from .inference import AnoSegModel, verdict
+from .inference import AnoSegModel
+from .modelfolder import Thresholds
 from .visualize import heatmap, overlay
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
@@ -92,12 +93,8 @@ class Inspector:
         saved = self.save_upload(data, name) if self.settings.save_uploads else {}
         h, w = image.shape[:2]
         result: dict[str, Any] = {
-            "score": round(pred.score, 6), "verdict": verdict(pred.score, self.image_threshold),
-            "image_threshold": self.image_threshold,
-            "score_kind": "detector" if pred.detector_score is not None else "map_max",
-            "map_score": round(pred.map_score, 6), "topk_score": round(pred.topk_score, 6),
-            "detector_score": None if pred.detector_score is None else round(pred.detector_score, 6),
-            "map_threshold": self.map_threshold, "width": w, "height": h, "map_size": [w, h],
+            **pred.to_record(Thresholds(self.map_threshold, self.image_threshold)),
+            "score_kind": "detector" if pred.detector_score is not None else "map_max", "map_size": [w, h],
             "defect_fraction": None if self.map_threshold is None else
             round(float((pred.anomaly_map > self.map_threshold).mean()), 6), **saved,
         }
