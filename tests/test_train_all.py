@@ -1,6 +1,7 @@
 """anoseg train-all: every category, N at a time, finished ones skipped, one summary."""
 
 import csv
+import json
 import shutil
 
 import pytest
@@ -37,7 +38,12 @@ def test_train_all_two_at_a_time_then_skips_finished(root, tmp_path, capsys):
     rows = read_summary(out)
     assert rows["alpha"]["status"] == rows["beta"]["status"] == "trained"  # ... the others do not
     gamma = rows["gamma"]["status"]
-    assert gamma.startswith("failed") and "anoseg: error: only 1 normal image" in gamma
+    assert gamma.startswith("failed (exit 2): only 1 normal image")  # the child's error, passed back as JSON
+    assert json.loads((out / "gamma" / "train_error.json").read_text())["type"] == "DataError"
+    # every category trained with the one configuration the parent wrote, not with re-typed options
+    cfg = json.loads((out / "train_all_config.json").read_text())
+    assert cfg["profile"] == "tiny" and cfg["steps"] == 3 and cfg["batch_size"] == 4
+    assert json.loads((out / "alpha" / "config.json").read_text())["steps"] == 3
     assert (out / "alpha" / "model.safetensors").is_file() and (out / "summary.md").is_file()
     assert float(rows["alpha"]["map_threshold"]) >= 0 and rows["alpha"]["steps"] == "3"
 

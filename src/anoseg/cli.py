@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
 import time
 import warnings
@@ -58,15 +61,6 @@ def _training_options(t: argparse.ArgumentParser) -> None:
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text)
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting, e.g. --set lambda_adv=0.05 (repeatable; see docs/settings.md)")
-
-
-def _training_argv(args: argparse.Namespace) -> list[str]:
-    """The training options of `args` as command-line words (for the per-category processes of train-all)."""
-    words = ["--profile", args.profile] + (["--config", args.config] if args.config else [])
-    for name in TRAIN_FLAGS:
-        if getattr(args, name) is not None:
-            words += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    return words + [w for s in args.set for w in ("--set", s)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,8 +189,7 @@ def _cmd_train(args: argparse.Namespace, progress: bool) -> None:
 def _cmd_train_all(args: argparse.Namespace, progress: bool) -> None:
     from .train_all import train_all
 
-    _train_config(args)  # bad settings stop here, before any category starts
-    rows = train_all(args.root, args.out, _training_argv(args), jobs=args.jobs, evaluate=args.evaluate,
+    rows = train_all(args.root, args.out, _train_config(args), jobs=args.jobs, evaluate=args.evaluate,
                      only=args.only, progress=progress)
     failed = [r["category"] for r in rows if r["status"].startswith("failed")]
     print(Path(args.out, "summary.md").read_text(), end="")
@@ -290,6 +283,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     (file or sys.stderr).write(f"anoseg: warning: {message}\n")
 
 
+def _report_error(error: AnosegError) -> None:
+    """For a parent process (train-all): the error as JSON in the file it names, not a line to parse."""
+    path = os.environ.get("ANOSEG_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"error": str(error), "type": type(error).__name__}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     previous = warnings.showwarning
     warnings.showwarning = _show_warning  # only while the command runs
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(argv)
     except AnosegError as e:
         print(f"anoseg: error: {e}", file=sys.stderr)
+        _report_error(e)
         return 2
     except KeyboardInterrupt:
         print("anoseg: interrupted", file=sys.stderr)

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Config, profile_config
 from .data import is_mvtec_category
 from .errors import DataError
 from .fileio import make_output_dir, write_text_atomic
@@ -26,6 +27,10 @@ from .progress import bar as progress_bar
 
 SUMMARY_FIELDS = ["category", "status", "seconds", "train_seconds", "steps", "map_threshold", "pixel_auroc", "aupro",
                   "image_auroc", "log"]
+
+
+ERROR_FILE = "train_error.json"  # a failed child leaves its error here (see cli.main)
+ERROR_ENV = "ANOSEG_ERROR_FILE"
 
 
 @dataclass
@@ -66,27 +71,28 @@ def plan(root: str | Path, out: str | Path, only: list[str] | None = None) -> li
     return jobs
 
 
-def _run(job: Job, train_args: list[str], evaluate: bool, threads: int) -> dict:
+def _run(job: Job, config_file: Path, evaluate: bool, threads: int) -> dict:
     start = time.perf_counter()
     row: dict = {"category": job.category, "status": {"skip": "already trained"}.get(job.action, job.action)}
     if job.action != "skip":
         make_output_dir(job.out)
-        log = job.out / "train_all.log"
-        cmd = [sys.executable, "-m", "anoseg", "train", str(job.data), "--out", str(job.out), "--quiet", *train_args]
+        log, error_file = job.out / "train_all.log", job.out / ERROR_FILE
+        error_file.unlink(missing_ok=True)
+        # the settings travel as a config file and the error comes back as JSON: nothing is re-typed or parsed
+        cmd = [sys.executable, "-m", "anoseg", "train", str(job.data), "--out", str(job.out), "--quiet",
+               "--config", str(config_file)]
         if job.action == "resume":
             cmd.append("--resume")
         if evaluate:
             cmd.append("--evaluate")
-        env = dict(os.environ)
+        env = {**os.environ, ERROR_ENV: str(error_file)}
         if threads:  # several categories at once: share the cores instead of fighting over them
             env["OMP_NUM_THREADS"] = str(threads)
-            cmd += ["--num-threads", str(threads)]
         with open(log, "w") as f:
             code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         row["log"] = str(log)
         if code:
-            last = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
-            row["status"] = f"failed (exit {code}): {last[0][:200]}"
+            row["status"] = f"failed (exit {code}): {_child_error(error_file, log)[:200]}"
         else:
             row["status"] = "trained" if job.action == "train" else "resumed"
     row["seconds"] = round(time.perf_counter() - start, 1)
@@ -102,22 +108,34 @@ def _run(job: Job, train_args: list[str], evaluate: bool, threads: int) -> dict:
     return row
 
 
-def train_all(root: str | Path, out: str | Path, train_args: list[str] | None = None, jobs: int = 1,
+def _child_error(error_file: Path, log: Path) -> str:
+    """The failed child's error message: from its JSON error file, else the last line of its log."""
+    try:
+        return str(json.loads(error_file.read_text())["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        last = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
+        return last[0]
+
+
+def train_all(root: str | Path, out: str | Path, config: Config | None = None, jobs: int = 1,
               evaluate: bool = False, only: list[str] | None = None, progress: bool = True) -> list[dict]:
     """Train each category of `root` into `out/<category>`; writes ``out/summary.csv`` and ``summary.md``.
 
-    `train_args` are ``anoseg train`` options (e.g. ``["--profile", "fast"]``); `jobs` categories train at
-    the same time, the CPU threads shared between them.
+    Every category trains with `config` (default: the ``fast`` profile); `jobs` categories train at the
+    same time, the CPU threads shared between them.
     """
     if jobs < 1:
         raise DataError(f"--jobs {jobs}: must be at least 1")
     todo = plan(root, out, only)
     make_output_dir(out)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    config = (config or profile_config("fast")).replace(**({"num_threads": threads} if threads else {}))
+    config_file = Path(out) / "train_all_config.json"
+    config.save(config_file)
     rows: dict[str, dict] = {}
     bar = progress_bar(total=len(todo), desc="categories", unit="cat", disable=not progress)
     with ThreadPoolExecutor(jobs) as pool:
-        futures = {pool.submit(_run, j, list(train_args or []), evaluate, threads): j for j in todo}
+        futures = {pool.submit(_run, j, config_file, evaluate, threads): j for j in todo}
         for fut in futures:
             row = fut.result()
             rows[row["category"]] = row
