@@ -198,3 +198,52 @@ def test_api_docs_work_offline(client):
         r = client.get(f"/docs-assets/{asset}")
         assert r.status_code == 200 and len(r.content) > 10_000
     assert client.get("/openapi.json").json()["paths"]["/predict"]
+
+
+def _counting(real, delay: float):
+    """`real`, slowed down, recording how many calls run at once."""
+    import threading
+    import time
+
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def counted(*args, **kwargs):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(delay)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    return counted, state
+
+
+def test_many_uploads_at_once_are_decoded_a_few_at_a_time(model, image, monkeypatch):
+    import anoseg.serve
+
+    # decoding happens outside the model's lock: it is what took gigabytes with many large uploads at once
+    decode, state = _counting(anoseg.serve.load_image_bytes, 0.05)
+    monkeypatch.setattr(anoseg.serve, "load_image_bytes", decode)
+    client = TestClient(create_app(model, ServeSettings(max_concurrent=2)))
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda _: client.post("/predict", files={"file": ("a.png", image)}).status_code,
+                              range(12)))
+    assert codes == [200] * 12 and state["most"] == 2
+
+
+def test_requests_that_wait_too_long_get_a_json_503(model, image, monkeypatch):
+    import anoseg.serve
+
+    decode, _ = _counting(anoseg.serve.load_image_bytes, 0.3)
+    monkeypatch.setattr(anoseg.serve, "load_image_bytes", decode)
+    client = TestClient(create_app(model, ServeSettings(max_concurrent=1, busy_timeout_s=0.05)))
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: client.post("/predict", files={"file": ("a.png", image)}), range(6)))
+    codes = [a.status_code for a in answers]
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+    busy = next(a.json() for a in answers if a.status_code == 503)
+    assert busy["error"] == "busy" and "try again" in busy["detail"]

@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20 MB)")
     sv.add_argument("--max-pixels", type=int, default=40_000_000,
                     help="largest declared image size in pixels (default 40 million; guards against bombs)")
+    sv.add_argument("--max-concurrent", type=int, default=1,
+                    help="images decoded and mapped at the same time (default 1); others wait their turn, and "
+                    "after 60 s get 503 busy: this bounds the server's memory, whatever the number of clients")
     sv.add_argument("--save-uploads", metavar="FOLDER",
                     help="keep every upload in FOLDER (default: uploads are never written to disk)")
     sv.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: the model's setting)")
@@ -245,7 +248,8 @@ def _cmd_serve(args: argparse.Namespace, progress: bool) -> None:  # noqa: ARG00
     from .serve import ServeSettings, serve
 
     settings = ServeSettings(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-                             max_pixels=args.max_pixels, save_uploads=args.save_uploads)
+                             max_pixels=args.max_pixels, save_uploads=args.save_uploads,
+                             max_concurrent=args.max_concurrent)
     serve(api.load(args.model, device=args.device), settings, model_name=args.model)
 
 

@@ -25,7 +25,7 @@ from .errors import AnosegError, DataError, ImageError, OutputError
 from .fileio import load_image_bytes, make_output_dir, safe_name, write_bytes_atomic
 from .inference import AnoSegModel
 from .modelfolder import Thresholds
-from .visualize import heatmap, overlay
+from .visualize import map_to_uint8, overlay
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 STATUS = {"empty": 400, "damaged": 400, "no_pixels": 400, "not_image": 415, "too_large": 413}
@@ -40,12 +40,18 @@ class ServeSettings:
     max_upload_mb: float = 20.0  # larger bodies are refused with 413 before they are read to the end
     max_pixels: int = 40_000_000  # declared width x height above this is refused (decompression bombs)
     save_uploads: str | None = None  # folder to keep uploads in; None: uploads never touch the disk
+    max_concurrent: int = 1  # images decoded and mapped at the same time; memory is bounded by this, not by clients
+    busy_timeout_s: float = 60.0  # a request that waits longer for its turn is answered 503 "busy"
 
     def __post_init__(self) -> None:
         if self.max_upload_mb <= 0:
             raise AnosegError(f"--max-upload-mb {self.max_upload_mb}: must be positive")
         if self.max_pixels < 1:
             raise AnosegError(f"--max-pixels {self.max_pixels}: must be at least 1")
+        if self.max_concurrent < 1:
+            raise AnosegError(f"--max-concurrent {self.max_concurrent}: must be at least 1")
+        if not self.busy_timeout_s > 0:
+            raise AnosegError(f"busy_timeout_s {self.busy_timeout_s}: must be positive")
         if not 0 <= self.port <= 65535:
             raise AnosegError(f"--port {self.port}: must lie in 0..65535")
 
@@ -75,12 +81,23 @@ class Inspector:
         self.model = model
         self.settings = settings
         self.lock = threading.Lock()  # one forward pass at a time: torch modules are not re-entrant
+        # decoding a small file can take gigabytes (a solid 6000 x 6000 PNG is 120 KB): only a few at a time
+        self.slots = threading.BoundedSemaphore(settings.max_concurrent)
         self.map_threshold, self.image_threshold = model.thresholds()
         self.count = 0
         if settings.save_uploads:
             check_writable(Path(settings.save_uploads))
 
     def predict(self, data: bytes, name: str, overlay_png: bool = False, pictures: bool = False) -> dict[str, Any]:
+        if not self.slots.acquire(timeout=self.settings.busy_timeout_s):
+            raise UploadError(503, "busy", f"the server is busy: {self.settings.max_concurrent} image(s) in work "
+                              f"and no turn within {self.settings.busy_timeout_s:g} s; try again")
+        try:
+            return self._predict(data, name, overlay_png, pictures)
+        finally:
+            self.slots.release()
+
+    def _predict(self, data: bytes, name: str, overlay_png: bool, pictures: bool) -> dict[str, Any]:
         try:
             image = load_image_bytes(data, name or "upload", self.settings.max_pixels, formats=UPLOAD_FORMATS)
         except ImageError as e:
@@ -101,9 +118,8 @@ class Inspector:
         if overlay_png or pictures:
             result["overlay_png"] = png_b64(overlay(image, pred.anomaly_map, self.map_threshold))
         if pictures:  # what the page needs to re-draw outlines at any threshold without a new upload
-            blend = (image.astype(np.float32) * 0.55 + heatmap(pred.anomaly_map).astype(np.float32) * 0.45)
-            result["heatmap_png"] = png_b64(blend.astype(np.uint8))
-            result["map_png"] = png_b64(np.round(np.clip(pred.anomaly_map, 0, 1) * 255).astype(np.uint8))
+            result["heatmap_png"] = png_b64(overlay(image, pred.anomaly_map, None))
+            result["map_png"] = png_b64(map_to_uint8(pred.anomaly_map))
         return result
 
 

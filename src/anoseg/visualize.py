@@ -55,6 +55,14 @@ def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None, alpha:
     return out
 
 
+def map_to_uint8(amap: np.ndarray) -> np.ndarray:
+    """A [0, 1] map as 8-bit grey (value x 255), made in bands of rows."""
+    out = np.empty(amap.shape, dtype=np.uint8)
+    for r in range(0, amap.shape[0], ROWS_PER_CHUNK):
+        out[r:r + ROWS_PER_CHUNK] = np.round(np.clip(amap[r:r + ROWS_PER_CHUNK], 0, 1) * 255)
+    return out
+
+
 def save_map_png16(path: Path, amap: np.ndarray) -> None:
     """The raw map as a 16-bit grey PNG: value / 65535 is the map value (1 = defect)."""
     arr = np.empty(amap.shape, dtype=np.uint16)
