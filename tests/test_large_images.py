@@ -29,3 +29,23 @@ def test_a_24_megapixel_jpeg_in_predict_stays_small(tiny_model_dir, tmp_path):
     # before the fix this image took about 2 GB (float64 colour map, float copies of the image)
     assert peak_mb < 800, f"peak {peak_mb:.0f} MB"
     assert Image.open(tmp_path / "out" / "big_overlay.png").size == (6000, 4000)
+
+
+def test_overlay_in_bands_equals_the_whole_image_computation(monkeypatch):
+    import anoseg.visualize as vis
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (301, 257, 3), dtype=np.uint8)
+    blobs = np.kron(rng.random((11, 9)), np.ones((28, 29)))[:301, :257]  # regions larger than the bands
+    amap = np.clip(blobs + 0.05 * rng.random((301, 257)), 0, 1).astype(np.float32)
+    width = max(1, round(301 / 256))
+    whole = (image.astype(np.float32) * 0.55 + vis._jet_lut().astype(np.float32)[vis._lut_index(amap)] * 0.45)
+    expected = whole.astype(np.uint8)
+    expected[vis.outline(amap > 0.5, width)] = vis.OUTLINE_RGB
+    monkeypatch.setattr(vis, "ROWS_PER_CHUNK", 7)  # many band edges
+    assert np.array_equal(vis.overlay(image, amap, 0.5), expected)
+    assert np.array_equal(np.asarray(vis.overlay_image(image, amap, 0.5)), expected)
+    for w in (1, 3, 9):  # outlines of any width, cut into bands, are the whole-map ones
+        full = vis.outline(amap > 0.5, w)
+        bands = np.concatenate([vis._outline_rows(amap, 0.5, w, r, min(7, 301 - r)) for r in range(0, 301, 7)])
+        assert np.array_equal(full, bands), w

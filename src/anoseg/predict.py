@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import DataError, OutputError
@@ -37,7 +36,7 @@ from .fileio import (
 from .inference import AnoSegModel, Prediction
 from .modelfolder import Thresholds
 from .progress import bar as progress_bar
-from .visualize import overlay, save_map_png16
+from .visualize import overlay_image, save_map_png16
 
 RESULT_FIELDS = ["path", "score", "verdict", "image_threshold", "map_score", "topk_score", "detector_score",
                  "map_threshold", "width", "height", "overlay", "map"]
@@ -293,7 +292,7 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
 def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Prediction, t_map: float | None,
                t_img: float | None, map_format: str) -> dict[str, Any]:
     overlay_file = f"{name}_overlay.png"
-    save_png_atomic(out / overlay_file, Image.fromarray(overlay(image, pred.anomaly_map, t_map)))
+    save_png_atomic(out / overlay_file, overlay_image(image, pred.anomaly_map, t_map))
     map_file = f"{name}_map.{map_format}"
     if map_format == "png":
         save_map_png16(out / map_file, pred.anomaly_map)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,43 @@ def outline(region: np.ndarray, width: int = 2) -> np.ndarray:
     return region & ~inner
 
 
+def _overlay_bands(image: np.ndarray, amap: np.ndarray, threshold: float | None,
+                   alpha: float) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, RGB uint8 band) of the overlay, top to bottom: the whole overlay is never held as floats."""
+    lut = _jet_lut().astype(np.float32) * alpha
+    width = max(1, round(max(image.shape[:2]) / 256))
+    for r in range(0, image.shape[0], ROWS_PER_CHUNK):
+        rows = slice(r, r + ROWS_PER_CHUNK)
+        band = (image[rows].astype(np.float32) * (1 - alpha) + lut[_lut_index(amap[rows])]).astype(np.uint8)
+        if threshold is not None:
+            band[_outline_rows(amap, threshold, width, r, len(band))] = OUTLINE_RGB
+        yield r, band
+
+
+def _outline_rows(amap: np.ndarray, threshold: float, width: int, start: int, n: int) -> np.ndarray:
+    """Rows start..start+n of ``outline(amap > threshold, width)``, computed from those rows and `width` more
+    on each side: an erosion of `width` steps reaches no further, so the rows are exactly the whole-map ones."""
+    lo, hi = max(0, start - width), min(amap.shape[0], start + n + width)
+    region = amap[lo:hi] > threshold
+    inner = ndimage.binary_erosion(region, iterations=width, border_value=0)
+    edge = region & ~inner  # wrong only within `width` rows of a cut that is not the image border: dropped here
+    return edge[start - lo:start - lo + n]
+
+
 def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None, alpha: float = 0.45) -> np.ndarray:
     """Image blended with the heat map, regions above the threshold outlined in green."""
-    lut = _jet_lut().astype(np.float32) * alpha
     out = np.empty_like(image)
-    for r in range(0, image.shape[0], ROWS_PER_CHUNK):
-        band = slice(r, r + ROWS_PER_CHUNK)
-        out[band] = (image[band].astype(np.float32) * (1 - alpha) + lut[_lut_index(amap[band])]).astype(np.uint8)
-    if threshold is not None:
-        width = max(1, round(max(image.shape[:2]) / 256))
-        out[outline(amap > threshold, width)] = OUTLINE_RGB
+    for r, band in _overlay_bands(image, amap, threshold, alpha):
+        out[r:r + len(band)] = band
     return out
+
+
+def overlay_image(image: np.ndarray, amap: np.ndarray, threshold: float | None, alpha: float = 0.45) -> Image.Image:
+    """:func:`overlay` as a Pillow image, filled band by band (no full-size array beside it: large photos)."""
+    canvas = Image.new("RGB", (image.shape[1], image.shape[0]))
+    for r, band in _overlay_bands(image, amap, threshold, alpha):
+        canvas.paste(Image.fromarray(band), (0, r))
+    return canvas
 
 
 def map_to_uint8(amap: np.ndarray) -> np.ndarray:
