@@ -19,6 +19,7 @@ TTA_FLIPS = {"none": [()], "h": [(), (3,)], "v": [(), (2,)], "hv": [(), (3,), (2
 REGION_SHAPES = ("rect", "ellipse", "scar")
 ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading")
 RESIZE_MODES = ("square", "aspect")
+PRECISIONS = ("fp32", "bf16")
 
 
 # Value rules: (settings, test, what a failing value must be). The first broken rule is reported.
@@ -39,7 +40,7 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
 ]
 CHOICES: dict[str, tuple[str, ...]] = {
     "region_shapes": REGION_SHAPES, "anomaly_families": ANOMALY_FAMILIES, "resize_mode": RESIZE_MODES,
-    "seg_loss": SEG_LOSSES, "tta_flips": tuple(TTA_FLIPS),
+    "seg_loss": SEG_LOSSES, "tta_flips": tuple(TTA_FLIPS), "precision": PRECISIONS,
 }
 
 
@@ -137,6 +138,8 @@ class Config:
     max_minutes: float = 0.0  # stop training after this wall time (0 = no limit); makes runs non-repeatable
     seed: int = 0  # the same seed and settings reproduce a run (on the same device)
     device: str = "auto"  # "auto" picks CUDA when available, else CPU
+    precision: str = "fp32"  # bf16: networks run under bfloat16 autocast (losses, EMA, optimiser state stay fp32)
+    compile: bool = False  # torch.compile the networks (falls back to eager, with a warning, where it fails)
     num_threads: int = 0  # CPU threads for torch (0 = torch's default)
     # --- maps, scores and thresholds -------------------------------------------------
     smoothing_sigma: float = 4.0  # Gaussian smoothing of the map before scoring, in model-input pixels

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,43 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise AnosegError(f"device {name!r} asked for, but CUDA is not available here")
     return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device):
+    """bfloat16 autocast for the networks when `precision` is bf16 (on CUDA, and on CPU where asked).
+
+    In fp32 no autocast region is entered at all, so traced graphs (ONNX export) stay as they were.
+    """
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class _CompiledOrEager:
+    """A torch.compile'd callable that falls back to the plain one, with a warning, if compiling fails.
+
+    torch.compile is lazy: it fails at the first call, not when asked for, so the fallback lives here.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.compiled = fn, torch.compile(fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly instead
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running without it",
+                              stacklevel=2)
+                self.compiled = None
+        return self.fn(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # parameters(), train(), ... of the wrapped module
+        return getattr(self.fn, name)
+
+
+def maybe_compile(fn: Callable, enabled: bool) -> Callable:
+    return _CompiledOrEager(fn) if enabled else fn
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -177,7 +216,8 @@ class AnoSegModel:
         flips = TTA_FLIPS[self.config.tta_flips]
         total = None
         for dims in flips:
-            m = self.generator.anomaly_map(x.flip(dims) if dims else x)
+            with autocast(self.config.precision, self.device):
+                m = self.generator.anomaly_map(x.flip(dims) if dims else x).float()
             m = m.flip(dims) if dims else m
             total = m if total is None else total + m
         return total / len(flips)

@@ -46,7 +46,7 @@ from .distributed import (
 )
 from .errors import AnosegError, DataError, ModelFileError
 from .fileio import make_output_dir, write_text_atomic
-from .inference import AnoSegModel, resolve_device
+from .inference import AnoSegModel, autocast, maybe_compile, resolve_device
 from .modelfolder import (
     CKPT_STATE,
     CKPT_WEIGHTS,
@@ -61,7 +61,8 @@ from .models import Discriminator, Generator
 from .progress import bar as progress_bar
 
 # Settings that may change when a run is resumed; the rest must match the saved run.
-RESUMABLE = ("steps", "device", "num_threads", "max_minutes", "checkpoint_every", "batch_size_infer", "max_rollbacks",
+RESUMABLE = ("steps", "device", "precision", "compile",
+             "num_threads", "max_minutes", "checkpoint_every", "batch_size_infer", "max_rollbacks",
              "rollback_lr_factor", "collapse_d_loss", "collapse_patience")
 # Settings that only matter after AnoSeg training (scoring, detector): taken from the user on resume too.
 LATER = ("topk_fraction", "smoothing_sigma", "tta_flips", "threshold_quantile") + tuple(
@@ -133,8 +134,8 @@ class Trainer:
         self.generator = self.generator.to(self.device)
         self.discriminator = Discriminator(self.cfg).to(self.device)
         # what the training step calls: DistributedDataParallel wrappers under torchrun, else the modules
-        self.g_step = wrap(self.generator, self.dist, self.device)
-        self.d_step = wrap(self.discriminator, self.dist, self.device)
+        self.g_step = maybe_compile(wrap(self.generator, self.dist, self.device), self.cfg.compile)
+        self.d_step = maybe_compile(wrap(self.discriminator, self.dist, self.device), self.cfg.compile)
         betas = (self.cfg.beta1, self.cfg.beta2)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=self.cfg.lr_d, betas=betas)
@@ -170,11 +171,13 @@ class Trainer:
             x, mask = x[mine], mask[mine]
             coords = None if coords is None else coords[mine]
         x, mask = x.to(self.device) * 2.0 - 1.0, mask.to(self.device)
-        recon, amap = self.g_step(x, None if coords is None else coords.to(self.device))
-
-        # discriminator: real (image, reference mask) against fake (reconstruction, predicted map)
-        real, _ = self.d_step(x, mask)
-        fake, _ = self.d_step(recon.detach(), amap.detach())
+        with autocast(cfg.precision, self.device):  # losses below are computed in fp32
+            recon, amap = self.g_step(x, None if coords is None else coords.to(self.device))
+            recon, amap = recon.float(), amap.float()
+            # discriminator: real (image, reference mask) against fake (reconstruction, predicted map)
+            real, _ = self.d_step(x, mask)
+            fake, _ = self.d_step(recon.detach(), amap.detach())
+        real, fake = real.float(), fake.float()
         loss_d = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
             F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
         d_value = self._check_finite({"d": loss_d})
@@ -183,7 +186,9 @@ class Trainer:
         self.opt_d.step()
 
         self.discriminator.requires_grad_(False)  # the generator's step needs no discriminator gradients
-        fake, _ = self.discriminator(recon, amap)
+        with autocast(cfg.precision, self.device):
+            fake, _ = self.discriminator(recon, amap)
+        fake = fake.float()
         self.discriminator.requires_grad_(True)
         loss_adv = F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
         loss_seg = segmentation_loss(amap, mask, cfg.seg_loss)

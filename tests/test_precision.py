@@ -1,0 +1,43 @@
+"""bf16 autocast and torch.compile as settings; both run on the CPU too (the GPU figures are measured elsewhere)."""
+
+import numpy as np
+import pytest
+import torch
+
+from anoseg import AnoSegModel, load, profile_config, train
+
+
+def test_bf16_training_and_maps_run_and_stay_close_to_fp32(demo_root, tmp_path):
+    cfg = profile_config("tiny", steps=3, batch_size=4, precision="bf16")
+    model = train(cfg, demo_root, tmp_path / "m", progress=False)
+    assert model.meta["steps_done"] == 3 and np.isfinite(model.map_threshold)
+    weights = dict(load(tmp_path / "m").generator.named_parameters())
+    assert all(w.dtype == torch.float32 for w in weights.values())  # weights stay fp32
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    a = model.predict_images(images)
+    model.config = model.config.replace(precision="fp32")
+    b = model.predict_images(images)
+    for x, y in zip(a, b):
+        assert x.anomaly_map.dtype == np.float32
+        assert np.abs(x.anomaly_map - y.anomaly_map).max() < 0.05  # bf16 rounding, not another model
+
+
+def test_compile_falls_back_with_a_warning_where_it_fails(demo_root, tmp_path, monkeypatch):
+    def broken_compile(fn, *args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = profile_config("tiny", steps=2, batch_size=4, compile=True)
+    with pytest.warns(UserWarning, match="torch.compile failed .*no compiler here.*running without it"):
+        model = train(cfg, demo_root, tmp_path / "m", progress=False)
+    assert model.meta["steps_done"] == 2
+
+
+def test_bad_precision_is_refused():
+    from anoseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="precision"):
+        AnoSegModel(profile_config("tiny", precision="fp16"))
