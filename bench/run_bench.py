@@ -163,6 +163,9 @@ def write_tables(records: list[dict], command: str) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
+    def num(v, digits):
+        return "n/a" if v is None else f"{v:.{digits}f}"
+
     def pm(r, k):
         std = r.get(f"{k}_std")
         return f(r[k]) + ("" if std is None else f" ± {std:.3f}")
@@ -172,8 +175,8 @@ def write_tables(records: list[dict], command: str) -> None:
             f"| {r['dataset']} | {r['category']} | {r['profile']} | {','.join(map(str, r.get('seeds', [0])))} | "
             f"{pm(r, 'pixel_auroc')} | {pm(r, 'aupro')} | "
             f"{f(r['pixel_ap'])} | {pm(r, 'image_auroc')} | {f(r['image_f1_max'])} | {f(r['iou'])} | "
-            f"{f(r['best_iou'])} | {r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['images_per_second']:.1f} | {r['images_per_second_single']:.1f} | "
+            f"{f(r['best_iou'])} | {num(r['train_seconds'], 0)} | {num(r.get('peak_rss_mb'), 0)} | "
+            f"{num(r.get('images_per_second'), 1)} | {num(r.get('images_per_second_single'), 1)} | "
             f"{r.get('onnx_images_per_second', 'n/a')} | {r.get('onnx_images_per_second_single', 'n/a')} |")
     lines += ["", "## Image-level scores (image AUROC)", "",
               "| dataset | category | max of map | top-k mean | detector | detector train s | img/s with detector |",
@@ -310,7 +313,8 @@ def merge_seeds(runs: list[dict]) -> dict:
     for k in ("pixel_auroc", "aupro", "image_auroc"):
         values = [r[k] for r in runs if r.get(k) is not None]
         out[f"{k}_std"] = round(float(np.std(values)), 4) if values else None
-    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    peaks = [r["peak_rss_mb"] for r in runs if r.get("peak_rss_mb") is not None]
+    out["peak_rss_mb"] = max(peaks) if peaks else None
     types = runs[0].get("per_defect_type", {})
     out["per_defect_type"] = {t: {k: round(float(np.mean([r["per_defect_type"][t][k] for r in runs])), 4)
                                   if v is not None and not isinstance(v, int) else v for k, v in d.items()}
