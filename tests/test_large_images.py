@@ -26,8 +26,9 @@ def test_a_24_megapixel_jpeg_in_predict_stays_small(tiny_model_dir, tmp_path):
                            "--out", str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     peak_mb = int(proc.stdout.split("PEAK_KB")[1]) / 1024
-    # before the fix this image took about 2 GB (float64 colour map, float copies of the image)
-    assert peak_mb < 800, f"peak {peak_mb:.0f} MB"
+    # before the fix this image took about 2 GB (float64 colour map, float copies of the image); after it,
+    # 0.7-0.9 GB depending on the installed versions, most of it the interpreter with torch loaded
+    assert peak_mb < 1200, f"peak {peak_mb:.0f} MB"
     assert Image.open(tmp_path / "out" / "big_overlay.png").size == (6000, 4000)
 
 
