@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from anoseg.data import load_stack
+from anoseg import profile_config
+from anoseg.data import TrainingImages
 from anoseg.errors import DataError
 from anoseg.fileio import load_image, load_image_bytes, load_mask
 
@@ -129,7 +130,7 @@ def test_one_by_100000_loads_and_resizes(tmp_path):
     path = tmp_path / "strip.png"
     Image.fromarray(strip).save(path)
     assert load_image(path).shape == (1, 100_000, 3)
-    assert load_stack([path], 64, progress=False).shape == (1, 3, 64, 64)
+    assert TrainingImages.load([path], profile_config("tiny"), progress=False).images[0].shape == (3, 64, 64)
 
 
 def test_palette_with_transparency_and_16bit_grey(tmp_path):

@@ -95,12 +95,17 @@ def augmented_copy(img: torch.Tensor, cfg: Config, rng: np.random.Generator) -> 
     return out
 
 
+def region_area(cfg: Config, rng: np.random.Generator) -> float:
+    """A region's share of the image, log-uniform between region_min and region_max."""
+    return math.exp(rng.uniform(math.log(cfg.region_min), math.log(cfg.region_max)))
+
+
 def paste(target: torch.Tensor, source: torch.Tensor, cfg: Config,
           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's hard augmentation: a region of the augmented `source` replaces the same region of `target`."""
     size = target.shape[-1]
     shape = cfg.region_shapes[int(rng.integers(len(cfg.region_shapes)))]
-    area = math.exp(rng.uniform(math.log(cfg.region_min), math.log(cfg.region_max)))
+    area = region_area(cfg, rng)
     mask = torch.from_numpy(region_mask(size, shape, area, rng))
     src = augmented_copy(source, cfg, rng)
     shift = tuple(int(s) for s in rng.integers(0, size, size=2))
@@ -146,7 +151,7 @@ def _fill(target: torch.Tensor, source: torch.Tensor, cfg: Config, rng: np.rando
 def noise_region(target: torch.Tensor, source: torch.Tensor, cfg: Config,
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """An irregular noise-shaped region (DRAEM-like) of any size from region_min to region_max."""
-    area = math.exp(rng.uniform(math.log(cfg.region_min), math.log(cfg.region_max)))
+    area = region_area(cfg, rng)
     return _fill(target, source, cfg, rng), _blob(target.shape[-1], area, int(rng.integers(2, 8)), rng)
 
 
@@ -191,6 +196,7 @@ def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     (almost) unchanged are not marked, so the mask never claims a defect that cannot be seen.
     """
     families = cfg.anomaly_families
+    # one family draws nothing (nor does an opacity of 1): the paper's recipe keeps its random stream
     family = families[int(rng.integers(len(families)))] if len(families) > 1 else families[0]
     src, mask = FAMILIES[family](target, source, cfg, rng)
     opacity = 1.0 if cfg.opacity_min >= 1.0 else float(rng.uniform(cfg.opacity_min, 1.0))

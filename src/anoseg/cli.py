@@ -15,7 +15,7 @@ from typing import Any
 from . import api
 from .config import PROFILES, Config, parse_setting, profile_config
 from .distributed import is_main_process, shutdown_process_group
-from .errors import AnosegError, ConfigError
+from .errors import ERROR_FILE_ENV, AnosegError, ConfigError
 
 # Common settings get their own flags; every other Config field is reachable with --set KEY=VALUE.
 TRAIN_FLAGS = {
@@ -289,7 +289,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _report_error(error: AnosegError) -> None:
     """For a parent process (train-all): the error as JSON in the file it names, not a line to parse."""
-    path = os.environ.get("ANOSEG_ERROR_FILE")
+    path = os.environ.get(ERROR_FILE_ENV)
     if path:
         with contextlib.suppress(OSError):
             Path(path).write_text(json.dumps({"error": str(error), "type": type(error).__name__}) + "\n")

@@ -171,7 +171,7 @@ class Config:
         """Refuse values of the wrong type (a hand-edited or foreign config.json) with the setting's name."""
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), _kind(f)
-            if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            if kind == "float" and _is_int(value):
                 setattr(self, f.name, float(value))
             elif not KINDS[kind][0](value):
                 raise ConfigError(f"setting {f.name}={value!r}: expected {kind}")

@@ -136,14 +136,6 @@ def working_shape(height: int, width: int, cfg: Config) -> tuple[int, int]:
     return (long, s) if height > width else (s, long)
 
 
-def load_stack(paths: list[Path], size: int, desc: str = "loading", progress: bool = True) -> np.ndarray:
-    """Load images as one uint8 array N x 3 x size x size."""
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    for i, p in enumerate(bar(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50)):
-        out[i] = resize_rgb(load_image(p), size).transpose(2, 0, 1)
-    return out
-
-
 class TrainingImages:
     """Normal training images at their working shape; hands out square image_size crops with their coordinates.
 
@@ -154,7 +146,9 @@ class TrainingImages:
 
     def __init__(self, images: list[np.ndarray], cfg: Config) -> None:
         self.images = images  # uint8 3 x H x W each
+        self.cfg = cfg
         self.size = cfg.image_size
+        self.all_square = all(im.shape[1] == im.shape[2] == self.size for im in images)  # crops are whole images
 
     @classmethod
     def load(cls, paths: list[Path], cfg: Config, desc: str = "loading", progress: bool = True) -> TrainingImages:
@@ -168,13 +162,7 @@ class TrainingImages:
         return len(self.images)
 
     def subset(self, indices: np.ndarray) -> TrainingImages:
-        out = TrainingImages.__new__(TrainingImages)
-        out.images, out.size = [self.images[i] for i in indices], self.size
-        return out
-
-    @property
-    def all_square(self) -> bool:
-        return all(im.shape[1] == im.shape[2] == self.size for im in self.images)
+        return TrainingImages([self.images[i] for i in indices], self.cfg)
 
     def crops(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 B x 3 x S x S crops of the given images, and their B x 2 x S x S coordinates (None when whole)."""
@@ -191,8 +179,6 @@ class TrainingImages:
             xs = (np.arange(w, dtype=np.float32) * 2.0 / max(w - 1, 1) - 1.0)[left:left + s]
             coords.append(np.stack([np.broadcast_to(xs[None, :], (s, s)), np.broadcast_to(ys[:, None], (s, s))]))
         return torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(coords))
-
-
 
 
 def load_sample_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:

@@ -30,3 +30,7 @@ class ImageError(DataError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+# A parent process (train-all) names a file here; a child that fails writes its error to it as JSON.
+ERROR_FILE_ENV = "ANOSEG_ERROR_FILE"

@@ -20,7 +20,7 @@ from .data import resize_rgb, working_shape
 from .detector import Detector
 from .errors import AnosegError, DataError, ModelFileError
 from .fileio import load_image, make_output_dir
-from .modelfolder import CONFIG_FILE, DETECTOR_WEIGHTS, META_FILE, WEIGHTS_FILE, Thresholds, has_checkpoint
+from .modelfolder import CONFIG_FILE, DETECTOR_WEIGHTS, META_FILE, WEIGHTS_FILE, Thresholds, has_checkpoint, is_finished
 from .models import Generator
 
 
@@ -184,7 +184,7 @@ class AnoSegModel:
         folder = Path(folder)
         if not folder.is_dir():
             raise ModelFileError(f"{folder}: model folder not found")
-        if not (folder / WEIGHTS_FILE).is_file():
+        if not is_finished(folder):
             unfinished = has_checkpoint(folder)
             hint = " (training has not finished; resume it with --resume)" if unfinished else ""
             raise ModelFileError(f"{folder / WEIGHTS_FILE}: no trained model here{hint}")

@@ -84,7 +84,6 @@ class Inspector:
         # decoding a small file can take gigabytes (a solid 6000 x 6000 PNG is 120 KB): only a few at a time
         self.slots = threading.BoundedSemaphore(settings.max_concurrent)
         self.map_threshold, self.image_threshold = model.thresholds()
-        self.count = 0
         if settings.save_uploads:
             check_writable(Path(settings.save_uploads))
 
@@ -106,7 +105,6 @@ class Inspector:
             raise UploadError(400, "bad_image", str(e)) from None
         with self.lock:
             pred = self.model.maps_for_batch([image])[0]
-            self.count += 1
         saved = self.save_upload(data, name) if self.settings.save_uploads else {}
         h, w = image.shape[:2]
         result: dict[str, Any] = {

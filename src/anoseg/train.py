@@ -56,6 +56,8 @@ from .modelfolder import (
     LOG_FILE,
     META_FILE,
     WEIGHTS_FILE,
+    has_checkpoint,
+    is_finished,
 )
 from .models import Discriminator, Generator
 from .progress import bar as progress_bar
@@ -230,7 +232,7 @@ class Trainer:
         """Back to the last checkpoint in `folder` (or to the start) with lower learning rates."""
         scale = self.lr_scale * self.cfg.rollback_lr_factor
         rollbacks = self.rollbacks + 1
-        if (folder / CKPT_STATE).is_file():
+        if has_checkpoint(folder):
             self.load(folder)
             where = f"the checkpoint at step {self.step_done}"
         else:
@@ -294,7 +296,7 @@ class Trainer:
 
 def checkpoint_weights(folder: Path) -> Path:
     """The weights file that checkpoint.json names (older checkpoints used one fixed name)."""
-    if not (folder / CKPT_STATE).is_file():
+    if not has_checkpoint(folder):
         return folder / CKPT_WEIGHTS
     name = load_json(folder / CKPT_STATE).get("weights", CKPT_WEIGHTS)
     if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
@@ -320,8 +322,7 @@ def _read_history(path: Path) -> list[dict]:
 
 def _prepare_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) -> Config:
     """Check the output folder so that no finished work is overwritten by accident; returns the config to use."""
-    has_ckpt = (out / CKPT_STATE).is_file()
-    has_model = (out / WEIGHTS_FILE).is_file()
+    has_ckpt, has_model = has_checkpoint(out), is_finished(out)
     if resume:
         if not has_ckpt:
             raise AnosegError(f"{out}: nothing to resume (no {CKPT_STATE})")
@@ -468,7 +469,7 @@ def _roll_back(trainer: Trainer, out: Path, error: TrainingUnstable, bar: Any) -
     """Go back to the last checkpoint with lower learning rates, or stop once the retries are spent."""
     cfg = trainer.cfg
     if trainer.rollbacks >= cfg.max_rollbacks:
-        kept = f"the last good checkpoint is kept in {out}" if (out / CKPT_STATE).is_file() else "no checkpoint yet"
+        kept = f"the last good checkpoint is kept in {out}" if has_checkpoint(out) else "no checkpoint yet"
         raise AnosegError(f"training is unstable: {error}; gave up after {trainer.rollbacks} rollback(s) "
                           f"({kept}); try a lower --lr or other settings") from None
     where = trainer.rollback(out)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from .config import Config, profile_config
 from .data import is_mvtec_category
-from .errors import DataError
+from .errors import ERROR_FILE_ENV, DataError
 from .fileio import make_output_dir, write_text_atomic
-from .modelfolder import META_FILE, WEIGHTS_FILE, has_checkpoint
+from .modelfolder import META_FILE, has_checkpoint, is_finished
 from .progress import bar as progress_bar
 
 SUMMARY_FIELDS = ["category", "status", "seconds", "train_seconds", "steps", "map_threshold", "pixel_auroc", "aupro",
@@ -30,7 +30,6 @@ SUMMARY_FIELDS = ["category", "status", "seconds", "train_seconds", "steps", "ma
 
 
 ERROR_FILE = "train_error.json"  # a failed child leaves its error here (see cli.main)
-ERROR_ENV = "ANOSEG_ERROR_FILE"
 
 
 @dataclass
@@ -65,7 +64,7 @@ def plan(root: str | Path, out: str | Path, only: list[str] | None = None) -> li
     jobs = []
     for cat in cats:
         folder = Path(out) / cat.name
-        action = ("skip" if (folder / WEIGHTS_FILE).is_file()
+        action = ("skip" if is_finished(folder)
                   else "resume" if has_checkpoint(folder) else "train")
         jobs.append(Job(cat.name, cat, folder, action))
     return jobs
@@ -85,7 +84,7 @@ def _run(job: Job, config_file: Path, evaluate: bool, threads: int) -> dict:
             cmd.append("--resume")
         if evaluate:
             cmd.append("--evaluate")
-        env = {**os.environ, ERROR_ENV: str(error_file)}
+        env = {**os.environ, ERROR_FILE_ENV: str(error_file)}
         if threads:  # several categories at once: share the cores instead of fighting over them
             env["OMP_NUM_THREADS"] = str(threads)
         with open(log, "w") as f:

@@ -32,11 +32,6 @@ def _lut_index(amap: np.ndarray) -> np.ndarray:
     return np.minimum((np.clip(amap, 0, 1).astype(np.float32) * 256).astype(np.int32), 255)
 
 
-def heatmap(amap: np.ndarray) -> np.ndarray:
-    """A [0, 1] map as RGB uint8 in the 'jet' colour map (blue = normal, red = defect)."""
-    return _jet_lut()[_lut_index(amap)]
-
-
 def outline(region: np.ndarray, width: int = 2) -> np.ndarray:
     """The boundary pixels of a bool region."""
     inner = ndimage.binary_erosion(region, iterations=width, border_value=0)
