@@ -43,6 +43,8 @@ VARIANTS: dict[str, dict] = {
     "with_shading": {"anomaly_families": ["paste", "noise", "crack", "shading"]},  # + large shading changes
     "square_with_shading": {"resize_mode": "square", "anomaly_families": ["paste", "noise", "crack", "shading"]},
     "no_smoothing": {"smoothing_sigma": 0.0},
+    "residual_map": {"map_sees_residual": True},  # the map head also sees |input - reconstruction|
+    "large_regions": {"region_max": 0.25},  # paste and noise regions up to a quarter of the image
 }
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
@@ -63,7 +65,21 @@ def overrides(variant: str) -> dict:
     return out
 
 
-def run_one(variant: str, category: str, seed: int, steps: int, threads: int) -> dict:
+def other_sigmas(model, root: Path) -> dict[str, dict]:
+    """The same model evaluated with each map smoothing in ABLATION_SIGMAS (comma-separated; evaluation only)."""
+    import anoseg
+
+    out = {}
+    original = model.config
+    for text in filter(None, os.environ.get("ABLATION_SIGMAS", "").split(",")):
+        model.config = original.replace(smoothing_sigma=float(text))
+        m = anoseg.evaluate(model, root, None, progress=False)["metrics"]
+        out[text] = {k: m[k] for k in KEYS}
+    model.config = original
+    return out
+
+
+def run_one(variant: str, category: str, seed: int, steps: int, threads: int, data: Path = DATA) -> dict:
     """Train and evaluate one variant (inside a child process)."""
     import torch
 
@@ -71,30 +87,43 @@ def run_one(variant: str, category: str, seed: int, steps: int, threads: int) ->
 
     torch.set_num_threads(threads)
     cfg = anoseg.profile_config("fast", seed=seed, steps=steps, **overrides(variant))
-    root = DATA / CATEGORIES[category] / category
+    root = data / CATEGORIES[category] / category
     keep = os.environ.get("ABLATION_KEEP")  # a folder to keep the trained models in (for later inspection)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(keep) / f"{category}_{variant}_{seed}_{steps}" if keep else Path(tmp)
         model = anoseg.train(cfg, root, folder, overwrite=True, progress=False)
         result = anoseg.evaluate(model, root, folder / "eval" if keep else None, progress=False)
+        by_sigma = other_sigmas(model, root)
     m = result["metrics"]
     return {"dataset": CATEGORIES[category], "category": category, "variant": variant, "seed": seed, "steps": steps,
             **{k: m[k] for k in KEYS}, "image_auroc_topk": m["image_auroc_topk"],
             "per_defect_type": result["per_defect_type"], "train_seconds": model.meta["train_seconds"],
-            "settings": overrides(variant)}
+            "settings": overrides(variant), "device": str(model.device), "data": str(data),
+            **({"by_sigma": by_sigma} if by_sigma else {})}
 
 
 def write_tables(path: Path, records: list[dict], command: str) -> None:
     path.with_suffix(".json").write_text(json.dumps({"command": command, "results": records}, indent=2) + "\n")
-    lines = ["# Ablation", "", f"Command: `{command}` (2 CPU cores). Each row: one training run of the `fast` "
-             "profile with the variant's settings, evaluated on the category's test split. See bench/ablation.py "
-             "for what each variant changes; variant x category pairs not listed have not been run yet. Training "
-             "times depend on how many runs shared the 2 cores.", "",
+    devices = sorted({r.get("device", "cpu") for r in records})
+    data = sorted({r.get("data", str(DATA)) for r in records})
+    lines = ["# Ablation", "", f"Command: `{command}`. Device(s): {', '.join(devices)}; data: {', '.join(data)}. "
+             "Each row: one training run of the `fast` profile with the variant's settings, evaluated on the "
+             "category's test split. See bench/ablation.py for what each variant changes; variant x category "
+             "pairs not listed have not been run yet. Training times depend on the device and on how many runs "
+             "shared it.", "",
              "| category | variant | seed | steps | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | train s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["category"], list(VARIANTS).index(r["variant"]), r["seed"])):
+    ordered = sorted(records, key=lambda r: (r["category"], list(VARIANTS).index(r["variant"]), r["seed"]))
+    for r in ordered:
         lines.append(f"| {r['category']} | {r['variant']} | {r['seed']} | {r['steps']} | "
                      + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {r['train_seconds']:.0f} |")
+    sigma_rows = [(r, s, m) for r in ordered for s, m in r.get("by_sigma", {}).items()]
+    if sigma_rows:
+        lines += ["", "## The same models with other map smoothing (evaluation only)", "",
+                  "| category | variant | seed | smoothing_sigma | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['category']} | {r['variant']} | {r['seed']} | {s} | " + " | ".join(f"{m[k]:.3f}" for k in KEYS)
+                  + " |" for r, s, m in sigma_rows]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -106,28 +135,33 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU threads are split between them)")
+    ap.add_argument("--threads", type=int, help="CPU threads per run (default: the CPU count split between jobs)")
     ap.add_argument("--out", default=str(HERE / "ablation"), help="results file stem (.json and .md)")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results in the output file")
+    ap.add_argument("--data", default=str(DATA), help="the data root (default ../shared/data; a scaled copy from "
+                    "bench/make_small_data.py on a GPU machine)")
     ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)  # variant category seed steps threads (child)
     args = ap.parse_args()
+    data = Path(args.data)
     if args.one:
         v, c, seed, steps, threads = args.one
-        print(json.dumps(run_one(v, c, int(seed), int(steps), int(threads))))
+        print(json.dumps(run_one(v, c, int(seed), int(steps), int(threads), data)))
         return
     steps = args.steps or (600 if args.quick else 2000)
     variants, categories = args.variants.split(","), args.only.split(",")
     for name in variants + categories:
         if name not in VARIANTS and name not in CATEGORIES:
             raise SystemExit(f"unknown variant or category {name!r}")
-    if not DATA.is_dir():
-        raise SystemExit(f"{DATA}: the real data is not here; nothing to run")
+    if not data.is_dir():
+        raise SystemExit(f"{data}: the real data is not here; nothing to run")
     out = Path(args.out)
     old = [] if args.fresh or not out.with_suffix(".json").exists() else \
         json.loads(out.with_suffix(".json").read_text())["results"]
     done = {(r["variant"], r["category"], r["seed"], r["steps"]) for r in old}
-    todo = [(v, c, int(s)) for c in categories for v in variants for s in args.seeds.split(",")
+    # seed-major, then variant, then category: an interrupted run has covered every category evenly
+    todo = [(v, c, int(s)) for s in args.seeds.split(",") for v in variants for c in categories
             if (v, c, int(s), steps) not in done]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     command = "python bench/ablation.py " + " ".join(sys.argv[1:])
     records = list(old)
     lock = threading.Lock()
@@ -135,8 +169,8 @@ def main() -> None:
     def child(job: tuple[str, str, int]) -> None:
         v, c, s = job
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--one", v, c, str(s), str(steps), str(threads)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--one", v, c, str(s), str(steps), str(threads),
+                               "--data", str(data)], capture_output=True, text=True)
         if proc.returncode:
             print(f"{c} {v} seed {s}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
             return

@@ -101,6 +101,7 @@ class Config:
     base_channels: int = 16  # width of the first encoder stage, doubled per stage
     max_channels: int = 256  # cap on the width (512 in the paper profile)
     seg_skips: bool = True  # U-Net skips from encoder into the map decoder (not in the paper)
+    map_sees_residual: bool = False  # the map decoder's last layer also sees |input - reconstruction|
     coord_channels: bool = True  # append x, y in [-1, 1] to the input (CoordConv)
     resize_mode: str = "square"  # square: squash to image_size; aspect: short side to image_size, train on crops
     max_aspect: float = 4.0  # aspect mode: the long side is at most this many times the short side (longer is squashed)

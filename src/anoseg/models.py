@@ -69,7 +69,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """8 x 8 code back to full size. With skips, each stage also sees the encoder features of its size."""
 
-    def __init__(self, widths: list[int], out_channels: int, in_channels: int, skips: bool) -> None:
+    def __init__(self, widths: list[int], out_channels: int, in_channels: int, skips: bool,
+                 head_extra: int = 0) -> None:
         super().__init__()
         self.skips = skips
         n = len(widths)
@@ -81,10 +82,12 @@ class Decoder(nn.Module):
             self.head_in = outs[-1] + in_channels
         else:
             self.head_in = outs[-1]
+        self.head_in += head_extra  # more full-size channels for the last conv (the residual, see Generator)
         self.stages = nn.ModuleList(_up(ci, co) for ci, co in zip(cins, outs))
         self.head = nn.Conv2d(self.head_in, out_channels, 3, 1, 1)
 
-    def forward(self, feats: list[torch.Tensor], x_in: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: list[torch.Tensor], x_in: torch.Tensor,
+                head_extra: torch.Tensor | None = None) -> torch.Tensor:
         x = feats[-1]
         n = len(self.stages)
         for j, stage in enumerate(self.stages):
@@ -93,6 +96,8 @@ class Decoder(nn.Module):
             x = stage(x)
         if self.skips:
             x = torch.cat([x, x_in], dim=1)
+        if head_extra is not None:
+            x = torch.cat([x, head_extra], dim=1)
         return self.head(x)
 
 
@@ -102,11 +107,12 @@ class Generator(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         self.coords = cfg.coord_channels
+        self.residual = cfg.map_sees_residual
         widths = stage_channels(cfg)
         cin = 5 if cfg.coord_channels else 3
         self.encoder = Encoder(cin, widths)
         self.image_decoder = Decoder(widths, 3, cin, skips=False)  # skips would let it copy defects through
-        self.map_decoder = Decoder(widths, 1, cin, skips=cfg.seg_skips)
+        self.map_decoder = Decoder(widths, 1, cin, skips=cfg.seg_skips, head_extra=int(self.residual))
 
     def _input(self, x: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
         if not self.coords:
@@ -120,12 +126,23 @@ class Generator(nn.Module):
         """
         x_in = self._input(x, coords)
         feats = self.encoder(x_in)
-        return torch.tanh(self.image_decoder(feats, x_in)), torch.sigmoid(self.map_decoder(feats, x_in))
+        recon = torch.tanh(self.image_decoder(feats, x_in))
+        return recon, torch.sigmoid(self.map_decoder(feats, x_in, self._residual(x, recon)))
+
+    def _residual(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
+        """|input - reconstruction| (mean over colours) for the map head, when the map sees it.
+
+        The reconstruction is detached: it is trained on normal pixels only and must not learn to
+        differ where the map wants it to.
+        """
+        return (x - recon.detach()).abs().mean(dim=1, keepdim=True) if self.residual else None
 
     def anomaly_map(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
-        """Only the map (skips the image decoder: faster inference)."""
+        """Only the map (skips the image decoder unless the map sees the residual: faster inference)."""
         x_in = self._input(x, coords)
-        return torch.sigmoid(self.map_decoder(self.encoder(x_in), x_in))
+        feats = self.encoder(x_in)
+        residual = self._residual(x, torch.tanh(self.image_decoder(feats, x_in))) if self.residual else None
+        return torch.sigmoid(self.map_decoder(feats, x_in, residual))
 
 
 class Discriminator(nn.Module):
