@@ -263,7 +263,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Sized to train one category on 2 CPU cores in well under 30 minutes.
     "fast": dict(image_size=128, base_channels=16, max_channels=256, seg_skips=True,
                  steps=2000, batch_size=16, smoothing_sigma=4.0, resize_mode="aspect",
-                 anomaly_families=("paste", "noise", "crack"), opacity_min=0.5),
+                 anomaly_families=("paste", "noise", "crack"), opacity_min=0.5, region_max=0.25, lambda_adv=0.0),
     # For tests and the demo: seconds, not minutes.
     "tiny": dict(image_size=64, base_channels=8, max_channels=32, seg_skips=True,
                  steps=200, batch_size=8, checkpoint_every=100, holdout_min=2, ema_decay=0.0),

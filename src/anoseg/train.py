@@ -175,24 +175,8 @@ class Trainer:
         x, mask = x.to(self.device) * 2.0 - 1.0, mask.to(self.device)
         with autocast(cfg.precision, self.device):  # losses below are computed in fp32
             recon, amap = self.g_step(x, None if coords is None else coords.to(self.device))
-            recon, amap = recon.float(), amap.float()
-            # discriminator: real (image, reference mask) against fake (reconstruction, predicted map)
-            real, _ = self.d_step(x, mask)
-            fake, _ = self.d_step(recon.detach(), amap.detach())
-        real, fake = real.float(), fake.float()
-        loss_d = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
-            F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
-        d_value = self._check_finite({"d": loss_d})
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
-
-        self.discriminator.requires_grad_(False)  # the generator's step needs no discriminator gradients
-        with autocast(cfg.precision, self.device):
-            fake, _ = self.discriminator(recon, amap)
-        fake = fake.float()
-        self.discriminator.requires_grad_(True)
-        loss_adv = F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+        recon, amap = recon.float(), amap.float()
+        d_value, loss_adv = self._adversarial(x, mask, recon, amap)
         loss_seg = segmentation_loss(amap, mask, cfg.seg_loss)
         loss_rec = masked_reconstruction_loss(recon, x, mask, self.dist)
         loss_g = cfg.lambda_seg * loss_seg + cfg.lambda_rec * loss_rec + cfg.lambda_adv * loss_adv
@@ -204,12 +188,39 @@ class Trainer:
             self._update_ema()
 
         losses = {**g_values, **d_value}
-        self.d_low_steps = self.d_low_steps + 1 if losses["d"] < cfg.collapse_d_loss else 0
+        adversarial = cfg.lambda_adv > 0  # without the adversarial loss the discriminator is not trained
+        self.d_low_steps = self.d_low_steps + 1 if adversarial and losses["d"] < cfg.collapse_d_loss else 0
         self.step_done += 1
         if cfg.collapse_patience and self.d_low_steps >= cfg.collapse_patience:
             raise TrainingUnstable(f"the discriminator collapsed (loss under {cfg.collapse_d_loss} for "
                                    f"{self.d_low_steps} steps, at step {self.step_done})")
         return losses
+
+    def _adversarial(self, x: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor,
+                     amap: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+        """Train the discriminator one step; return its loss and the generator's adversarial loss.
+
+        Real pairs are (image, reference mask), fake ones (reconstruction, predicted map). With
+        ``lambda_adv == 0`` nothing runs (the loss is 0 and the discriminator keeps its weights).
+        """
+        if self.cfg.lambda_adv == 0:
+            return {"d": 0.0}, torch.zeros((), device=x.device)
+        with autocast(self.cfg.precision, self.device):
+            real, _ = self.d_step(x, mask)
+            fake, _ = self.d_step(recon.detach(), amap.detach())
+        real, fake = real.float(), fake.float()
+        loss_d = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
+            F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+        d_value = self._check_finite({"d": loss_d})
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+
+        self.discriminator.requires_grad_(False)  # the generator's step needs no discriminator gradients
+        with autocast(self.cfg.precision, self.device):
+            fake, _ = self.discriminator(recon, amap)
+        self.discriminator.requires_grad_(True)
+        return d_value, F.binary_cross_entropy_with_logits(fake.float(), torch.ones_like(fake.float()))
 
     def _check_finite(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss values (averaged over ranks); raises before the optimiser step, so a NaN never reaches the
