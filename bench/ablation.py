@@ -34,7 +34,7 @@ VARIANTS: dict[str, dict] = {
               "ema_decay": 0.0},
     "no_hard_augmentation": {"anomaly_families": "OTHERS"},  # the default's families without "paste"
     "paste_only": {"anomaly_families": ["paste"], "opacity_min": 1.0},  # the paper's augmentation, new geometry
-    "no_adversarial_loss": {"lambda_adv": 0.0},
+    "no_adversarial_loss": {"lambda_adv": 0.0},  # the same as default since the fast profile dropped it
     "no_coord_channels": {"coord_channels": False},
     "square_resize": {"resize_mode": "square"},
     "opaque": {"opacity_min": 1.0},
@@ -44,8 +44,17 @@ VARIANTS: dict[str, dict] = {
     "square_with_shading": {"resize_mode": "square", "anomaly_families": ["paste", "noise", "crack", "shading"]},
     "no_smoothing": {"smoothing_sigma": 0.0},
     "residual_map": {"map_sees_residual": True},  # the map head also sees |input - reconstruction|
-    "large_regions": {"region_max": 0.25},  # paste and noise regions up to a quarter of the image
+    "with_adversarial_loss": {"lambda_adv": 0.1},  # the paper's adversarial loss on (image, map) pairs
+    "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
+    "previous_default": {"lambda_adv": 0.1, "region_max": 0.08},  # the fast profile before 2026-11-26
+    # names of the rows measured against the previous default (see BASELINES); not run any more
+    "large_regions": {"region_max": 0.25},
 }
+LEGACY = ("large_regions",)  # kept to label old rows; not in the default list of variants
+# Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
+BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
+                         "changed that profile, so `default` here is the variant `previous_default` of "
+                         "bench/ablation.py, and `no_adversarial_loss` was an adversarial weight of 0 against 0.1"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
@@ -110,13 +119,17 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
              "Each row: one training run of the `fast` profile with the variant's settings, evaluated on the "
              "category's test split. See bench/ablation.py for what each variant changes; variant x category "
              "pairs not listed have not been run yet. Training times depend on the device and on how many runs "
-             "shared it.", "",
-             "| category | variant | seed | steps | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    ordered = sorted(records, key=lambda r: (r["category"], list(VARIANTS).index(r["variant"]), r["seed"]))
-    for r in ordered:
-        lines.append(f"| {r['category']} | {r['variant']} | {r['seed']} | {r['steps']} | "
-                     + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {r['train_seconds']:.0f} |")
+             "shared it."]
+    ordered = sorted(records, key=lambda r: (r.get("baseline", ""), r["category"], list(VARIANTS).index(r["variant"]),
+                                             r["steps"], r["seed"]))
+    for baseline in sorted({r.get("baseline", "") for r in ordered}):
+        lines += ["", f"## Measured against {BASELINES[baseline] if baseline else 'the current fast profile'}", "",
+                  "| category | variant | seed | steps | device | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC "
+                  "| train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in ordered if r.get("baseline", "") == baseline):
+            device = r.get("device", "cpu")
+            lines.append(f"| {r['category']} | {r['variant']} | {r['seed']} | {r['steps']} | {device} | "
+                         + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {r['train_seconds']:.0f} |")
     sigma_rows = [(r, s, m) for r in ordered for s, m in r.get("by_sigma", {}).items()]
     if sigma_rows:
         lines += ["", "## The same models with other map smoothing (evaluation only)", "",
@@ -132,7 +145,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="600 steps instead of 2,000")
     ap.add_argument("--steps", type=int, help="training steps per run (overrides --quick)")
     ap.add_argument("--only", default=",".join(CATEGORIES), help="comma-separated categories")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in LEGACY),
+                    help="comma-separated variants")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU threads are split between them)")
     ap.add_argument("--threads", type=int, help="CPU threads per run (default: the CPU count split between jobs)")
@@ -157,7 +171,7 @@ def main() -> None:
     out = Path(args.out)
     old = [] if args.fresh or not out.with_suffix(".json").exists() else \
         json.loads(out.with_suffix(".json").read_text())["results"]
-    done = {(r["variant"], r["category"], r["seed"], r["steps"]) for r in old}
+    done = {(r["variant"], r["category"], r["seed"], r["steps"]) for r in old if not r.get("baseline")}
     # seed-major, then variant, then category: an interrupted run has covered every category evenly
     todo = [(v, c, int(s)) for s in args.seeds.split(",") for v in variants for c in categories
             if (v, c, int(s), steps) not in done]

@@ -97,3 +97,16 @@ def test_set_values_are_typed_by_the_one_table():
         parse_sets(["steps=many"])
     with pytest.raises(ConfigError, match="unknown setting"):
         parse_sets(["nonsense=1"])
+
+
+def test_map_that_sees_the_residual():
+    cfg = profile_config("tiny", map_sees_residual=True)
+    g = Generator(cfg).eval()
+    assert g.map_decoder.head.in_channels == Generator(profile_config("tiny")).map_decoder.head.in_channels + 1
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    with torch.no_grad():
+        recon, amap = g(x)
+        assert torch.allclose(g.anomaly_map(x), amap)
+        # the map depends on the reconstruction: a different image decoder gives a different map
+        g.image_decoder.head.bias.add_(0.5)
+        assert not torch.allclose(g.anomaly_map(x), amap)

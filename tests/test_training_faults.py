@@ -203,3 +203,17 @@ def test_overwrite_starts_clean(demo_root, tmp_path):
     train(cfg, demo_root, tmp_path / "run", progress=False)
     train(cfg.replace(steps=1), demo_root, tmp_path / "run", overwrite=True, progress=False)
     assert readable_checkpoint(tmp_path / "run") == 1
+
+
+def test_without_the_adversarial_loss_the_discriminator_is_not_trained():
+    # lambda_adv = 0 (the fast profile): no discriminator step, no collapse check even when every loss "collapses"
+    cfg = profile_config("tiny", lambda_adv=0.0, collapse_d_loss=1e9, collapse_patience=1)
+    trainer = Trainer(cfg, resolve_device("cpu"))
+    before = [p.detach().clone() for p in trainer.discriminator.parameters()]
+    g_before = [p.detach().clone() for p in trainer.generator.parameters()]
+    images = torch.randint(0, 256, (4, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    for _ in range(3):
+        losses = trainer.step(images)
+    assert losses["d"] == 0.0 and losses["adv"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.discriminator.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(g_before, trainer.generator.parameters()))
