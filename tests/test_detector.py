@@ -80,3 +80,60 @@ def test_detector_threshold_needs_a_detector(tiny_model_dir, demo_root, tmp_path
     with pytest.raises(DataError, match="no detector"):
         predict(load(tiny_model_dir), [demo_root / "test" / "good"], tmp_path, image_threshold=0.5,
                 progress=False)
+
+
+def _interrupt_at(monkeypatch, stop_step):
+    """Make the detector loop see a Ctrl-C during step `stop_step` (0-based), as a user pressing it would."""
+    import os
+    import signal
+
+    import anoseg.detector_training as dt
+
+    real = dt._detector_step
+
+    def step(*args):
+        real(*args)
+        if args[-1] == stop_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(dt, "_detector_step", step)
+
+
+def test_an_interrupted_detector_resumes_to_the_same_weights(tiny_model_dir, tmp_path, monkeypatch):
+    from anoseg import AnosegError, ConfigError, train_detector
+    from anoseg.modelfolder import DETECTOR_CKPT_STATE, DETECTOR_CKPT_WEIGHTS
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-exact comparison: one summation order
+    try:
+        whole, parts = tmp_path / "whole", tmp_path / "parts"
+        shutil.copytree(tiny_model_dir, whole)
+        shutil.copytree(tiny_model_dir, parts)
+        train_detector(whole, overrides={"detector_steps": 6}, progress=False)
+        with monkeypatch.context() as m:
+            _interrupt_at(m, 3)
+            with pytest.raises(AnosegError, match="interrupted at step 4.*--resume"):
+                train_detector(parts, overrides={"detector_steps": 6}, progress=False)
+        assert (parts / DETECTOR_CKPT_STATE).is_file() and not (parts / DETECTOR_WEIGHTS).exists()
+        with pytest.raises(AnosegError, match="--resume.*--overwrite"):  # the checkpoint is never lost silently
+            train_detector(parts, progress=False)
+        with pytest.raises(ConfigError, match="detector_lr"):
+            train_detector(parts, overrides={"detector_lr": 1e-3}, progress=False, resume=True)
+        train_detector(parts, progress=False, resume=True)  # detector_steps=6 comes from the checkpoint
+        assert not (parts / DETECTOR_CKPT_STATE).exists() and not (parts / DETECTOR_CKPT_WEIGHTS).exists()
+        a, b = load(whole).detector, load(parts).detector
+        for net in ("generator", "discriminator"):
+            sa, sb = getattr(a, net).state_dict(), getattr(b, net).state_dict()
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), net
+        assert b.meta["steps_done"] == 6 and a.image_threshold == b.image_threshold
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resume_without_a_detector_checkpoint_says_so(tiny_model_dir, tmp_path):
+    from anoseg import AnosegError, train_detector
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    with pytest.raises(AnosegError, match="no detector checkpoint"):
+        train_detector(folder, overrides={"detector_steps": 2}, progress=False, resume=True)

@@ -30,9 +30,13 @@ def train(config: Config, data: str | Path, out: str | Path, *, resume: bool = F
 
 
 def train_detector(folder: str | Path, data: str | Path | None = None, *, overrides: dict[str, Any] | None = None,
-                   progress: bool = True) -> AnoSegModel:
-    """Train the image-level anomaly detector (paper 3.4) for a trained model folder; saved beside it."""
-    return _train.train_detector(folder, data, overrides, progress=progress)
+                   progress: bool = True, resume: bool = False, overwrite: bool = False) -> AnoSegModel:
+    """Train the image-level anomaly detector (paper 3.4) for a trained model folder; saved beside it.
+
+    `resume` continues a run that was interrupted (Ctrl-C or a kill) from its checkpoint; `overwrite`
+    starts again although such a checkpoint exists.
+    """
+    return _train.train_detector(folder, data, overrides, progress=progress, resume=resume, overwrite=overwrite)
 
 
 def load(folder: str | Path, device: str | None = None) -> AnoSegModel:

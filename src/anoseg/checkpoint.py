@@ -1,9 +1,12 @@
-"""Saving and loading weights as safetensors (never pickle) next to JSON metadata, atomically."""
+"""Saving and loading weights as safetensors (never pickle) next to JSON metadata, atomically; resume points."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +111,24 @@ def pop_threshold(meta: dict, path: Path, key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ModelFileError(f"{path}: {key} {value!r} must be a finite number")
     return float(value)
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """Turn the first Ctrl-C into a flag the loop checks between steps; a second one aborts at once."""
+    hit = []
+
+    def handler(signum, frame):  # noqa: ARG001
+        if hit:
+            raise KeyboardInterrupt
+        hit.append(signum)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--steps", type=int, help="detector training iterations (setting detector_steps)")
     td.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="detector settings, e.g. --set detector_w_feat=0.1 (see docs/settings.md)")
+    td.add_argument("--resume", action="store_true",
+                    help="continue an interrupted detector run from its checkpoint (same settings)")
+    td.add_argument("--overwrite", action="store_true",
+                    help="start again although an interrupted run left a checkpoint")
     td.add_argument("--quiet", action="store_true", help="no progress bars")
 
     pr = sub.add_parser("predict", help="anomaly maps for new images",
@@ -208,7 +212,10 @@ def _cmd_train_detector(args: argparse.Namespace, progress: bool) -> None:
     bad = [k for k in overrides if not k.startswith("detector_")]
     if bad:
         raise ConfigError(f"train-detector takes detector settings only, not {', '.join(bad)}")
-    _detector_written(args.model, api.train_detector(args.model, args.data, overrides=overrides, progress=progress))
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    _detector_written(args.model, api.train_detector(args.model, args.data, overrides=overrides, progress=progress,
+                                                     resume=args.resume, overwrite=args.overwrite))
 
 
 def _cmd_predict(args: argparse.Namespace, progress: bool) -> None:

@@ -8,15 +8,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .augment import make_batch
+from .checkpoint import (
+    deferred_interrupt,
+    load_json,
+    load_module,
+    load_optimizer,
+    load_tensors,
+    module_state,
+    optimizer_state,
+    save_json,
+    save_tensors,
+)
 from .detector import Detector
-from .errors import AnosegError
+from .errors import AnosegError, ConfigError, ModelFileError
+from .modelfolder import DETECTOR_CKPT_STATE, DETECTOR_CKPT_WEIGHTS
 from .progress import bar
+
+# settings a resumed detector run must share with its checkpoint (detector_steps may grow: train longer)
+RESUME_KEYS = ("seed", "batch_size", "detector_lr", "detector_lambda_adv", "detector_lambda_rec",
+               "detector_lambda_cls", "detector_lambda_fm", "beta1", "beta2")
 
 
 def new_detector(cfg, device: torch.device) -> Detector:
@@ -34,28 +51,91 @@ def _finite_or_stop(loss: torch.Tensor, step: int) -> None:
 
 
 def fit_detector(det: Detector, anoseg_map: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                 progress: bool = True) -> float:
+                 progress: bool = True, folder: Path | None = None, resume: bool = False) -> float:
     """Train on normal images (uint8 N x 3 x S x S); `anoseg_map` maps [-1, 1] images to AnoSeg maps.
 
-    Batches and synthetic anomalies come from per-step generators seeded with (seed, step). Returns the
-    training time in seconds.
+    Batches and synthetic anomalies come from per-step generators seeded with (seed, step), so a run
+    resumed from its checkpoint (`folder`, every ``checkpoint_every`` steps and on Ctrl-C) ends with the
+    same weights as one that ran through. Returns the training time in seconds, earlier sessions included.
     """
     cfg = det.cfg
     det.generator.train()
     det.discriminator.train()
     opt_g = torch.optim.Adam(det.generator.parameters(), lr=cfg.detector_lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(det.discriminator.parameters(), lr=cfg.detector_lr, betas=(cfg.beta1, cfg.beta2))
+    step, before = load_checkpoint(folder, det, opt_g, opt_d) if resume and folder is not None else (0, 0.0)
     start = time.perf_counter()
-    for step in bar(range(cfg.detector_steps), desc="training detector", disable=not progress):
-        rng = np.random.default_rng([cfg.seed, step, 2])
-        idx = rng.choice(len(images), cfg.batch_size, replace=len(images) < cfg.batch_size)
-        x01 = images[torch.from_numpy(idx)].float() / 255.0
-        # synthetic anomalies only feed the auxiliary classifier, never the "real" class
-        syn01, syn_mask = make_batch(x01, cfg.replace(anomaly_ratio=1.0), rng)
-        _detector_step(det, anoseg_map, x01, syn01, syn_mask, opt_g, opt_d, step)
+    progress_bar = bar(range(step, cfg.detector_steps), desc="training detector", disable=not progress)
+    with deferred_interrupt() as interrupted:
+        for step in progress_bar:
+            rng = np.random.default_rng([cfg.seed, step, 2])
+            idx = rng.choice(len(images), cfg.batch_size, replace=len(images) < cfg.batch_size)
+            x01 = images[torch.from_numpy(idx)].float() / 255.0
+            # synthetic anomalies only feed the auxiliary classifier, never the "real" class
+            syn01, syn_mask = make_batch(x01, cfg.replace(anomaly_ratio=1.0), rng)
+            _detector_step(det, anoseg_map, x01, syn01, syn_mask, opt_g, opt_d, step)
+            done = step + 1
+            stop = interrupted()
+            if folder is not None and (done % cfg.checkpoint_every == 0 or stop) and done < cfg.detector_steps:
+                save_checkpoint(folder, det, opt_g, opt_d, done, before + time.perf_counter() - start)
+            if stop and done < cfg.detector_steps:
+                where = f"checkpoint saved in {folder}, continue with train-detector --resume" if folder else \
+                    "no checkpoint (no folder given)"
+                raise AnosegError(f"detector training interrupted at step {done}; {where}")
     det.generator.eval()
     det.discriminator.eval()
-    return time.perf_counter() - start
+    return before + time.perf_counter() - start
+
+
+def save_checkpoint(folder: Path, det: Detector, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
+                    step: int, seconds: float) -> None:
+    """Weights and optimiser states first, then the JSON that names them (a kill leaves the old pair)."""
+    tg, pg = optimizer_state("opt_g", opt_g)
+    td, pd = optimizer_state("opt_d", opt_d)
+    save_tensors(folder / DETECTOR_CKPT_WEIGHTS, {**module_state("generator", det.generator),
+                                                  **module_state("discriminator", det.discriminator), **tg, **td})
+    settings = {k: getattr(det.cfg, k) for k in (*RESUME_KEYS, "detector_steps")}
+    save_json(folder / DETECTOR_CKPT_STATE, {"step": step, "train_seconds": round(seconds, 2), "opt_g": pg,
+                                             "opt_d": pd, "settings": settings})
+
+
+def load_checkpoint(folder: Path, det: Detector, opt_g: torch.optim.Optimizer,
+                    opt_d: torch.optim.Optimizer) -> tuple[int, float]:
+    """Restore a detector run; returns (steps done, seconds spent). Refuses other settings than its own."""
+    if not (folder / DETECTOR_CKPT_STATE).is_file():
+        raise AnosegError(f"{folder}: no detector checkpoint to resume (train-detector without --resume starts one)")
+    state = load_json(folder / DETECTOR_CKPT_STATE)
+    changed = [k for k, v in state.get("settings", {}).items() if k in RESUME_KEYS and getattr(det.cfg, k, v) != v]
+    if changed:
+        raise ConfigError(f"{folder}: the detector checkpoint was made with other settings ({', '.join(changed)}); "
+                          "resume with the same settings or start again without --resume")
+    tensors = load_tensors(folder / DETECTOR_CKPT_WEIGHTS)
+    load_module(det.generator, tensors, "generator", folder / DETECTOR_CKPT_WEIGHTS)
+    load_module(det.discriminator, tensors, "discriminator", folder / DETECTOR_CKPT_WEIGHTS)
+    try:
+        load_optimizer(opt_g, "opt_g", tensors, state["opt_g"])
+        load_optimizer(opt_d, "opt_d", tensors, state["opt_d"])
+        step, seconds = int(state["step"]), float(state.get("train_seconds", 0.0))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelFileError(f"{folder / DETECTOR_CKPT_STATE}: damaged checkpoint state ({e})") from None
+    if step > det.cfg.detector_steps:
+        raise ConfigError(f"{folder}: the detector checkpoint is at step {step}, past detector_steps="
+                          f"{det.cfg.detector_steps}; give at least that many steps")
+    return step, seconds
+
+
+def checkpoint_settings(folder: Path) -> dict:
+    """The settings an interrupted detector run was started with (empty when there is no checkpoint)."""
+    path = folder / DETECTOR_CKPT_STATE
+    settings = load_json(path).get("settings", {}) if path.is_file() else {}
+    if not isinstance(settings, dict):
+        raise ModelFileError(f"{path}: damaged checkpoint state (settings)")
+    return {k: v for k, v in settings.items() if k in (*RESUME_KEYS, "detector_steps")}
+
+
+def remove_checkpoint(folder: Path) -> None:
+    for name in (DETECTOR_CKPT_STATE, DETECTOR_CKPT_WEIGHTS):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _detector_step(det: Detector, anoseg_map, x01: torch.Tensor, syn01: torch.Tensor, syn_mask: torch.Tensor,

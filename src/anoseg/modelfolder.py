@@ -2,7 +2,8 @@
 
 A model folder holds ``config.json`` (all settings), ``model.safetensors`` + ``model.json`` (generator
 weights; threshold and metadata), while training ``checkpoint.json`` + ``checkpoint-<step>.safetensors``
-and ``train_log.csv``, and with an anomaly detector ``detector.safetensors`` + ``detector.json``.
+and ``train_log.csv``, and with an anomaly detector ``detector.safetensors`` + ``detector.json`` (while it
+trains, ``detector-checkpoint.json`` + ``detector-checkpoint.safetensors``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ CKPT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.csv"
 DETECTOR_WEIGHTS = "detector.safetensors"
 DETECTOR_META = "detector.json"
+DETECTOR_CKPT_WEIGHTS = "detector-checkpoint.safetensors"  # while the detector trains: its resume point
+DETECTOR_CKPT_STATE = "detector-checkpoint.json"
 
 
 def is_finished(folder: Path) -> bool:

@@ -8,10 +8,8 @@ import csv
 import dataclasses
 import io
 import math
-import signal
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 
 from .augment import make_batch
 from .checkpoint import (
+    deferred_interrupt,
     load_json,
     load_module,
     load_optimizer,
@@ -33,7 +32,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .data import TrainingImages, train_images
-from .detector_training import fit_detector, new_detector
+from .detector_training import checkpoint_settings, fit_detector, new_detector, remove_checkpoint
 from .distributed import (
     DistContext,
     all_reduce_sum,
@@ -51,6 +50,8 @@ from .modelfolder import (
     CKPT_STATE,
     CKPT_WEIGHTS,
     CONFIG_FILE,
+    DETECTOR_CKPT_STATE,
+    DETECTOR_CKPT_WEIGHTS,
     DETECTOR_META,
     DETECTOR_WEIGHTS,
     LOG_FILE,
@@ -435,7 +436,7 @@ def _loop(run: TrainingRun) -> bool:
     """Train until `steps` (checkpoints, rollbacks, Ctrl-C, time budget); True when the time budget stopped it."""
     cfg, trainer = run.cfg, run.trainer
     bar = progress_bar(total=cfg.steps, initial=trainer.step_done, desc="training", disable=not run.progress)
-    with _deferred_interrupt() as interrupted, contextlib.closing(bar):
+    with deferred_interrupt() as interrupted, contextlib.closing(bar):
         while trainer.step_done < cfg.steps:
             rng = np.random.default_rng([cfg.seed, trainer.step_done, 1])
             idx = rng.choice(len(run.images), cfg.batch_size, replace=len(run.images) < cfg.batch_size)
@@ -491,27 +492,6 @@ def _roll_back(trainer: Trainer, out: Path, error: TrainingUnstable, bar: Any) -
     bar.refresh()
 
 
-@contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
-    """Turn the first Ctrl-C into a flag the loop checks between steps; a second one aborts at once."""
-    hit = []
-
-    def handler(signum, frame):  # noqa: ARG001
-        if hit:
-            raise KeyboardInterrupt
-        hit.append(signum)
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
-        yield lambda: False
-        return
-    try:
-        yield lambda: bool(hit)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
     """Choose thresholds from normal images only: a high quantile of their scores.
 
@@ -535,7 +515,8 @@ def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
 
 def remove_detector(folder: Path) -> None:
     """A detector belongs to the generator it was trained on: drop it when the generator changes."""
-    stale = [folder / DETECTOR_WEIGHTS, folder / DETECTOR_META]
+    stale = [folder / DETECTOR_WEIGHTS, folder / DETECTOR_META, folder / DETECTOR_CKPT_STATE,
+             folder / DETECTOR_CKPT_WEIGHTS]
     if any(p.exists() for p in stale):
         warnings.warn(f"{folder}: the AnoSeg model changes, so its detector is removed; "
                       "train a new one with train-detector", stacklevel=3)
@@ -544,15 +525,22 @@ def remove_detector(folder: Path) -> None:
 
 
 def train_detector(folder: str | Path, data: str | Path | None = None, overrides: dict | None = None,
-                   progress: bool = True) -> AnoSegModel:
+                   progress: bool = True, resume: bool = False, overwrite: bool = False) -> AnoSegModel:
     """Train the anomaly detector (paper section 3.4) for the AnoSeg model in `folder` and save it there.
 
-    Uses the same normal training images and the same held-out split as the AnoSeg model.
+    Uses the same normal training images and the same held-out split as the AnoSeg model. It checkpoints
+    like AnoSeg training: `resume` continues an interrupted run; a run's checkpoint is never replaced
+    unless `overwrite` is given.
     """
     folder = Path(folder)
     model = AnoSegModel.load(folder)
-    cfg = model.config.replace(**(overrides or {}))
+    # resuming: the interrupted run's settings, unless given again (a different value is refused later)
+    earlier = checkpoint_settings(folder) if resume else {}
+    cfg = model.config.replace(**{**earlier, **(overrides or {})})
     model.config = cfg
+    if (folder / DETECTOR_CKPT_STATE).is_file() and not (resume or overwrite):
+        raise AnosegError(f"{folder}: an interrupted detector run left a checkpoint; continue it with --resume "
+                          "or start again with --overwrite")
     data = data if data is not None else model.meta.get("data")
     if data is None:
         raise AnosegError(f"{folder}: the model does not record its training data; give DATA")
@@ -562,10 +550,11 @@ def train_detector(folder: str | Path, data: str | Path | None = None, overrides
     # the detector trains on one fixed crop per image (the whole image in square mode)
     images = images.crops(np.arange(len(images)), np.random.default_rng([cfg.seed, 3]))[0]
     detector = new_detector(cfg, model.device)
-    seconds = fit_detector(detector, model.raw_maps, images, progress=progress)
+    seconds = fit_detector(detector, model.raw_maps, images, progress=progress, folder=folder, resume=resume)
     model.detector = detector
     detector.meta = {"train_seconds": round(seconds, 2), "steps_done": cfg.detector_steps, "data": str(data)}
     calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])
     cfg.save(folder / CONFIG_FILE)
     detector.save(folder)
+    remove_checkpoint(folder)  # the detector is written: its resume point is no longer needed
     return model
