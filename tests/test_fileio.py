@@ -117,3 +117,21 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode) == 0o640  # 0666 less the umask, as any new file
+
+
+@pytest.mark.parametrize("kind", ["rgb8", "grey16"])
+def test_png_written_in_bands_has_the_same_pixels_as_pillow(tmp_path, kind):
+    from anoseg.fileio import save_png_bands
+
+    rng = np.random.default_rng(0)
+    shape, dtype, top = ((301, 257, 3), np.uint8, 256) if kind == "rgb8" else ((301, 257), np.uint16, 65536)
+    noise = rng.integers(0, top, shape).astype(dtype)
+    smooth = np.linspace(0, top - 1, shape[0] * shape[1]).astype(dtype).reshape(shape[:2])
+    smooth = smooth if kind == "grey16" else np.repeat(smooth[..., None], 3, axis=2)
+    picture = np.concatenate([noise[:150], smooth[150:]])  # rows that pick different PNG filters
+    bands = [picture[r:r + 70] for r in range(0, shape[0], 70)]  # band edges inside the 64-row filter strips
+    save_png_bands(tmp_path / "a.png", shape[0], shape[1], bands)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), picture)
+    with pytest.raises(ValueError, match="rows"):  # fewer rows than declared: no file left behind
+        save_png_bands(tmp_path / "b.png", shape[0] + 1, shape[1], iter(bands))
+    assert not (tmp_path / "b.png").exists() and not list(tmp_path.glob(".b.png*"))

@@ -8,7 +8,8 @@ import re
 import secrets
 import struct
 import warnings
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -113,11 +114,28 @@ def load_image_bytes(data: bytes, name: str = "upload", max_pixels: int = MAX_PI
     return _as_rgb8(_decode(io.BytesIO(data), name, max_pixels, formats), name)
 
 
+DECODE_ROWS = 1024  # 8-bit images are copied out of Pillow in bands of rows (no whole-image byte string)
+
+
+def _rgb8_in_bands(im: Image.Image) -> np.ndarray:
+    """An 8-bit RGB, RGBA or L Pillow image as RGB uint8, copied band by band (alpha dropped, grey repeated).
+
+    ``np.asarray(im)`` would first make the whole image a byte string, and Pillow joins that from pieces:
+    for an 81 MP photo two extra copies of 243 MB beside Pillow's own.
+    """
+    w, h = im.size
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    for r in range(0, h, DECODE_ROWS):
+        band = im.crop((0, r, w, min(h, r + DECODE_ROWS)))
+        out[r:r + band.height] = np.asarray(band if band.mode == "RGB" else band.convert("RGB"))
+    return out
+
+
 def _as_rgb8(im: Image.Image, label: str) -> np.ndarray:
     if im.mode in ("RGB", "L", "RGBA", "P"):  # 8-bit: no float copies (a 48 MP photo stays ~150 MB)
         if im.mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-        return np.ascontiguousarray(np.asarray(im.convert("RGB") if im.mode == "L" else im)[..., :3])
+        return _rgb8_in_bands(im)
     try:
         arr = _to_float_gray_or_rgb(im)
     except (OSError, ValueError, TypeError) as e:  # a mode Pillow decodes but cannot convert
@@ -217,6 +235,66 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def save_png_atomic(path: Path, image: Image.Image, compress_level: int = 1) -> None:
     # level 1: about 4x faster to write than the default 6, for files about a fifth larger
     _write_atomic(path, lambda p: image.save(p, format="PNG", compress_level=compress_level))
+
+
+PNG_ROWS = 64  # rows filtered at once by the streaming writer: its extra memory is a few such strips
+
+
+def _filtered(raw: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG scanlines (filter byte + bytes) of raw rows (n x L uint8), each with the best of None/Sub/Up/Paeth.
+
+    `prev` is the row above the first. Rows are scored by the sum of absolute signed bytes, as libpng does.
+    """
+    r = raw.astype(np.int16)
+    b = np.vstack([prev[None], raw[:-1]]).astype(np.int16)  # up
+    a = np.zeros_like(r)
+    a[:, bpp:] = r[:, :-bpp]  # left
+    c = np.zeros_like(r)
+    c[:, bpp:] = b[:, :-bpp]  # up-left
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+    candidates = np.stack([r, r - a, r - b, r - paeth]).astype(np.uint8)  # filter types 0, 1, 2, 4
+    signed = candidates.view(np.int8).astype(np.int16)
+    best = np.abs(signed).sum(axis=2).argmin(axis=0)
+    out = np.empty((raw.shape[0], raw.shape[1] + 1), dtype=np.uint8)
+    out[:, 0] = np.array([0, 1, 2, 4], dtype=np.uint8)[best]
+    out[:, 1:] = candidates[best, np.arange(raw.shape[0])]
+    return out
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def save_png_bands(path: Path, height: int, width: int, bands: Iterable[np.ndarray], compress_level: int = 1) -> None:
+    """A PNG written band by band (large images: never the whole picture in memory), atomically.
+
+    `bands` are, top to bottom, H_i x W x 3 uint8 (RGB) or H_i x W uint16 (16-bit grey) arrays whose heights
+    sum to `height`. The pixels are the same as Pillow writes for the whole array.
+    """
+    def write(p: Path) -> None:
+        rows_done, prev, depth = 0, None, None
+        z = zlib.compressobj(compress_level)
+        with open(p, "wb") as f:
+            for band in bands:
+                if depth is None:
+                    depth, colour = (8, 2) if band.dtype == np.uint8 else (16, 0)
+                    f.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth,
+                                                                                colour, 0, 0, 0)))
+                raw = (band if depth == 8 else band.astype(">u2").view(np.uint8)).reshape(len(band), -1)
+                prev = np.zeros(raw.shape[1], np.uint8) if prev is None else prev
+                for i in range(0, len(raw), PNG_ROWS):
+                    data = z.compress(_filtered(raw[i:i + PNG_ROWS], prev, 3 if depth == 8 else 2).tobytes())
+                    if data:
+                        f.write(_chunk(b"IDAT", data))
+                    prev = raw[min(i + PNG_ROWS, len(raw)) - 1]
+                rows_done += len(band)
+            if rows_done != height:
+                raise ValueError(f"PNG bands hold {rows_done} rows, not {height}")
+            f.write(_chunk(b"IDAT", z.flush()) + _chunk(b"IEND", b""))
+
+    _write_atomic(path, write)
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:

@@ -30,13 +30,12 @@ from .fileio import (
     make_output_dir,
     safe_name,
     save_npy_atomic,
-    save_png_atomic,
     write_text_atomic,
 )
 from .inference import AnoSegModel, Prediction
 from .modelfolder import Thresholds
 from .progress import bar as progress_bar
-from .visualize import overlay_image, save_map_png16
+from .visualize import save_map_png16, save_overlay
 
 RESULT_FIELDS = ["path", "score", "verdict", "image_threshold", "map_score", "topk_score", "detector_score",
                  "map_threshold", "width", "height", "overlay", "map"]
@@ -292,7 +291,7 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
 def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Prediction, t_map: float | None,
                t_img: float | None, map_format: str) -> dict[str, Any]:
     overlay_file = f"{name}_overlay.png"
-    save_png_atomic(out / overlay_file, overlay_image(image, pred.anomaly_map, t_map))
+    save_overlay(out / overlay_file, image, pred.anomaly_map, t_map)
     map_file = f"{name}_map.{map_format}"
     if map_format == "png":
         save_map_png16(out / map_file, pred.anomaly_map)

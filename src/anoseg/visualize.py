@@ -11,12 +11,17 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .fileio import _write_atomic, save_png_atomic
+from .fileio import _write_atomic, save_png_atomic, save_png_bands
 
 OUTLINE_RGB = np.array([0, 255, 0], dtype=np.uint8)
 
 
 ROWS_PER_CHUNK = 512  # large images are blended in bands of rows, so memory stays a few copies of one band
+BAND_PIXELS = 1_000_000  # ... and a band of a wide image has fewer rows: about this many pixels at most
+
+
+def _band_rows(width: int) -> int:
+    return max(1, min(ROWS_PER_CHUNK, BAND_PIXELS // max(1, width)))
 
 
 @functools.cache
@@ -43,8 +48,9 @@ def _overlay_bands(image: np.ndarray, amap: np.ndarray, threshold: float | None,
     """(first row, RGB uint8 band) of the overlay, top to bottom: the whole overlay is never held as floats."""
     lut = _jet_lut().astype(np.float32) * alpha
     width = max(1, round(max(image.shape[:2]) / 256))
-    for r in range(0, image.shape[0], ROWS_PER_CHUNK):
-        rows = slice(r, r + ROWS_PER_CHUNK)
+    step = _band_rows(image.shape[1])
+    for r in range(0, image.shape[0], step):
+        rows = slice(r, r + step)
         band = (image[rows].astype(np.float32) * (1 - alpha) + lut[_lut_index(amap[rows])]).astype(np.uint8)
         if threshold is not None:
             band[_outline_rows(amap, threshold, width, r, len(band))] = OUTLINE_RGB
@@ -77,20 +83,27 @@ def overlay_image(image: np.ndarray, amap: np.ndarray, threshold: float | None, 
     return canvas
 
 
+def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, threshold: float | None,
+                 alpha: float = 0.45) -> None:
+    """:func:`overlay` written to a PNG band by band: neither the overlay nor its picture is held whole."""
+    save_png_bands(path, image.shape[0], image.shape[1], (band for _, band in _overlay_bands(image, amap, threshold,
+                                                                                             alpha)))
+
+
 def map_to_uint8(amap: np.ndarray) -> np.ndarray:
     """A [0, 1] map as 8-bit grey (value x 255), made in bands of rows."""
     out = np.empty(amap.shape, dtype=np.uint8)
-    for r in range(0, amap.shape[0], ROWS_PER_CHUNK):
-        out[r:r + ROWS_PER_CHUNK] = np.round(np.clip(amap[r:r + ROWS_PER_CHUNK], 0, 1) * 255)
+    step = _band_rows(amap.shape[1])
+    for r in range(0, amap.shape[0], step):
+        out[r:r + step] = np.round(np.clip(amap[r:r + step], 0, 1) * 255)
     return out
 
 
 def save_map_png16(path: Path, amap: np.ndarray) -> None:
-    """The raw map as a 16-bit grey PNG: value / 65535 is the map value (1 = defect)."""
-    arr = np.empty(amap.shape, dtype=np.uint16)
-    for r in range(0, amap.shape[0], ROWS_PER_CHUNK):
-        arr[r:r + ROWS_PER_CHUNK] = np.round(np.clip(amap[r:r + ROWS_PER_CHUNK], 0, 1) * 65535)
-    save_png_atomic(path, Image.fromarray(arr))
+    """The raw map as a 16-bit grey PNG: value / 65535 is the map value (1 = defect). Written in bands."""
+    step = _band_rows(amap.shape[1])
+    bands = (np.round(np.clip(amap[r:r + step], 0, 1) * 65535).astype(np.uint16) for r in range(0, amap.shape[0], step))
+    save_png_bands(path, amap.shape[0], amap.shape[1], bands)
 
 
 def save_grid(path: Path, tiles: list[np.ndarray], columns: int) -> None:
