@@ -115,7 +115,9 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
     path.with_suffix(".json").write_text(json.dumps({"command": command, "results": records}, indent=2) + "\n")
     devices = sorted({r.get("device", "cpu") for r in records})
     data = sorted({r.get("data", str(DATA)) for r in records})
-    lines = ["# Ablation", "", f"Command: `{command}`. Device(s): {', '.join(devices)}; data: {', '.join(data)}. "
+    commands = sorted({r["command"] for r in records if r.get("command")} | {command})
+    lines = ["# Ablation", "", f"Commands: {'; '.join(f'`{c}`' for c in commands)}. Device(s): {', '.join(devices)}; "
+             f"data: {', '.join(data)}. "
              "Each row: one training run of the `fast` profile with the variant's settings, evaluated on the "
              "category's test split. See bench/ablation.py for what each variant changes; variant x category "
              "pairs not listed have not been run yet. Training times depend on the device and on how many runs "
@@ -188,7 +190,7 @@ def main() -> None:
         if proc.returncode:
             print(f"{c} {v} seed {s}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
             return
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = {**json.loads(proc.stdout.strip().splitlines()[-1]), "command": command}
         with lock:
             records.append(r)
             write_tables(out, records, command)
