@@ -101,7 +101,7 @@ def _interrupt_at(monkeypatch, stop_step):
 
 def test_an_interrupted_detector_resumes_to_the_same_weights(tiny_model_dir, tmp_path, monkeypatch):
     from anoseg import AnosegError, ConfigError, train_detector
-    from anoseg.modelfolder import DETECTOR_CKPT_STATE, DETECTOR_CKPT_WEIGHTS
+    from anoseg.modelfolder import DETECTOR_CKPT_STATE, DETECTOR_CKPT_STEM
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-exact comparison: one summation order
@@ -120,7 +120,7 @@ def test_an_interrupted_detector_resumes_to_the_same_weights(tiny_model_dir, tmp
         with pytest.raises(ConfigError, match="detector_lr"):
             train_detector(parts, overrides={"detector_lr": 1e-3}, progress=False, resume=True)
         train_detector(parts, progress=False, resume=True)  # detector_steps=6 comes from the checkpoint
-        assert not (parts / DETECTOR_CKPT_STATE).exists() and not (parts / DETECTOR_CKPT_WEIGHTS).exists()
+        assert not (parts / DETECTOR_CKPT_STATE).exists() and not list(parts.glob(f"{DETECTOR_CKPT_STEM}*"))
         a, b = load(whole).detector, load(parts).detector
         for net in ("generator", "discriminator"):
             sa, sb = getattr(a, net).state_dict(), getattr(b, net).state_dict()
@@ -137,3 +137,36 @@ def test_resume_without_a_detector_checkpoint_says_so(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, folder)
     with pytest.raises(AnosegError, match="no detector checkpoint"):
         train_detector(folder, overrides={"detector_steps": 2}, progress=False, resume=True)
+
+
+def test_a_kill_between_detector_weights_and_json_keeps_the_previous_pair(tiny_model_dir, tmp_path, monkeypatch):
+    import sys
+
+    from anoseg import train_detector
+
+    checkpoint_mod = sys.modules["anoseg.checkpoint"]
+    real_save_json, calls = checkpoint_mod.save_json, []
+
+    def crash_on_second(path, data):
+        calls.append(path)
+        if len(calls) == 2:  # the second resume point: its weights are written, its JSON never lands
+            raise RuntimeError("simulated power cut")
+        real_save_json(path, data)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole, parts = tmp_path / "whole", tmp_path / "parts"
+        shutil.copytree(tiny_model_dir, whole)
+        shutil.copytree(tiny_model_dir, parts)
+        train_detector(whole, overrides={"detector_steps": 8}, progress=False)  # resume points at 3 and 6
+        with monkeypatch.context() as m:
+            m.setattr(checkpoint_mod, "save_json", crash_on_second)
+            with pytest.raises(RuntimeError, match="power cut"):
+                train_detector(parts, overrides={"detector_steps": 8}, progress=False)
+        train_detector(parts, progress=False, resume=True)  # from step 3, whose weights are still there
+        a, b = load(whole).detector, load(parts).detector
+        sa, sb = a.generator.state_dict(), b.generator.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    finally:
+        torch.set_num_threads(threads)

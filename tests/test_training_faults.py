@@ -20,6 +20,7 @@ from anoseg.modelfolder import CKPT_STATE
 from anoseg.train import Trainer, TrainingUnstable, checkpoint_weights
 
 train_mod = sys.modules["anoseg.train"]
+checkpoint_mod = sys.modules["anoseg.checkpoint"]
 STEPS = 40
 
 
@@ -76,7 +77,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(demo
 def test_crash_between_weights_and_json_leaves_the_previous_checkpoint(demo_root, tmp_path, monkeypatch):
     cfg = profile_config("tiny", steps=4, checkpoint_every=2, batch_size=4)
     calls = []
-    real_save_json = train_mod.save_json
+    real_save_json = checkpoint_mod.save_json  # the one mechanism behind every resume point
 
     def crash_on_second(path, data):
         calls.append(path)
@@ -84,10 +85,10 @@ def test_crash_between_weights_and_json_leaves_the_previous_checkpoint(demo_root
             raise RuntimeError("simulated power cut")
         real_save_json(path, data)
 
-    monkeypatch.setattr(train_mod, "save_json", crash_on_second)
+    monkeypatch.setattr(checkpoint_mod, "save_json", crash_on_second)
     with pytest.raises(RuntimeError, match="power cut"):
         train(cfg, demo_root, tmp_path / "run", progress=False)
-    monkeypatch.setattr(train_mod, "save_json", real_save_json)
+    monkeypatch.setattr(checkpoint_mod, "save_json", real_save_json)
     assert readable_checkpoint(tmp_path / "run") == 2
     model = train(cfg, demo_root, tmp_path / "run", resume=True, progress=False)
     assert model.meta["steps_done"] == 4
@@ -171,7 +172,7 @@ def test_nan_weights_are_never_written(demo_root, tmp_path):
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_root, tmp_path, monkeypatch):
     cfg = profile_config("tiny", steps=4, checkpoint_every=2, batch_size=4)
-    real = train_mod.save_tensors
+    real = checkpoint_mod.save_tensors
     calls = []
 
     def no_space(tmp):
@@ -184,7 +185,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(demo_root, tmp_pat
             return fileio._write_atomic(path, no_space)
         return real(path, tensors)
 
-    monkeypatch.setattr(train_mod, "save_tensors", full_on_second)
+    monkeypatch.setattr(checkpoint_mod, "save_tensors", full_on_second)
     with pytest.raises(OutputError, match="No space left on device"):
         train(cfg, demo_root, tmp_path / "run", progress=False)
     assert readable_checkpoint(tmp_path / "run") == 2

@@ -99,6 +99,37 @@ def load_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, t
     opt.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
 
 
+def save_resume_point(folder: Path, state_file: str, stem: str, step: int, tensors: dict[str, torch.Tensor],
+                      state: dict[str, Any]) -> None:
+    """Write a resume point that survives a kill at any moment.
+
+    The weights go to a new file named after the step (``<stem>-<step>.safetensors``); the JSON that names
+    them is renamed into place last, and only then are older weights (and temporary files a kill left
+    behind) removed. Whenever the process dies, `state_file` names a complete weights file that matches it.
+    """
+    weights = f"{stem}-{step:08d}.safetensors"
+    save_tensors(folder / weights, tensors)
+    save_json(folder / state_file, {"step": step, "weights": weights, **state})
+    for old in [*folder.glob(f"{stem}*.safetensors"), *folder.glob(f".{stem}*.tmp")]:
+        if old.name != weights:
+            old.unlink(missing_ok=True)
+
+
+def resume_weights(folder: Path, state_file: str, legacy: str) -> Path:
+    """The weights file that `state_file` names (`legacy`: the one fixed name older files used)."""
+    if not (folder / state_file).is_file():
+        return folder / legacy
+    name = load_json(folder / state_file).get("weights", legacy)
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+        raise ModelFileError(f"{folder / state_file}: bad weights file name {name!r}")
+    return folder / name
+
+
+def remove_resume_point(folder: Path, state_file: str, stem: str) -> None:
+    for old in [folder / state_file, *folder.glob(f"{stem}*.safetensors"), *folder.glob(f".{stem}*.tmp")]:
+        old.unlink(missing_ok=True)
+
+
 def pop_threshold(meta: dict, path: Path, key: str) -> float | None:
     """Take the stored threshold `key` out of a model's metadata; anything but a finite number is refused.
 

@@ -23,17 +23,19 @@ from .checkpoint import (
     load_tensors,
     module_state,
     optimizer_state,
-    save_json,
-    save_tensors,
+    remove_resume_point,
+    resume_weights,
+    save_resume_point,
 )
 from .detector import Detector
 from .errors import AnosegError, ConfigError, ModelFileError
-from .modelfolder import DETECTOR_CKPT_STATE, DETECTOR_CKPT_WEIGHTS
+from .modelfolder import DETECTOR_CKPT_STATE, DETECTOR_CKPT_STEM
 from .progress import bar
 
 # settings a resumed detector run must share with its checkpoint (detector_steps may grow: train longer)
 RESUME_KEYS = ("seed", "batch_size", "detector_lr", "detector_lambda_adv", "detector_lambda_rec",
                "detector_lambda_cls", "detector_lambda_fm", "beta1", "beta2")
+SAVED_KEYS = (*RESUME_KEYS, "detector_steps")  # what a checkpoint records; a resumed run starts from these
 
 
 def new_detector(cfg, device: torch.device) -> Detector:
@@ -89,14 +91,14 @@ def fit_detector(det: Detector, anoseg_map: Callable[[torch.Tensor], torch.Tenso
 
 def save_checkpoint(folder: Path, det: Detector, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
                     step: int, seconds: float) -> None:
-    """Weights and optimiser states first, then the JSON that names them (a kill leaves the old pair)."""
+    """Networks and optimiser states, crash-safe like AnoSeg's checkpoints (:func:`save_resume_point`)."""
     tg, pg = optimizer_state("opt_g", opt_g)
     td, pd = optimizer_state("opt_d", opt_d)
-    save_tensors(folder / DETECTOR_CKPT_WEIGHTS, {**module_state("generator", det.generator),
-                                                  **module_state("discriminator", det.discriminator), **tg, **td})
-    settings = {k: getattr(det.cfg, k) for k in (*RESUME_KEYS, "detector_steps")}
-    save_json(folder / DETECTOR_CKPT_STATE, {"step": step, "train_seconds": round(seconds, 2), "opt_g": pg,
-                                             "opt_d": pd, "settings": settings})
+    tensors = {**module_state("generator", det.generator), **module_state("discriminator", det.discriminator),
+               **tg, **td}
+    save_resume_point(folder, DETECTOR_CKPT_STATE, DETECTOR_CKPT_STEM, step, tensors, {
+        "train_seconds": round(seconds, 2), "opt_g": pg, "opt_d": pd,
+        "settings": {k: getattr(det.cfg, k) for k in SAVED_KEYS}})
 
 
 def load_checkpoint(folder: Path, det: Detector, opt_g: torch.optim.Optimizer,
@@ -109,9 +111,10 @@ def load_checkpoint(folder: Path, det: Detector, opt_g: torch.optim.Optimizer,
     if changed:
         raise ConfigError(f"{folder}: the detector checkpoint was made with other settings ({', '.join(changed)}); "
                           "resume with the same settings or start again without --resume")
-    tensors = load_tensors(folder / DETECTOR_CKPT_WEIGHTS)
-    load_module(det.generator, tensors, "generator", folder / DETECTOR_CKPT_WEIGHTS)
-    load_module(det.discriminator, tensors, "discriminator", folder / DETECTOR_CKPT_WEIGHTS)
+    path = resume_weights(folder, DETECTOR_CKPT_STATE, f"{DETECTOR_CKPT_STEM}.safetensors")
+    tensors = load_tensors(path)
+    load_module(det.generator, tensors, "generator", path)
+    load_module(det.discriminator, tensors, "discriminator", path)
     try:
         load_optimizer(opt_g, "opt_g", tensors, state["opt_g"])
         load_optimizer(opt_d, "opt_d", tensors, state["opt_d"])
@@ -130,12 +133,11 @@ def checkpoint_settings(folder: Path) -> dict:
     settings = load_json(path).get("settings", {}) if path.is_file() else {}
     if not isinstance(settings, dict):
         raise ModelFileError(f"{path}: damaged checkpoint state (settings)")
-    return {k: v for k, v in settings.items() if k in (*RESUME_KEYS, "detector_steps")}
+    return {k: v for k, v in settings.items() if k in SAVED_KEYS}
 
 
 def remove_checkpoint(folder: Path) -> None:
-    for name in (DETECTOR_CKPT_STATE, DETECTOR_CKPT_WEIGHTS):
-        (folder / name).unlink(missing_ok=True)
+    remove_resume_point(folder, DETECTOR_CKPT_STATE, DETECTOR_CKPT_STEM)
 
 
 def _detector_step(det: Detector, anoseg_map, x01: torch.Tensor, syn01: torch.Tensor, syn_mask: torch.Tensor,

@@ -3,7 +3,7 @@
 A model folder holds ``config.json`` (all settings), ``model.safetensors`` + ``model.json`` (generator
 weights; threshold and metadata), while training ``checkpoint.json`` + ``checkpoint-<step>.safetensors``
 and ``train_log.csv``, and with an anomaly detector ``detector.safetensors`` + ``detector.json`` (while it
-trains, ``detector-checkpoint.json`` + ``detector-checkpoint.safetensors``).
+trains, ``detector-checkpoint.json`` + ``detector-checkpoint-<step>.safetensors``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from pathlib import Path
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # written last: its presence marks a finished model
 META_FILE = "model.json"
+CKPT_STEM = "checkpoint"  # checkpoint weights are <stem>-<step>.safetensors, named by the state JSON
 CKPT_WEIGHTS = "checkpoint.safetensors"  # the name older checkpoints used; new ones add the step
 CKPT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.csv"
 DETECTOR_WEIGHTS = "detector.safetensors"
 DETECTOR_META = "detector.json"
-DETECTOR_CKPT_WEIGHTS = "detector-checkpoint.safetensors"  # while the detector trains: its resume point
+DETECTOR_CKPT_STEM = "detector-checkpoint"  # while the detector trains: its resume point, named the same way
 DETECTOR_CKPT_STATE = "detector-checkpoint.json"
 
 

@@ -27,8 +27,9 @@ from .checkpoint import (
     load_tensors,
     module_state,
     optimizer_state,
-    save_json,
-    save_tensors,
+    remove_resume_point,
+    resume_weights,
+    save_resume_point,
 )
 from .config import Config
 from .data import TrainingImages, train_images
@@ -48,10 +49,10 @@ from .fileio import make_output_dir, write_text_atomic
 from .inference import AnoSegModel, autocast, maybe_compile, resolve_device
 from .modelfolder import (
     CKPT_STATE,
+    CKPT_STEM,
     CKPT_WEIGHTS,
     CONFIG_FILE,
     DETECTOR_CKPT_STATE,
-    DETECTOR_CKPT_WEIGHTS,
     DETECTOR_META,
     DETECTOR_WEIGHTS,
     LOG_FILE,
@@ -262,28 +263,17 @@ class Trainer:
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self, folder: Path, extra: dict) -> None:
-        """Write a checkpoint that survives a kill at any moment.
-
-        The weights go to a new file named after the step; the JSON that names them is renamed into
-        place last, and only then is the previous weights file removed. Whenever the process dies,
-        ``checkpoint.json`` names a complete weights file that matches it.
-        """
+        """Write a checkpoint that survives a kill at any moment (see :func:`save_resume_point`)."""
         if not self.weights_finite():
             raise TrainingUnstable(f"non-finite weights at step {self.step_done}; checkpoint not written")
         tg, pg = optimizer_state("opt_g", self.opt_g)
         td, pd = optimizer_state("opt_d", self.opt_d)
         tensors = {**module_state("generator", self.generator), **module_state("discriminator", self.discriminator),
                    **tg, **td, **(module_state("ema", self.ema) if self.ema is not None else {})}
-        weights = f"checkpoint-{self.step_done:08d}.safetensors"
-        save_tensors(folder / weights, tensors)
         write_text_atomic(folder / LOG_FILE, _history_csv(self.history))  # rows past the step are dropped on load
-        save_json(folder / CKPT_STATE, {"step": self.step_done, "weights": weights, "opt_g": pg, "opt_d": pd,
-                                        "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
-                                        "d_low_steps": self.d_low_steps, **extra})
-        # the previous weights, and any files a kill left behind (temporary files included)
-        for old in [*folder.glob("checkpoint*.safetensors"), *folder.glob(".checkpoint*.tmp")]:
-            if old.name != weights:
-                old.unlink(missing_ok=True)
+        save_resume_point(folder, CKPT_STATE, CKPT_STEM, self.step_done, tensors, {
+            "opt_g": pg, "opt_d": pd, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+            "d_low_steps": self.d_low_steps, **extra})
 
     def load(self, folder: Path) -> dict:
         state = load_json(folder / CKPT_STATE)
@@ -308,12 +298,7 @@ class Trainer:
 
 def checkpoint_weights(folder: Path) -> Path:
     """The weights file that checkpoint.json names (older checkpoints used one fixed name)."""
-    if not has_checkpoint(folder):
-        return folder / CKPT_WEIGHTS
-    name = load_json(folder / CKPT_STATE).get("weights", CKPT_WEIGHTS)
-    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
-        raise ModelFileError(f"{folder / CKPT_STATE}: bad weights file name {name!r}")
-    return folder / name
+    return resume_weights(folder, CKPT_STATE, CKPT_WEIGHTS)
 
 
 def _history_csv(rows: list[dict]) -> str:
@@ -428,7 +413,8 @@ def _clear_old_outputs(out: Path, resume: bool) -> None:
     make_output_dir(out)
     remove_detector(out)
     if not resume:  # --overwrite: the old run's checkpoint and model go now, not mixed with the new run
-        for old in [*out.glob("checkpoint*.safetensors"), out / CKPT_STATE, out / WEIGHTS_FILE, out / META_FILE]:
+        remove_resume_point(out, CKPT_STATE, CKPT_STEM)
+        for old in (out / WEIGHTS_FILE, out / META_FILE):
             old.unlink(missing_ok=True)
 
 
@@ -515,13 +501,13 @@ def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
 
 def remove_detector(folder: Path) -> None:
     """A detector belongs to the generator it was trained on: drop it when the generator changes."""
-    stale = [folder / DETECTOR_WEIGHTS, folder / DETECTOR_META, folder / DETECTOR_CKPT_STATE,
-             folder / DETECTOR_CKPT_WEIGHTS]
+    stale = [folder / DETECTOR_WEIGHTS, folder / DETECTOR_META, folder / DETECTOR_CKPT_STATE]
     if any(p.exists() for p in stale):
         warnings.warn(f"{folder}: the AnoSeg model changes, so its detector is removed; "
                       "train a new one with train-detector", stacklevel=3)
         for p in stale:
             p.unlink(missing_ok=True)
+    remove_checkpoint(folder)  # a detector run's resume point, and weights a kill left without their JSON
 
 
 def train_detector(folder: str | Path, data: str | Path | None = None, overrides: dict | None = None,

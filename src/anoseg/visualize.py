@@ -75,14 +75,6 @@ def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None, alpha:
     return out
 
 
-def overlay_image(image: np.ndarray, amap: np.ndarray, threshold: float | None, alpha: float = 0.45) -> Image.Image:
-    """:func:`overlay` as a Pillow image, filled band by band (no full-size array beside it: large photos)."""
-    canvas = Image.new("RGB", (image.shape[1], image.shape[0]))
-    for r, band in _overlay_bands(image, amap, threshold, alpha):
-        canvas.paste(Image.fromarray(band), (0, r))
-    return canvas
-
-
 def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, threshold: float | None,
                  alpha: float = 0.45) -> None:
     """:func:`overlay` written to a PNG band by band: neither the overlay nor its picture is held whole."""
