@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict] = {
     "no_noise": {"anomaly_families": "-noise"},
     "no_crack": {"anomaly_families": "-crack"},
     "with_shading": {"anomaly_families": ["paste", "noise", "crack", "shading"]},  # + large shading changes
+    "with_band": {"anomaly_families": ["paste", "noise", "crack", "band"]},  # + bands across the surface
     "square_with_shading": {"resize_mode": "square", "anomaly_families": ["paste", "noise", "crack", "shading"]},
     "no_smoothing": {"smoothing_sigma": 0.0},
     "residual_map": {"map_sees_residual": True},  # the map head also sees |input - reconstruction|

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from anoseg import profile_config
 from anoseg.augment import color_jitter, make_batch, permute_patches, region_mask, synthesize
@@ -91,6 +92,24 @@ def test_family_sizes_span_thin_to_large():
                         for _ in range(8)]) for f in ("crack", "shading")}
     assert 0 < area["crack"] < 0.01  # thin lines
     assert area["shading"] > 0.08  # large diffuse regions
+
+
+def test_band_spans_the_image_with_one_solid_region():
+    cfg = profile_config("fast", anomaly_families=("band",), opacity_min=1.0)
+    imgs = _images(2, size=64, seed=3) * 0.5 + 0.25
+    rng, spans = np.random.default_rng(0), 0
+    for _ in range(10):
+        out, mask = synthesize(imgs[0], imgs[1], cfg, rng)
+        m = mask[0].bool()
+        if not m.any():
+            continue
+        spans += int(m.any(0).all() or m.any(1).all())  # it reaches from one side of the image to the other
+        assert 0.03 < m.float().mean() < 0.7
+        local = F.avg_pool2d((out - imgs[0]).abs().amax(0)[None, None], 9, 1, 4, count_include_pad=False)[0, 0]
+        near = F.max_pool2d(m.float()[None, None], 9, 1, 4)[0, 0].bool()
+        assert (local[m] > cfg.mask_min_diff).all()  # marked = changed on average nearby ...
+        assert (local[~near] <= cfg.mask_min_diff).all()  # ... and what changed visibly is marked
+    assert spans >= 7
 
 
 def test_opacity_blends_the_region():

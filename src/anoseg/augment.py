@@ -3,7 +3,8 @@
 The paper's hard augmentation (section 3.1, family ``paste``): an augmented copy of a normal image
 (rotation, patch permutation, colour jitter, each with probability 0.5) is pasted into a random region
 of a normal image; that region is the mask. Other families (``anomaly_families``) add defect-like
-regions the paper does not have: noise-shaped foreign regions, thin cracks, large shading changes.
+regions the paper does not have: noise-shaped foreign regions, thin cracks, large shading changes,
+bands across the surface.
 All functions take a NumPy ``Generator`` so that a run is repeatable from its seed.
 """
 
@@ -184,7 +185,41 @@ def shading(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: AR
     return (target + shift * soft).clamp(0, 1), (soft > 0.5).float()
 
 
-FAMILIES = {"paste": paste, "noise": noise_region, "crack": crack, "shading": shading}
+def _band_mask(size: int, rng: np.random.Generator) -> torch.Tensor:
+    """A band across the whole image (10-50% of it) with a slightly wavy border, at an edge or inside."""
+    across = torch.arange(size, dtype=torch.float32)[:, None].expand(size, size)  # distance along the band's normal
+    thick = float(rng.uniform(0.1, 0.5)) * size
+    wave = smooth_noise(1, size, int(rng.integers(2, 6)), rng)[0] * float(rng.uniform(0.0, 0.015)) * size
+    start = 0.0 if rng.random() < 0.5 else float(rng.uniform(0, size - thick))  # at the edge half of the time
+    mask = ((across >= start + wave) & (across < start + thick + wave)).float() if start else \
+        (across < thick + wave).float()
+    mask = torch.flip(mask, (0,)) if rng.random() < 0.5 else mask
+    return mask.T.contiguous() if rng.random() < 0.5 else mask
+
+
+def band(target: torch.Tensor, source: torch.Tensor, cfg: Config,
+         rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A band across the image where the surface differs: another part's texture, restretched or re-lit.
+
+    Like uneven grinding, a coating stripe or a worn edge: large, straight-bordered, low in contrast.
+    """
+    mask = _band_mask(target.shape[-1], rng)
+    kind = int(rng.integers(3))
+    if kind == 0:  # another normal image in the same orientation, lightly jittered
+        fill = color_jitter(source, cfg.jitter_strength / 2, rng)
+    elif kind == 1:  # the same surface, its texture stretched along one axis
+        factor = float(rng.uniform(1.5, 3.0))
+        size = target.shape[-1]
+        dims = (size, int(size * factor)) if rng.random() < 0.5 else (int(size * factor), size)
+        fill = F.interpolate(target[None], size=dims, mode="bilinear", align_corners=False)[0, :, :size, :size]
+    else:  # the same surface with its brightness and contrast changed
+        mean = target.mean()
+        fill = ((target - mean) * float(rng.uniform(0.5, 1.8)) + mean * float(rng.uniform(0.75, 1.3))).clamp(0, 1)
+    return fill, mask
+
+
+FAMILIES = {"paste": paste, "noise": noise_region, "crack": crack, "shading": shading, "band": band}
+AREA_FAMILIES = ("band",)  # low-contrast changes of texture: many single pixels barely move
 
 
 def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
@@ -201,7 +236,10 @@ def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     src, mask = FAMILIES[family](target, source, cfg, rng)
     opacity = 1.0 if cfg.opacity_min >= 1.0 else float(rng.uniform(cfg.opacity_min, 1.0))
     out = target + opacity * mask[None] * (src - target)
-    changed = (out - target).abs().amax(dim=0) > cfg.mask_min_diff
+    change = (out - target).abs().amax(dim=0)
+    if family in AREA_FAMILIES:  # a large region counts where it changed on average, not pixel by pixel
+        change = F.avg_pool2d(change[None, None], 9, 1, 4, count_include_pad=False)[0, 0]
+    changed = change > cfg.mask_min_diff
     return out, ((mask > 0) & changed).float()[None]
 
 

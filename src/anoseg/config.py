@@ -17,7 +17,7 @@ CONFIG_VERSION = 1
 SEG_LOSSES = ("focal", "bce", "l1")
 TTA_FLIPS = {"none": [()], "h": [(), (3,)], "v": [(), (2,)], "hv": [(), (3,), (2,), (2, 3)]}  # flipped dims
 REGION_SHAPES = ("rect", "ellipse", "scar")
-ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading")
+ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading", "band")
 RESIZE_MODES = ("square", "aspect")
 PRECISIONS = ("fp32", "bf16")
 
@@ -107,7 +107,7 @@ class Config:
     max_aspect: float = 4.0  # aspect mode: the long side is at most this many times the short side (longer is squashed)
     # --- synthetic anomalies (hard augmentation) -----------------------------------
     anomaly_ratio: float = 0.5  # share of each batch that gets a synthetic anomaly
-    anomaly_families: tuple[str, ...] = ("paste",)  # kinds drawn per anomaly: paste (paper), noise, crack, shading
+    anomaly_families: tuple[str, ...] = ("paste",)  # kinds per anomaly: paste (paper), noise, crack, shading, band
     opacity_min: float = 1.0  # each anomaly is blended in with an opacity drawn from [opacity_min, 1] (1 = opaque)
     region_min: float = 0.005  # pasted area as a share of the image, lower bound
     region_max: float = 0.08  # upper bound
