@@ -80,16 +80,11 @@ def overrides(variant: str) -> dict:
 
 def other_sigmas(model, root: Path) -> dict[str, dict]:
     """The same model evaluated with each map smoothing in ABLATION_SIGMAS (comma-separated; evaluation only)."""
-    import anoseg
+    from eval_settings import evaluations
 
-    out = {}
-    original = model.config
-    for text in filter(None, os.environ.get("ABLATION_SIGMAS", "").split(",")):
-        model.config = original.replace(smoothing_sigma=float(text))
-        m = anoseg.evaluate(model, root, None, progress=False)["metrics"]
-        out[text] = {k: m[k] for k in KEYS}
-    model.config = original
-    return out
+    texts = list(filter(None, os.environ.get("ABLATION_SIGMAS", "").split(",")))
+    runs = list(evaluations(model, root, "smoothing_sigma", [float(t) for t in texts]))
+    return {text: {k: m[k] for k in KEYS} for text, (_, m, _) in zip(texts, runs)}
 
 
 def run_one(variant: str, category: str, seed: int, steps: int, threads: int, data: Path = DATA) -> dict:

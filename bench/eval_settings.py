@@ -13,14 +13,48 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-
-import anoseg
-from anoseg.config import parse_setting
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 EVAL_ONLY = ("tta_flips", "smoothing_sigma", "topk_fraction")
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc_max", "image_auroc_topk")
+
+
+def evaluations(model, data: str | Path, key: str, values: list[Any]) -> Iterator[tuple[Any, dict, float]]:
+    """(value, metrics, seconds) of `model` on `data` with setting `key` at each value; the model's own
+    settings are back in place afterwards (also used by bench/ablation.py)."""
+    import anoseg
+
+    original = model.config
+    try:
+        for value in values:
+            model.config = original.replace(**{key: value})
+            start = time.perf_counter()
+            metrics = anoseg.evaluate(model, data, None, progress=False)["metrics"]
+            yield value, metrics, time.perf_counter() - start
+    finally:
+        model.config = original
+
+
+def parse_values(key: str, texts: str) -> list[Any]:
+    """The values of ``--set KEY=V1,V2``, each checked as a setting before any model is loaded."""
+    from anoseg import Config, ConfigError
+    from anoseg.config import parse_setting
+
+    if key not in EVAL_ONLY:
+        raise SystemExit(f"--set {key}: only {', '.join(EVAL_ONLY)} can change without training")
+    try:
+        values = [parse_setting(key, t) for t in texts.split(",")]  # its errors name --set KEY=VALUE
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+    try:
+        for v in values:
+            Config().replace(**{key: v})  # validated on construction
+    except ConfigError as e:
+        raise SystemExit(f"--set: {e}") from None
+    return values
 
 
 def main() -> None:
@@ -29,27 +63,28 @@ def main() -> None:
     ap.add_argument("--set", required=True, metavar="KEY=V1,V2,...", help=f"one of {', '.join(EVAL_ONLY)}")
     ap.add_argument("--out", default=str(HERE / "eval_settings.json"))
     args = ap.parse_args()
-    key, _, values = args.set.partition("=")
-    if key not in EVAL_ONLY:
-        raise SystemExit(f"--set {key}: only {', '.join(EVAL_ONLY)} can change without training")
+    key, _, texts = args.set.partition("=")
+    values = parse_values(key, texts)
+    bad = [p for p in args.pairs if "=" not in p]
+    if bad:
+        raise SystemExit(f"{bad[0]}: expected MODEL=DATA")
+    pairs = [p.partition("=")[::2] for p in args.pairs]
+
+    import anoseg
+
     out = Path(args.out)
     records = json.loads(out.read_text())["results"] if out.exists() else []
-    for pair in args.pairs:
-        folder, sep, data = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"{pair}: expected MODEL=DATA")
-        model = anoseg.load(folder, device="cpu")
+    for folder, data in pairs:
+        try:
+            model = anoseg.load(folder, device="cpu")
+        except anoseg.AnosegError as e:
+            raise SystemExit(str(e)) from None
         model.detector = None  # the map's own image score
-        original = model.config
-        for text in values.split(","):
-            model.config = original.replace(**{key: parse_setting(key, text)})
-            start = time.perf_counter()
-            m = anoseg.evaluate(model, data, None, progress=False)["metrics"]
-            r = {"model": folder, "data": data, key: model.config.to_dict()[key], **{k: m[k] for k in KEYS},
-                 "seconds": round(time.perf_counter() - start, 1)}
-            records.append(r)
+        for value, m, seconds in evaluations(model, data, key, values):
+            records.append({"model": folder, "data": data, key: value, **{k: m[k] for k in KEYS},
+                            "seconds": round(seconds, 1)})
             out.write_text(json.dumps({"results": records}, indent=1) + "\n")
-            print(f"{folder} {key}={text}: " + " ".join(f"{k} {m[k]:.3f}" for k in KEYS), flush=True)
+            print(f"{folder} {key}={value}: " + " ".join(f"{k} {m[k]:.3f}" for k in KEYS), flush=True)
 
 
 if __name__ == "__main__":

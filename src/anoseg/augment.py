@@ -190,9 +190,10 @@ def _band_mask(size: int, rng: np.random.Generator) -> torch.Tensor:
     across = torch.arange(size, dtype=torch.float32)[:, None].expand(size, size)  # distance along the band's normal
     thick = float(rng.uniform(0.1, 0.5)) * size
     wave = smooth_noise(1, size, int(rng.integers(2, 6)), rng)[0] * float(rng.uniform(0.0, 0.015)) * size
-    start = 0.0 if rng.random() < 0.5 else float(rng.uniform(0, size - thick))  # at the edge half of the time
-    mask = ((across >= start + wave) & (across < start + thick + wave)).float() if start else \
-        (across < thick + wave).float()
+    at_edge = rng.random() < 0.5  # half of the bands start at the image's border
+    start = 0.0 if at_edge else float(rng.uniform(0, size - thick))
+    inside = across < start + thick + wave
+    mask = (inside if at_edge else inside & (across >= start + wave)).float()
     mask = torch.flip(mask, (0,)) if rng.random() < 0.5 else mask
     return mask.T.contiguous() if rng.random() < 0.5 else mask
 
@@ -203,13 +204,13 @@ def band(target: torch.Tensor, source: torch.Tensor, cfg: Config,
 
     Like uneven grinding, a coating stripe or a worn edge: large, straight-bordered, low in contrast.
     """
-    mask = _band_mask(target.shape[-1], rng)
+    size = target.shape[-1]
+    mask = _band_mask(size, rng)
     kind = int(rng.integers(3))
     if kind == 0:  # another normal image in the same orientation, lightly jittered
         fill = color_jitter(source, cfg.jitter_strength / 2, rng)
     elif kind == 1:  # the same surface, its texture stretched along one axis
         factor = float(rng.uniform(1.5, 3.0))
-        size = target.shape[-1]
         dims = (size, int(size * factor)) if rng.random() < 0.5 else (int(size * factor), size)
         fill = F.interpolate(target[None], size=dims, mode="bilinear", align_corners=False)[0, :, :size, :size]
     else:  # the same surface with its brightness and contrast changed
