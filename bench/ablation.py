@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "no_adversarial_loss": {"lambda_adv": 0.0},  # the same as default since the fast profile dropped it
     "no_coord_channels": {"coord_channels": False},
     "square_resize": {"resize_mode": "square"},
+    "short_side_256": {"short_side": 256},  # images at twice the scale (short side 256), crops still 128
     "opaque": {"opacity_min": 1.0},
     "no_noise": {"anomaly_families": "-noise"},
     "no_crack": {"anomaly_families": "-crack"},

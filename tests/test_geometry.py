@@ -22,6 +22,30 @@ def test_working_shape():
         assert rows % 8 == 0 and cols % 8 == 0 and min(rows, cols) == 64
 
 
+def test_short_side_sets_the_working_scale_and_crops_stay_image_size():
+    cfg = profile_config("tiny", resize_mode="aspect", short_side=128)  # image_size 64, unit 8
+    assert working_shape(254, 640, cfg) == (128, 320)  # 128 * 2.52 = 322.5 -> 320
+    assert working_shape(500, 500, cfg) == (128, 128)
+    assert working_shape(100, 5000, cfg) == (128, 512)  # still capped at max_aspect
+    im = np.zeros((3, *working_shape(254, 640, cfg)), dtype=np.uint8)
+    crops, coords = TrainingImages([im], cfg).crops(np.array([0, 0]), np.random.default_rng(0))
+    assert crops.shape == (2, 3, 64, 64) and coords.shape == (2, 2, 64, 64)
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"resize_mode": "square", "short_side": 128}, "only applies with resize_mode=aspect"),
+    ({"resize_mode": "aspect", "short_side": 100}, "multiple of image_size / 8 (8)"),
+    ({"resize_mode": "aspect", "short_side": 32}, "of at least image_size (64)"),
+    ({"resize_mode": "aspect", "short_side": -64}, "must be 0 or"),
+])
+def test_bad_short_side_is_refused_by_name(settings, problem):
+    from anoseg import ConfigError
+
+    with pytest.raises(ConfigError, match="short_side") as err:
+        profile_config("tiny", **settings)
+    assert problem in str(err.value)
+
+
 def test_crops_carry_their_place_in_the_whole_image():
     cfg = profile_config("tiny", resize_mode="aspect")
     rng = np.random.default_rng(0)
@@ -82,17 +106,18 @@ def _rect_category(root, n_train=6):
     return root
 
 
-def test_aspect_mode_trains_predicts_evaluates_and_exports(tmp_path):
+@pytest.mark.parametrize("short_side", [0, 96])
+def test_aspect_mode_trains_predicts_evaluates_and_exports(tmp_path, short_side):
     pytest.importorskip("onnxruntime")
     from anoseg import evaluate, load, train
     from anoseg.export import OnnxModel, export_onnx
 
     root = _rect_category(tmp_path / "rect")
-    cfg = profile_config("tiny", resize_mode="aspect", steps=4, batch_size=4,
+    cfg = profile_config("tiny", resize_mode="aspect", steps=4, batch_size=4, short_side=short_side,
                          anomaly_families=("paste", "noise", "crack", "shading"), opacity_min=0.5)
     train(cfg, root, tmp_path / "model", progress=False)
     model = load(tmp_path / "model", device="cpu")
-    assert model.config.resize_mode == "aspect"
+    assert model.config.resize_mode == "aspect" and model.config.short_side == short_side
     result = evaluate(model, root, tmp_path / "eval", progress=False)
     assert result["per_defect_type"]["spot"]["n_images"] == 1
     assert 0.0 <= result["per_defect_type"]["spot"]["pixel_auroc"] <= 1.0

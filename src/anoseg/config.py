@@ -105,6 +105,7 @@ class Config:
     coord_channels: bool = True  # append x, y in [-1, 1] to the input (CoordConv)
     resize_mode: str = "square"  # square: squash to image_size; aspect: short side to image_size, train on crops
     max_aspect: float = 4.0  # aspect mode: the long side is at most this many times the short side (longer is squashed)
+    short_side: int = 0  # aspect mode: the short side inside the model (0 = image_size); crops stay image_size
     # --- synthetic anomalies (hard augmentation) -----------------------------------
     anomaly_ratio: float = 0.5  # share of each batch that gets a synthetic anomaly
     anomaly_families: tuple[str, ...] = ("paste",)  # kinds per anomaly: paste (paper), noise, crack, shading, band
@@ -199,6 +200,10 @@ class Config:
             values = value if isinstance(value, tuple) else (value,)
             if not values or any(v not in allowed for v in values):
                 yield name, f"choose from {', '.join(allowed)}"
+        if self.short_side and self.resize_mode != "aspect":
+            yield "short_side", "only applies with resize_mode=aspect (use 0 with square)"
+        elif self.short_side and (self.short_side < n or self.short_side % (n // 8)):
+            yield "short_side", f"must be 0 or a multiple of image_size / 8 ({n // 8}) of at least image_size ({n})"
         if self.max_channels < self.base_channels:
             yield "max_channels", "must be at least base_channels"
         if not 0.0 < self.region_min <= self.region_max < 1.0:

@@ -123,14 +123,13 @@ def resize_rgb(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 def working_shape(height: int, width: int, cfg: Config) -> tuple[int, int]:
     """The (height, width) an image of this size has inside the model.
 
-    ``square``: image_size x image_size. ``aspect``: the short side becomes image_size and the long side
-    keeps the aspect ratio (at most ``max_aspect`` times the short side), rounded to a multiple of
-    image_size / 8 so that the encoder's halvings come out even.
+    ``square``: image_size x image_size. ``aspect``: the short side becomes ``short_side`` (image_size when
+    0) and the long side keeps the aspect ratio (at most ``max_aspect`` times the short side), rounded to a
+    multiple of image_size / 8 so that the encoder's halvings come out even.
     """
-    s = cfg.image_size
     if cfg.resize_mode == "square":
-        return s, s
-    unit = s // 8
+        return cfg.image_size, cfg.image_size
+    s, unit = cfg.short_side or cfg.image_size, cfg.image_size // 8
     ratio = min(max(height, width) / max(min(height, width), 1), cfg.max_aspect)
     long = max(s, int(round(s * ratio / unit)) * unit)
     return (long, s) if height > width else (s, long)

@@ -26,8 +26,9 @@ from .inference import AnoSegModel, Prediction, by_working_shape, gaussian_blur,
 
 RESIZE_DOC = {
     "square": "square, bilinear, to image_size x image_size (aspect ratio not kept)",
-    "aspect": "bilinear, short side to image_size, long side to keep the aspect ratio (at most max_aspect times the "
-              "short side), rounded to a multiple of image_size / 8; images of one batch must share that shape",
+    "aspect": "bilinear, short side to short_side (image_size when 0), long side to keep the aspect ratio "
+              "(at most max_aspect times the short side), rounded to a multiple of image_size / 8; images of one "
+              "batch must share that shape",
 }
 ONNX_FILE = "model.onnx"
 ONNX_META = "model.onnx.json"
@@ -94,7 +95,8 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
     names = output_names(model)
     dims = {} if batch else {0: torch.export.Dim("batch", min=1, max=4096)}
     if cfg.resize_mode == "aspect":  # whole images of any working shape: multiples of image_size / 8
-        unit, most = cfg.image_size // 8, int(8 * cfg.max_aspect) + 1
+        unit = cfg.image_size // 8
+        most = int((cfg.short_side or cfg.image_size) // unit * cfg.max_aspect) + 1
         dims.update({2: unit * torch.export.Dim("rows", min=8, max=most),
                      3: unit * torch.export.Dim("cols", min=8, max=most)})
     dynamic = (dims,) if dims else None
@@ -134,6 +136,7 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
         "image_size": cfg.image_size,
         "resize_mode": cfg.resize_mode,
         "max_aspect": cfg.max_aspect,
+        "short_side": cfg.short_side,
         "batch": batch,
         "map_threshold": t_map,
         "score_output": "detector_score" if model.detector is not None else "map_score",
@@ -170,7 +173,8 @@ class OnnxModel:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.size = int(self.meta["image_size"])
         self.geometry = Config(image_size=self.size, resize_mode=self.meta.get("resize_mode", "square"),
-                               max_aspect=float(self.meta.get("max_aspect", 4.0)))
+                               max_aspect=float(self.meta.get("max_aspect", 4.0)),
+                               short_side=int(self.meta.get("short_side", 0)))
         # "threshold": the image threshold's name in sidecars written before the two had their own names
         self.image_threshold = self.meta.get("image_threshold", self.meta.get("threshold"))
         self.map_threshold = self.meta.get("map_threshold")
