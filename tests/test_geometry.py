@@ -46,6 +46,55 @@ def test_bad_short_side_is_refused_by_name(settings, problem):
     assert problem in str(err.value)
 
 
+def test_second_scale_gives_crops_from_both_scales():
+    cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128)
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (3, 64, 160), dtype=np.uint8)
+    large = rng.integers(0, 256, (3, 128, 320), dtype=np.uint8)
+    images = TrainingImages([small], cfg, second=[large])
+    crops, coords = images.crops(np.zeros(40, dtype=int), np.random.default_rng(1))
+    assert crops.shape == (40, 3, 64, 64) and coords.shape == (40, 2, 64, 64)
+    from_small = [bool((small[:, :, None] == c[:, :, :1].numpy()[:, :, None]).all(axis=(0, 1)).any()) for c in crops]
+    assert 5 < sum(from_small) < 35  # about half of the crops from each scale
+    assert not images.all_square and len(images.subset(np.array([0])).second) == 1
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"resize_mode": "square", "second_short_side": 128}, "only applies with resize_mode=aspect"),
+    ({"resize_mode": "aspect", "second_short_side": 64}, "must differ from the first scale"),
+    ({"resize_mode": "aspect", "short_side": 128, "second_short_side": 128}, "must differ from the first scale"),
+    ({"resize_mode": "aspect", "second_short_side": 70}, "multiple of image_size / 8"),
+])
+def test_bad_second_scale_is_refused_by_name(settings, problem):
+    from anoseg import ConfigError
+
+    with pytest.raises(ConfigError, match="second_short_side") as err:
+        profile_config("tiny", **settings)
+    assert problem in str(err.value)
+
+
+def test_two_scale_maps_average_both_scales(tmp_path):
+    from anoseg import AnosegError
+    from anoseg.export import export_onnx
+
+    cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128)
+    model = AnoSegModel(cfg, map_threshold=0.5, device="cpu")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(64, 64), (200, 60), (30, 90)]]
+    both = model.maps_for_batch(images)
+    first = AnoSegModel(cfg.replace(second_short_side=0), model.generator, 0.5, device="cpu").maps_for_batch(images)
+    second = AnoSegModel(cfg.replace(short_side=128, second_short_side=0), model.generator, 0.5,
+                         device="cpu").maps_for_batch(images)
+    for im, b, f, s in zip(images, both, first, second):
+        assert b.anomaly_map.shape == im.shape[:2]
+        np.testing.assert_allclose(model.maps_for_batch([im])[0].anomaly_map, b.anomaly_map, atol=1e-5)
+        gap = np.abs(b.anomaly_map - (f.anomaly_map + s.anomaly_map) / 2).mean()  # resampling differs a little
+        assert gap < 0.1 * np.abs(f.anomaly_map - s.anomaly_map).mean()
+    with pytest.raises(AnosegError, match="two scales"):
+        export_onnx(model, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_crops_carry_their_place_in_the_whole_image():
     cfg = profile_config("tiny", resize_mode="aspect")
     rng = np.random.default_rng(0)
@@ -128,3 +177,15 @@ def test_aspect_mode_trains_predicts_evaluates_and_exports(tmp_path, short_side)
     export_onnx(model, tmp_path / "onnx")
     theirs = OnnxModel(tmp_path / "onnx").maps_for_batch([image])[0]
     assert np.abs(ours.anomaly_map - theirs.anomaly_map).max() <= 1e-4
+
+
+def test_two_scale_model_trains_loads_and_evaluates(tmp_path):
+    from anoseg import evaluate, load, train
+
+    root = _rect_category(tmp_path / "rect")
+    cfg = profile_config("tiny", resize_mode="aspect", steps=4, batch_size=4, second_short_side=96)
+    train(cfg, root, tmp_path / "model", progress=False)
+    model = load(tmp_path / "model", device="cpu")
+    assert model.config.second_short_side == 96 and model.map_threshold is not None
+    result = evaluate(model, root, None, progress=False)
+    assert 0.0 <= result["metrics"]["pixel_auroc"] <= 1.0

@@ -106,6 +106,7 @@ class Config:
     resize_mode: str = "square"  # square: squash to image_size; aspect: short side to image_size, train on crops
     max_aspect: float = 4.0  # aspect mode: the long side is at most this many times the short side (longer is squashed)
     short_side: int = 0  # aspect mode: the short side inside the model (0 = image_size); crops stay image_size
+    second_short_side: int = 0  # aspect mode: also train on and map each image at this short side; maps averaged
     # --- synthetic anomalies (hard augmentation) -----------------------------------
     anomaly_ratio: float = 0.5  # share of each batch that gets a synthetic anomaly
     anomaly_families: tuple[str, ...] = ("paste",)  # kinds per anomaly: paste (paper), noise, crack, shading, band
@@ -200,16 +201,24 @@ class Config:
             values = value if isinstance(value, tuple) else (value,)
             if not values or any(v not in allowed for v in values):
                 yield name, f"choose from {', '.join(allowed)}"
-        if self.short_side and self.resize_mode != "aspect":
-            yield "short_side", "only applies with resize_mode=aspect (use 0 with square)"
-        elif self.short_side and (self.short_side < n or self.short_side % (n // 8)):
-            yield "short_side", f"must be 0 or a multiple of image_size / 8 ({n // 8}) of at least image_size ({n})"
+        yield from self._scale_problems()
         if self.max_channels < self.base_channels:
             yield "max_channels", "must be at least base_channels"
         if not 0.0 < self.region_min <= self.region_max < 1.0:
             yield "region_min", "need 0 < region_min <= region_max < 1"
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             yield "device", "use auto, cpu, cuda or cuda:N"
+
+    def _scale_problems(self) -> Iterator[tuple[str, str]]:
+        n = self.image_size
+        for name in ("short_side", "second_short_side"):
+            side = getattr(self, name)
+            if side and self.resize_mode != "aspect":
+                yield name, "only applies with resize_mode=aspect (use 0 with square)"
+            elif side and (side < n or side % max(n // 8, 1)):
+                yield name, f"must be 0 or a multiple of image_size / 8 ({n // 8}) of at least image_size ({n})"
+        if self.second_short_side and self.second_short_side == (self.short_side or n):
+            yield "second_short_side", "must differ from the first scale (short_side, or image_size when 0)"
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated)."""

@@ -120,16 +120,16 @@ def resize_rgb(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
-def working_shape(height: int, width: int, cfg: Config) -> tuple[int, int]:
+def working_shape(height: int, width: int, cfg: Config, short_side: int | None = None) -> tuple[int, int]:
     """The (height, width) an image of this size has inside the model.
 
-    ``square``: image_size x image_size. ``aspect``: the short side becomes ``short_side`` (image_size when
-    0) and the long side keeps the aspect ratio (at most ``max_aspect`` times the short side), rounded to a
-    multiple of image_size / 8 so that the encoder's halvings come out even.
+    ``square``: image_size x image_size. ``aspect``: the short side becomes ``short_side`` (the argument,
+    else the setting; image_size when 0) and the long side keeps the aspect ratio (at most ``max_aspect``
+    times the short side), rounded to a multiple of image_size / 8 so that the encoder's halvings come out even.
     """
     if cfg.resize_mode == "square":
         return cfg.image_size, cfg.image_size
-    s, unit = cfg.short_side or cfg.image_size, cfg.image_size // 8
+    s, unit = (short_side or cfg.short_side) or cfg.image_size, cfg.image_size // 8
     ratio = min(max(height, width) / max(min(height, width), 1), cfg.max_aspect)
     long = max(s, int(round(s * ratio / unit)) * unit)
     return (long, s) if height > width else (s, long)
@@ -141,27 +141,33 @@ class TrainingImages:
     In ``square`` mode every image is already image_size x image_size, so a crop is the whole image.
     In ``aspect`` mode a crop is a random image_size x image_size window, and its coordinate channels
     are the window's place in the whole image, as the model sees it when it maps the whole image.
+    With ``second_short_side`` each image is also kept at that scale, and half of the crops come from it.
     """
 
-    def __init__(self, images: list[np.ndarray], cfg: Config) -> None:
+    def __init__(self, images: list[np.ndarray], cfg: Config, second: list[np.ndarray] | None = None) -> None:
         self.images = images  # uint8 3 x H x W each
+        self.second = second  # the same images at the second scale, or None
         self.cfg = cfg
         self.size = cfg.image_size
-        self.all_square = all(im.shape[1] == im.shape[2] == self.size for im in images)  # crops are whole images
+        self.all_square = second is None and all(im.shape[1] == im.shape[2] == self.size for im in images)
 
     @classmethod
     def load(cls, paths: list[Path], cfg: Config, desc: str = "loading", progress: bool = True) -> TrainingImages:
-        images = []
+        images: list[np.ndarray] = []
+        second: list[np.ndarray] | None = [] if cfg.second_short_side else None
         for p in bar(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50):
             im = load_image(p)
-            images.append(np.ascontiguousarray(resize_rgb(im, working_shape(*im.shape[:2], cfg)).transpose(2, 0, 1)))
-        return cls(images, cfg)
+            images.append(_chw(resize_rgb(im, working_shape(*im.shape[:2], cfg))))
+            if second is not None:
+                second.append(_chw(resize_rgb(im, working_shape(*im.shape[:2], cfg, cfg.second_short_side))))
+        return cls(images, cfg, second)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, indices: np.ndarray) -> TrainingImages:
-        return TrainingImages([self.images[i] for i in indices], self.cfg)
+        second = None if self.second is None else [self.second[i] for i in indices]
+        return TrainingImages([self.images[i] for i in indices], self.cfg, second)
 
     def crops(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 B x 3 x S x S crops of the given images, and their B x 2 x S x S coordinates (None when whole)."""
@@ -170,7 +176,8 @@ class TrainingImages:
             return torch.from_numpy(np.stack([self.images[i] for i in indices])), None
         crops, coords = [], []
         for i in indices:
-            im = self.images[i]
+            # one scale only draws nothing here, so its random stream is what it was before second scales
+            im = self.second[i] if self.second is not None and rng.random() < 0.5 else self.images[i]
             h, w = im.shape[1:]
             top, left = int(rng.integers(h - s + 1)), int(rng.integers(w - s + 1))
             crops.append(im[:, top:top + s, left:left + s])
@@ -178,6 +185,10 @@ class TrainingImages:
             xs = (np.arange(w, dtype=np.float32) * 2.0 / max(w - 1, 1) - 1.0)[left:left + s]
             coords.append(np.stack([np.broadcast_to(xs[None, :], (s, s)), np.broadcast_to(ys[:, None], (s, s))]))
         return torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(coords))
+
+
+def _chw(image: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
 def load_sample_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:

@@ -86,8 +86,11 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
     if batch is not None and batch < 1:
         raise AnosegError(f"--batch {batch}: must be at least 1 (or leave it out for a dynamic batch)")
     check_opset(opset)
-    out = make_output_dir(out)
     cfg = model.config
+    if cfg.second_short_side:  # checked before the output folder is made
+        raise AnosegError(f"this model maps at two scales (second_short_side={cfg.second_short_side}); the ONNX "
+                          "export has one image input and supports one scale only")
+    out = make_output_dir(out)
     graph = ExportGraph(model).to("cpu").eval()  # moves the model's networks to the CPU, in eval mode
     rows, cols = (cfg.image_size, cfg.image_size) if cfg.resize_mode == "square" else \
         (2 * cfg.image_size, cfg.image_size + cfg.image_size // 8)  # unequal sides: no shape gets fixed by chance

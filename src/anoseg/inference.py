@@ -208,8 +208,26 @@ class AnoSegModel:
         x = torch.from_numpy(model_input(images, shape)).to(self.device)
         raw = self.raw_maps(x)
         maps = gaussian_blur(raw, self.config.smoothing_sigma)
+        if self.config.second_short_side:
+            raw2, maps2 = self._second_scale(images, shape)
+            raw, maps = (raw + raw2) / 2, (maps + maps2) / 2
         det_scores = self.detector.score(x, raw).cpu().numpy() if self.detector is not None else None
         return predictions_from_maps(maps, images, self.config.topk_fraction, det_scores)
+
+    def _second_scale(self, images: list[np.ndarray], shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw and smoothed maps at ``second_short_side``, resized to the first scale's `shape` (input order)."""
+        cfg = self.config
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(working_shape(*im.shape[:2], cfg, cfg.second_short_side), []).append(i)
+        raw = torch.empty(len(images), 1, *shape, device=self.device)
+        maps = torch.empty_like(raw)
+        for shape2, idx in groups.items():
+            r = self.raw_maps(torch.from_numpy(model_input([images[i] for i in idx], shape2)).to(self.device))
+            m = gaussian_blur(r, cfg.smoothing_sigma)  # in that scale's pixels, as the model was trained
+            raw[idx] = F.interpolate(r, size=shape, mode="bilinear", align_corners=False, antialias=True)
+            maps[idx] = F.interpolate(m, size=shape, mode="bilinear", align_corners=False, antialias=True)
+        return raw, maps
 
     def raw_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Unsmoothed maps of a normalised batch, averaged over the flips of `tta_flips`."""
