@@ -156,11 +156,17 @@ def test_predict_out_is_an_existing_file(tiny_model_dir, demo_root, tmp_path, ca
 def test_progress_outside_a_terminal_is_a_few_plain_lines(demo_root, tmp_path):
     import subprocess
     import sys
+    import time
 
+    from anoseg.progress import LOG_INTERVAL_S
+
+    start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "anoseg", "train", str(demo_root), "--out", str(tmp_path / "m"),
                            "--profile", "tiny", "--set", "steps=40", "--set", "batch_size=4"],
                           capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr
     training = [ln for ln in proc.stderr.splitlines() if ln.startswith("training")]
-    assert 1 <= len(training) <= 3 and "40/40" in training[-1]
+    # the first line, the last, and at most one per interval between (a busy machine takes longer: more lines)
+    assert 1 <= len(training) <= 2 + seconds // LOG_INTERVAL_S and "40/40" in training[-1]
