@@ -94,17 +94,23 @@ def model_input(images: list[np.ndarray], shape: int | tuple[int, int]) -> np.nd
     return batch.astype(np.float32) / 127.5 - 1.0
 
 
+def shape_groups(images: list[np.ndarray], cfg: Config,
+                 short_side: int | None = None) -> dict[tuple[int, int], list[int]]:
+    """Indices of the images per working shape (at `short_side` when given, see :func:`working_shape`)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(working_shape(*im.shape[:2], cfg, short_side), []).append(i)
+    return groups
+
+
 def by_working_shape(images: list[np.ndarray], cfg: Config,
                      run: Callable[[list[np.ndarray], tuple[int, int]], list[Prediction]]) -> list[Prediction]:
     """Call ``run(group, shape)`` once per group of images that share a working shape; results in input order.
 
     In square mode all images form one group; in aspect mode images of other shapes need their own pass.
     """
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, im in enumerate(images):
-        groups.setdefault(working_shape(*im.shape[:2], cfg), []).append(i)
     out: list[Prediction] = [None] * len(images)  # type: ignore[list-item]
-    for shape, idx in groups.items():
+    for shape, idx in shape_groups(images, cfg).items():
         for i, pred in zip(idx, run([images[i] for i in idx], shape)):
             out[i] = pred
     return out
@@ -217,12 +223,9 @@ class AnoSegModel:
     def _second_scale(self, images: list[np.ndarray], shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw and smoothed maps at ``second_short_side``, resized to the first scale's `shape` (input order)."""
         cfg = self.config
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, im in enumerate(images):
-            groups.setdefault(working_shape(*im.shape[:2], cfg, cfg.second_short_side), []).append(i)
         raw = torch.empty(len(images), 1, *shape, device=self.device)
         maps = torch.empty_like(raw)
-        for shape2, idx in groups.items():
+        for shape2, idx in shape_groups(images, cfg, cfg.second_short_side).items():
             r = self.raw_maps(torch.from_numpy(model_input([images[i] for i in idx], shape2)).to(self.device))
             m = gaussian_blur(r, cfg.smoothing_sigma)  # in that scale's pixels, as the model was trained
             raw[idx] = F.interpolate(r, size=shape, mode="bilinear", align_corners=False, antialias=True)
