@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict] = {
     "square_resize": {"resize_mode": "square"},
     "short_side_256": {"short_side": 256},  # images at twice the scale (short side 256), crops still 128
     "two_scales": {"second_short_side": 256},  # trains on and maps both scales (128 and 256), maps averaged
+    "two_scales_192": {"second_short_side": 192},  # the same with a nearer second scale (128 and 192)
     "opaque": {"opacity_min": 1.0},
     "no_noise": {"anomaly_families": "-noise"},
     "no_crack": {"anomaly_families": "-crack"},

@@ -73,10 +73,7 @@ def test_bad_second_scale_is_refused_by_name(settings, problem):
     assert problem in str(err.value)
 
 
-def test_two_scale_maps_average_both_scales(tmp_path):
-    from anoseg import AnosegError
-    from anoseg.export import export_onnx
-
+def test_two_scale_maps_average_both_scales():
     cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128)
     model = AnoSegModel(cfg, map_threshold=0.5, device="cpu")
     rng = np.random.default_rng(0)
@@ -90,9 +87,25 @@ def test_two_scale_maps_average_both_scales(tmp_path):
         np.testing.assert_allclose(model.maps_for_batch([im])[0].anomaly_map, b.anomaly_map, atol=1e-5)
         gap = np.abs(b.anomaly_map - (f.anomaly_map + s.anomaly_map) / 2).mean()  # resampling differs a little
         assert gap < 0.1 * np.abs(f.anomaly_map - s.anomaly_map).mean()
-    with pytest.raises(AnosegError, match="two scales"):
-        export_onnx(model, tmp_path / "onnx")
-    assert not (tmp_path / "onnx").exists()
+
+
+def test_two_scale_model_exports_to_onnx_with_the_same_maps(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from anoseg.export import OnnxModel, check_export, export_onnx
+
+    cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128, max_aspect=3.0)
+    model = AnoSegModel(cfg, map_threshold=0.5, device="cpu")
+    export_onnx(model, tmp_path / "onnx")
+    runner = OnnxModel(tmp_path / "onnx")
+    assert [i.name for i in runner.session.get_inputs()] == ["image", "image2"]
+    assert runner.meta["second_short_side"] == 128
+    assert check_export(model, tmp_path / "onnx", n=3) < 1e-4
+    rng = np.random.default_rng(1)  # images whose two scales group differently
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(64, 150), (64, 160), (300, 100)]]
+    for ours, theirs in zip(model.maps_for_batch(images), runner.maps_for_batch(images)):
+        assert ours.anomaly_map.shape == theirs.anomaly_map.shape
+        np.testing.assert_allclose(ours.anomaly_map, theirs.anomaly_map, atol=1e-4)
+        assert ours.map_score == pytest.approx(theirs.map_score, abs=1e-4)
 
 
 def test_crops_carry_their_place_in_the_whole_image():

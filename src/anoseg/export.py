@@ -22,7 +22,7 @@ from .checkpoint import load_json
 from .config import Config
 from .errors import AnosegError, ModelFileError
 from .fileio import _write_atomic, make_output_dir, write_text_atomic
-from .inference import AnoSegModel, Prediction, by_working_shape, gaussian_blur, model_input, predictions_from_maps
+from .inference import AnoSegModel, Prediction, by_working_shape, model_input, predictions_from_maps
 
 RESIZE_DOC = {
     "square": "square, bilinear, to image_size x image_size (aspect ratio not kept)",
@@ -30,13 +30,16 @@ RESIZE_DOC = {
               "(at most max_aspect times the short side), rounded to a multiple of image_size / 8; images of one "
               "batch must share that shape",
 }
+SECOND_RESIZE_DOC = ("as image, with the short side at second_short_side; the map comes out at image's shape "
+                     "(the two scales' maps averaged inside the graph)")
 ONNX_FILE = "model.onnx"
 ONNX_META = "model.onnx.json"
 EXPORT_FORMAT = 1
 
 
 class ExportGraph(nn.Module):
-    """What the ONNX file computes: image in [-1, 1] -> (smoothed map, max of the map[, detector score])."""
+    """What the ONNX file computes: image in [-1, 1] (and image2, the second scale) -> (smoothed map, max of the
+    map[, detector score])."""
 
     def __init__(self, model: AnoSegModel) -> None:
         super().__init__()
@@ -45,9 +48,9 @@ class ExportGraph(nn.Module):
         det = model.detector
         self.detector_nets = nn.ModuleList([det.generator, det.discriminator] if det is not None else [])
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raw = self.model.raw_maps(image)
-        maps = gaussian_blur(raw, self.model.config.smoothing_sigma).clamp(0.0, 1.0)
+    def forward(self, image: torch.Tensor, image2: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        raw, maps = self.model.fused_maps([image] if image2 is None else [image, image2])
+        maps = maps.clamp(0.0, 1.0)
         outputs = (maps, maps.flatten(1).amax(1))
         if self.model.detector is not None:
             outputs += (self.model.detector.score(image, raw),)
@@ -74,6 +77,29 @@ def file_opset(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+def input_names(cfg: Config) -> list[str]:
+    return ["image", "image2"] if cfg.second_short_side else ["image"]
+
+
+def example_inputs(cfg: Config, batch: int | None) -> tuple[tuple[torch.Tensor, ...], tuple[dict, ...] | None]:
+    """Example inputs of the export, and which of their dimensions stay free (batch; the sides in aspect mode)."""
+    n = batch or 2
+    if cfg.resize_mode == "square":
+        dims = {} if batch else {0: torch.export.Dim("batch", min=1, max=4096)}
+        return (torch.zeros(n, 3, cfg.image_size, cfg.image_size),), ((dims,) if dims else None)
+    unit = cfg.image_size // 8  # whole images of any working shape: multiples of image_size / 8
+    batch_dim = {} if batch else {0: torch.export.Dim("batch", min=1, max=4096)}
+    examples, dynamic = [], []
+    for i, side in enumerate([cfg.short_side or cfg.image_size, cfg.second_short_side][:len(input_names(cfg))]):
+        most = int(side // unit * cfg.max_aspect) + 1
+        tag = "" if i == 0 else str(i + 1)
+        # sides that differ from each other and from the other input's: no shape gets fixed by chance
+        examples.append(torch.zeros(n, 3, 2 * side + 2 * i * unit, side + (1 + 2 * i) * unit))
+        dynamic.append({**batch_dim, 2: unit * torch.export.Dim(f"rows{tag}", min=8, max=most),
+                        3: unit * torch.export.Dim(f"cols{tag}", min=8, max=most)})
+    return tuple(examples), tuple(dynamic)
+
+
 def output_names(model: AnoSegModel) -> list[str]:
     return ["map", "map_score"] + (["detector_score"] if model.detector is not None else [])
 
@@ -87,22 +113,11 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
         raise AnosegError(f"--batch {batch}: must be at least 1 (or leave it out for a dynamic batch)")
     check_opset(opset)
     cfg = model.config
-    if cfg.second_short_side:  # checked before the output folder is made
-        raise AnosegError(f"this model maps at two scales (second_short_side={cfg.second_short_side}); the ONNX "
-                          "export has one image input and supports one scale only")
     out = make_output_dir(out)
     graph = ExportGraph(model).to("cpu").eval()  # moves the model's networks to the CPU, in eval mode
-    rows, cols = (cfg.image_size, cfg.image_size) if cfg.resize_mode == "square" else \
-        (2 * cfg.image_size, cfg.image_size + cfg.image_size // 8)  # unequal sides: no shape gets fixed by chance
-    example = torch.zeros(batch or 2, 3, rows, cols)
+    examples, dynamic = example_inputs(cfg, batch)
     names = output_names(model)
-    dims = {} if batch else {0: torch.export.Dim("batch", min=1, max=4096)}
-    if cfg.resize_mode == "aspect":  # whole images of any working shape: multiples of image_size / 8
-        unit = cfg.image_size // 8
-        most = int((cfg.short_side or cfg.image_size) // unit * cfg.max_aspect) + 1
-        dims.update({2: unit * torch.export.Dim("rows", min=8, max=most),
-                     3: unit * torch.export.Dim("cols", min=8, max=most)})
-    dynamic = (dims,) if dims else None
+    inputs = input_names(cfg)
 
     def write(path: Path) -> None:
         # the exporter is chatty (progress lines, warnings about torchvision); none of it concerns the user
@@ -111,7 +126,7 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
         quiet.setLevel(logging.ERROR)
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(graph, (example,), input_names=["image"], output_names=names,
+            program = torch.onnx.export(graph, examples, input_names=inputs, output_names=names,
                                         dynamic_shapes=dynamic, opset_version=opset, dynamo=True,
                                         external_data=False, verbose=False)
             program.save(str(path), external_data=False)
@@ -140,6 +155,9 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
         "resize_mode": cfg.resize_mode,
         "max_aspect": cfg.max_aspect,
         "short_side": cfg.short_side,
+        **({"second_input": {"name": "image2", "shape": [batch or "batch", 3, "height2", "width2"],
+                             "resize": SECOND_RESIZE_DOC}, "second_short_side": cfg.second_short_side}
+           if cfg.second_short_side else {}),
         "batch": batch,
         "map_threshold": t_map,
         "score_output": "detector_score" if model.detector is not None else "map_score",
@@ -177,14 +195,17 @@ class OnnxModel:
         self.size = int(self.meta["image_size"])
         self.geometry = Config(image_size=self.size, resize_mode=self.meta.get("resize_mode", "square"),
                                max_aspect=float(self.meta.get("max_aspect", 4.0)),
-                               short_side=int(self.meta.get("short_side", 0)))
+                               short_side=int(self.meta.get("short_side", 0)),
+                               second_short_side=int(self.meta.get("second_short_side", 0)))
         # "threshold": the image threshold's name in sidecars written before the two had their own names
         self.image_threshold = self.meta.get("image_threshold", self.meta.get("threshold"))
         self.map_threshold = self.meta.get("map_threshold")
 
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw outputs for a normalised batch (B x 3 x S x S float32 in [-1, 1])."""
-        return dict(zip(self.outputs, self.session.run(None, {"image": x.astype(np.float32, copy=False)})))
+    def run(self, x: np.ndarray, *second: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw outputs for a normalised batch (B x 3 x H x W float32 in [-1, 1]), and for two-scale models the
+        same images at the second scale."""
+        feed = {name: a.astype(np.float32, copy=False) for name, a in zip(input_names(self.geometry), (x, *second))}
+        return dict(zip(self.outputs, self.session.run(None, feed)))
 
     def maps_for_batch(self, images: list[np.ndarray]) -> list[Prediction]:
         fixed = self.meta.get("batch")
@@ -192,8 +213,8 @@ class OnnxModel:
             raise AnosegError(f"this ONNX model was exported for batches of {fixed}, got {len(images)}")
         return by_working_shape(images, self.geometry, self._maps_same_shape)
 
-    def _maps_same_shape(self, images: list[np.ndarray], shape: tuple[int, int]) -> list[Prediction]:
-        res = self.run(model_input(images, shape))
+    def _maps_same_shape(self, images: list[np.ndarray], shapes: tuple[tuple[int, int], ...]) -> list[Prediction]:
+        res = self.run(*(model_input(images, shape) for shape in shapes))
         return predictions_from_maps(torch.from_numpy(res["map"]), images, self.meta["topk_fraction"],
                                      res.get("detector_score"))
 

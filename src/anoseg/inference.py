@@ -94,26 +94,45 @@ def model_input(images: list[np.ndarray], shape: int | tuple[int, int]) -> np.nd
     return batch.astype(np.float32) / 127.5 - 1.0
 
 
-def shape_groups(images: list[np.ndarray], cfg: Config,
-                 short_side: int | None = None) -> dict[tuple[int, int], list[int]]:
-    """Indices of the images per working shape (at `short_side` when given, see :func:`working_shape`)."""
-    groups: dict[tuple[int, int], list[int]] = {}
+def working_shapes(height: int, width: int, cfg: Config) -> tuple[tuple[int, int], ...]:
+    """The image's working shape, and with ``second_short_side`` its shape at that second scale too."""
+    first = working_shape(height, width, cfg)
+    return (first, working_shape(height, width, cfg, cfg.second_short_side)) if cfg.second_short_side else (first,)
+
+
+def shape_groups(images: list[np.ndarray], cfg: Config) -> dict[tuple[tuple[int, int], ...], list[int]]:
+    """Indices of the images per :func:`working_shapes` (one forward pass per group)."""
+    groups: dict[tuple[tuple[int, int], ...], list[int]] = {}
     for i, im in enumerate(images):
-        groups.setdefault(working_shape(*im.shape[:2], cfg, short_side), []).append(i)
+        groups.setdefault(working_shapes(*im.shape[:2], cfg), []).append(i)
     return groups
 
 
 def by_working_shape(images: list[np.ndarray], cfg: Config,
-                     run: Callable[[list[np.ndarray], tuple[int, int]], list[Prediction]]) -> list[Prediction]:
-    """Call ``run(group, shape)`` once per group of images that share a working shape; results in input order.
+                     run: Callable[[list[np.ndarray], tuple[tuple[int, int], ...]], list[Prediction]]
+                     ) -> list[Prediction]:
+    """Call ``run(group, shapes)`` once per group of images that share their working shapes; results in input order.
 
     In square mode all images form one group; in aspect mode images of other shapes need their own pass.
+    `shapes` holds one working shape per scale (two with ``second_short_side``).
     """
     out: list[Prediction] = [None] * len(images)  # type: ignore[list-item]
-    for shape, idx in shape_groups(images, cfg).items():
-        for i, pred in zip(idx, run([images[i] for i in idx], shape)):
+    for shapes, idx in shape_groups(images, cfg).items():
+        for i, pred in zip(idx, run([images[i] for i in idx], shapes)):
             out[i] = pred
     return out
+
+
+def fuse_scales(first: tuple[torch.Tensor, torch.Tensor],
+                others: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of (raw, smoothed) maps made at several scales, at the first scale's shape."""
+    raw, maps = first
+    shape = raw.shape[-2:]
+    for r, m in others:
+        raw = raw + F.interpolate(r, size=shape, mode="bilinear", align_corners=False, antialias=True)
+        maps = maps + F.interpolate(m, size=shape, mode="bilinear", align_corners=False, antialias=True)
+    n = 1 + len(others)
+    return raw / n, maps / n
 
 
 def predictions_from_maps(maps: torch.Tensor, images: list[np.ndarray], topk_fraction: float,
@@ -210,27 +229,19 @@ class AnoSegModel:
         """Maps and scores for RGB uint8 images of any sizes (one forward pass per working shape)."""
         return by_working_shape(images, self.config, self._maps_same_shape)
 
-    def _maps_same_shape(self, images: list[np.ndarray], shape: tuple[int, int]) -> list[Prediction]:
-        x = torch.from_numpy(model_input(images, shape)).to(self.device)
-        raw = self.raw_maps(x)
-        maps = gaussian_blur(raw, self.config.smoothing_sigma)
-        if self.config.second_short_side:
-            raw2, maps2 = self._second_scale(images, shape)
-            raw, maps = (raw + raw2) / 2, (maps + maps2) / 2
-        det_scores = self.detector.score(x, raw).cpu().numpy() if self.detector is not None else None
+    def _maps_same_shape(self, images: list[np.ndarray], shapes: tuple[tuple[int, int], ...]) -> list[Prediction]:
+        inputs = [torch.from_numpy(model_input(images, shape)).to(self.device) for shape in shapes]
+        raw, maps = self.fused_maps(inputs)
+        det_scores = self.detector.score(inputs[0], raw).cpu().numpy() if self.detector is not None else None
         return predictions_from_maps(maps, images, self.config.topk_fraction, det_scores)
 
-    def _second_scale(self, images: list[np.ndarray], shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw and smoothed maps at ``second_short_side``, resized to the first scale's `shape` (input order)."""
-        cfg = self.config
-        raw = torch.empty(len(images), 1, *shape, device=self.device)
-        maps = torch.empty_like(raw)
-        for shape2, idx in shape_groups(images, cfg, cfg.second_short_side).items():
-            r = self.raw_maps(torch.from_numpy(model_input([images[i] for i in idx], shape2)).to(self.device))
-            m = gaussian_blur(r, cfg.smoothing_sigma)  # in that scale's pixels, as the model was trained
-            raw[idx] = F.interpolate(r, size=shape, mode="bilinear", align_corners=False, antialias=True)
-            maps[idx] = F.interpolate(m, size=shape, mode="bilinear", align_corners=False, antialias=True)
-        return raw, maps
+    def fused_maps(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw and smoothed maps of one normalised batch per scale, averaged at the first scale's shape.
+
+        Each scale is smoothed in its own pixels, as the model was trained.
+        """
+        per_scale = [(r, gaussian_blur(r, self.config.smoothing_sigma)) for r in map(self.raw_maps, inputs)]
+        return fuse_scales(per_scale[0], per_scale[1:])
 
     def raw_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Unsmoothed maps of a normalised batch, averaged over the flips of `tta_flips`."""
