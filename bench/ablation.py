@@ -33,27 +33,28 @@ DATA = HERE.parent.parent / "shared" / "data"
 CATEGORIES = {"bottle": "mvtec_ad", "commutator": "kolektorsdd", "magnetic_tile": "magnetic_tile"}
 VARIANTS: dict[str, dict] = {
     "default": {},
-    "paper": {"resize_mode": "square", "anomaly_families": ["paste"], "opacity_min": 1.0, "seg_skips": False,
-              "ema_decay": 0.0},
+    "paper": {"resize_mode": "square", "second_short_side": 0, "anomaly_families": ["paste"], "opacity_min": 1.0,
+              "seg_skips": False, "ema_decay": 0.0},
     "no_hard_augmentation": {"anomaly_families": "OTHERS"},  # the default's families without "paste"
     "paste_only": {"anomaly_families": ["paste"], "opacity_min": 1.0},  # the paper's augmentation, new geometry
     "no_adversarial_loss": {"lambda_adv": 0.0},  # the same as default since the fast profile dropped it
     "no_coord_channels": {"coord_channels": False},
-    "square_resize": {"resize_mode": "square"},
-    "short_side_256": {"short_side": 256},  # images at twice the scale (short side 256), crops still 128
-    "two_scales": {"second_short_side": 256},  # trains on and maps both scales (128 and 256), maps averaged
-    "two_scales_192": {"second_short_side": 192},  # the same with a nearer second scale (128 and 192)
+    "square_resize": {"resize_mode": "square", "second_short_side": 0},
+    "one_scale": {"second_short_side": 0},  # trains on and maps one scale (short side 128) only
+    "short_side_256": {"short_side": 256, "second_short_side": 0},  # one scale, twice as fine; crops still 128
+    "two_scales_192": {"second_short_side": 192},  # a nearer second scale (128 and 192)
     "opaque": {"opacity_min": 1.0},
     "no_noise": {"anomaly_families": "-noise"},
     "no_crack": {"anomaly_families": "-crack"},
     "with_shading": {"anomaly_families": ["paste", "noise", "crack", "shading"]},  # + large shading changes
     "with_band": {"anomaly_families": ["paste", "noise", "crack", "band"]},  # + bands across the surface
-    "square_with_shading": {"resize_mode": "square", "anomaly_families": ["paste", "noise", "crack", "shading"]},
+    "square_with_shading": {"resize_mode": "square", "second_short_side": 0,
+                            "anomaly_families": ["paste", "noise", "crack", "shading"]},
     "no_smoothing": {"smoothing_sigma": 0.0},
     "residual_map": {"map_sees_residual": True},  # the map head also sees |input - reconstruction|
     "with_adversarial_loss": {"lambda_adv": 0.1},  # the paper's adversarial loss on (image, map) pairs
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
-    "previous_default": {"lambda_adv": 0.1, "region_max": 0.08},  # the fast profile before 2026-11-26
+    "previous_default": {"lambda_adv": 0.1, "region_max": 0.08, "second_short_side": 0},  # fast before 2026-11-26
     # names of the rows measured against the previous default (see BASELINES); not run any more
     "large_regions": {"region_max": 0.25},
 }
@@ -61,7 +62,11 @@ LEGACY = ("large_regions",)  # kept to label old rows; not in the default list o
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
-                         "bench/ablation.py, and `no_adversarial_loss` was an adversarial weight of 0 against 0.1"}
+                         "bench/ablation.py, and `no_adversarial_loss` was an adversarial weight of 0 against 0.1",
+             "one_scale": "the fast profile before it mapped at two scales (2026-11-26, second_short_side 0): each "
+                          "variant changed that profile, so `default` here is the variant `one_scale` of "
+                          "bench/ablation.py, and the then variant `two_scales` (second_short_side 256) became "
+                          "today's default (its rows are under the current profile's `default`)"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 

@@ -73,6 +73,21 @@ def test_bad_second_scale_is_refused_by_name(settings, problem):
     assert problem in str(err.value)
 
 
+@pytest.mark.parametrize("settings, problem", [
+    ({"resize_mode": "square"}, "set second_short_side=0 with square"),
+    ({"short_side": 256}, "0 maps at one scale"),
+    ({"image_size": 256}, "0 maps at one scale"),
+])
+def test_fast_profile_two_scales_name_the_fix_when_another_setting_clashes(settings, problem):
+    from anoseg import ConfigError
+
+    assert profile_config("fast").second_short_side == 256
+    with pytest.raises(ConfigError, match="second_short_side") as err:
+        profile_config("fast", **settings)
+    assert problem in str(err.value)
+    assert profile_config("fast", **settings, second_short_side=0).second_short_side == 0
+
+
 def test_two_scale_maps_average_both_scales():
     cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128)
     model = AnoSegModel(cfg, map_threshold=0.5, device="cpu")

@@ -214,11 +214,12 @@ class Config:
         for name in ("short_side", "second_short_side"):
             side = getattr(self, name)
             if side and self.resize_mode != "aspect":
-                yield name, "only applies with resize_mode=aspect (use 0 with square)"
+                yield name, f"only applies with resize_mode=aspect (set {name}=0 with square)"
             elif side and (side < n or side % max(n // 8, 1)):
                 yield name, f"must be 0 or a multiple of image_size / 8 ({n // 8}) of at least image_size ({n})"
         if self.second_short_side and self.second_short_side == (self.short_side or n):
-            yield "second_short_side", "must differ from the first scale (short_side, or image_size when 0)"
+            yield "second_short_side", ("must differ from the first scale (short_side, or image_size when 0); "
+                                        "0 maps at one scale")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated)."""
@@ -277,7 +278,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Sized to train one category on 2 CPU cores in well under 30 minutes.
     "fast": dict(image_size=128, base_channels=16, max_channels=256, seg_skips=True,
                  steps=2000, batch_size=16, smoothing_sigma=4.0, resize_mode="aspect",
-                 anomaly_families=("paste", "noise", "crack"), opacity_min=0.5, region_max=0.25, lambda_adv=0.0),
+                 anomaly_families=("paste", "noise", "crack"), opacity_min=0.5, region_max=0.25, lambda_adv=0.0,
+                 second_short_side=256),
     # For tests and the demo: seconds, not minutes.
     "tiny": dict(image_size=64, base_channels=8, max_channels=32, seg_skips=True,
                  steps=200, batch_size=8, checkpoint_every=100, holdout_min=2, ema_decay=0.0),
