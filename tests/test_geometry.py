@@ -106,10 +106,14 @@ def test_two_scale_maps_average_both_scales():
 
 def test_two_scale_model_exports_to_onnx_with_the_same_maps(tmp_path):
     pytest.importorskip("onnxruntime")
+    import torch
+
+    from anoseg.detector import Detector
     from anoseg.export import OnnxModel, check_export, export_onnx
 
     cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128, max_aspect=3.0)
     model = AnoSegModel(cfg, map_threshold=0.5, device="cpu")
+    model.detector = Detector(cfg, torch.device("cpu"))  # scores the first scale's input with the fused map
     export_onnx(model, tmp_path / "onnx")
     runner = OnnxModel(tmp_path / "onnx")
     assert [i.name for i in runner.session.get_inputs()] == ["image", "image2"]
@@ -121,6 +125,7 @@ def test_two_scale_model_exports_to_onnx_with_the_same_maps(tmp_path):
         assert ours.anomaly_map.shape == theirs.anomaly_map.shape
         np.testing.assert_allclose(ours.anomaly_map, theirs.anomaly_map, atol=1e-4)
         assert ours.map_score == pytest.approx(theirs.map_score, abs=1e-4)
+        assert ours.detector_score == pytest.approx(theirs.detector_score, rel=1e-4, abs=1e-4)
 
 
 def test_crops_carry_their_place_in_the_whole_image():
