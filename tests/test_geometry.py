@@ -222,3 +222,30 @@ def test_two_scale_model_trains_loads_and_evaluates(tmp_path):
     assert model.config.second_short_side == 96 and model.map_threshold is not None
     result = evaluate(model, root, None, progress=False)
     assert 0.0 <= result["metrics"]["pixel_auroc"] <= 1.0
+
+
+def test_detector_of_a_two_scale_model_trains_on_first_scale_crops_with_fused_maps(tmp_path, monkeypatch):
+    import importlib
+
+    from anoseg import load, train, train_detector
+
+    train_mod = importlib.import_module("anoseg.train")  # the module; `anoseg.train` is also a function
+
+    root = _rect_category(tmp_path / "rect")
+    cfg = profile_config("tiny", resize_mode="aspect", steps=2, batch_size=4, second_short_side=128)
+    train(cfg, root, tmp_path / "m", progress=False)
+    model = load(tmp_path / "m", device="cpu")
+    seen = {}
+
+    def spy(det, anoseg_map, images, **kw):
+        seen["shape"] = tuple(images.shape)
+        x = images[:2].float() / 127.5 - 1
+        seen["maps"], seen["first"] = anoseg_map(x), model.raw_maps(x)
+        return 0.0
+
+    monkeypatch.setattr(train_mod, "fit_detector", spy)
+    train_detector(tmp_path / "m", progress=False)
+    assert seen["shape"][1:] == (3, 64, 64)  # one crop per image, from the first scale (64 x 160 here)
+    assert seen["maps"].shape == seen["first"].shape == (2, 1, 64, 64)  # the fused map, at the crop's shape
+    assert not torch.allclose(seen["maps"], seen["first"])  # ... not the first scale's alone
+    assert load(tmp_path / "m", device="cpu").detector is not None

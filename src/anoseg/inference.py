@@ -243,6 +243,19 @@ class AnoSegModel:
         per_scale = [(r, gaussian_blur(r, self.config.smoothing_sigma)) for r in map(self.raw_maps, inputs)]
         return fuse_scales(per_scale[0], per_scale[1:])
 
+    def crop_raw_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw maps of a normalised batch at the first scale, fused as :meth:`fused_maps` fuses them.
+
+        For crops, which have no image at the second scale: the crop itself is resized to it.
+        """
+        if not self.config.second_short_side:
+            return self.raw_maps(x)
+        cfg = self.config
+        ratio, unit = cfg.second_short_side / (cfg.short_side or cfg.image_size), cfg.image_size // 8
+        size = [max(unit, round(n * ratio / unit) * unit) for n in x.shape[-2:]]
+        x2 = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=ratio < 1)
+        return self.fused_maps([x, x2])[0]
+
     def raw_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Unsmoothed maps of a normalised batch, averaged over the flips of `tta_flips`."""
         flips = TTA_FLIPS[self.config.tta_flips]

@@ -532,11 +532,13 @@ def train_detector(folder: str | Path, data: str | Path | None = None, overrides
         raise AnosegError(f"{folder}: the model does not record its training data; give DATA")
     files = train_images(data)
     train_idx, hold_idx = holdout_split(len(files), cfg)
-    images = TrainingImages.load(files, cfg, desc="loading images", progress=progress).subset(train_idx)
-    # the detector trains on one fixed crop per image (the whole image in square mode)
+    images = TrainingImages.load(files, cfg.replace(second_short_side=0), desc="loading images",
+                                 progress=progress).subset(train_idx)
+    # the detector trains on one fixed crop per image (the whole image in square mode), at the first scale:
+    # at inference it sees the first scale's input with the map of all scales
     images = images.crops(np.arange(len(images)), np.random.default_rng([cfg.seed, 3]))[0]
     detector = new_detector(cfg, model.device)
-    seconds = fit_detector(detector, model.raw_maps, images, progress=progress, folder=folder, resume=resume)
+    seconds = fit_detector(detector, model.crop_raw_maps, images, progress=progress, folder=folder, resume=resume)
     model.detector = detector
     detector.meta = {"train_seconds": round(seconds, 2), "steps_done": cfg.detector_steps, "data": str(data)}
     calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])
