@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict] = {
     "square_with_shading": {"resize_mode": "square", "second_short_side": 0,
                             "anomaly_families": ["paste", "noise", "crack", "shading"]},
     "no_smoothing": {"smoothing_sigma": 0.0},
+    "smoothing_4": {"smoothing_sigma": 4.0},  # the map smoothing before 2026-11-26 (fourth session)
     "residual_map": {"map_sees_residual": True},  # the map head also sees |input - reconstruction|
     "with_adversarial_loss": {"lambda_adv": 0.1},  # the paper's adversarial loss on (image, map) pairs
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
@@ -66,7 +67,11 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
              "one_scale": "the fast profile before it mapped at two scales (2026-11-26, second_short_side 0): each "
                           "variant changed that profile, so `default` here is the variant `one_scale` of "
                           "bench/ablation.py, and the then variant `two_scales` (second_short_side 256) became "
-                          "today's default (its rows are under the current profile's `default`)"}
+                          "the default (its rows are under `two_scales_sigma4`'s `default`)",
+             "two_scales_sigma4": "the fast profile with two scales and smoothing_sigma 4 (2026-11-26, before sigma 2): "
+                                  "each variant changed that profile; today's default differs only in its map "
+                                  "smoothing, which is applied after training, so its `default` rows are the same "
+                                  "models as this profile's, evaluated by `python bench/run_bench.py --reuse`"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
