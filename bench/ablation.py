@@ -68,10 +68,11 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
                           "variant changed that profile, so `default` here is the variant `one_scale` of "
                           "bench/ablation.py, and the then variant `two_scales` (second_short_side 256) became "
                           "the default (its rows are under `two_scales_sigma4`'s `default`)",
-             "two_scales_sigma4": "the fast profile with two scales and smoothing_sigma 4 (2026-11-26, before sigma 2): "
-                                  "each variant changed that profile; today's default differs only in its map "
-                                  "smoothing, which is applied after training, so its `default` rows are the same "
-                                  "models as this profile's, evaluated by `python bench/run_bench.py --reuse`"}
+             "two_scales_sigma4": "the fast profile with two scales and smoothing_sigma 4 (2026-11-26, before "
+                                  "sigma 2): each variant changed that profile; today's default differs only in "
+                                  "its map smoothing, which is applied after training, so its `default` rows are "
+                                  "the same models as this profile's, evaluated by `python bench/run_bench.py "
+                                  "--reuse`"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
