@@ -123,16 +123,13 @@ def by_working_shape(images: list[np.ndarray], cfg: Config,
     return out
 
 
-def fuse_scales(first: tuple[torch.Tensor, torch.Tensor],
-                others: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean of (raw, smoothed) maps made at several scales, at the first scale's shape."""
-    raw, maps = first
-    shape = raw.shape[-2:]
-    for r, m in others:
-        raw = raw + F.interpolate(r, size=shape, mode="bilinear", align_corners=False, antialias=True)
-        maps = maps + F.interpolate(m, size=shape, mode="bilinear", align_corners=False, antialias=True)
-    n = 1 + len(others)
-    return raw / n, maps / n
+def fuse_scales(maps: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of maps of one batch made at several scales, at the first scale's shape."""
+    shape = maps[0].shape[-2:]
+    total = maps[0]
+    for m in maps[1:]:
+        total = total + F.interpolate(m, size=shape, mode="bilinear", align_corners=False, antialias=True)
+    return total / len(maps)
 
 
 def predictions_from_maps(maps: torch.Tensor, images: list[np.ndarray], topk_fraction: float,
@@ -240,11 +237,11 @@ class AnoSegModel:
 
         Each scale is smoothed in its own pixels, as the model was trained.
         """
-        per_scale = [(r, gaussian_blur(r, self.config.smoothing_sigma)) for r in map(self.raw_maps, inputs)]
-        return fuse_scales(per_scale[0], per_scale[1:])
+        raw = [self.raw_maps(x) for x in inputs]
+        return fuse_scales(raw), fuse_scales([gaussian_blur(r, self.config.smoothing_sigma) for r in raw])
 
     def crop_raw_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw maps of a normalised batch at the first scale, fused as :meth:`fused_maps` fuses them.
+        """Raw maps of a normalised batch at the first scale, fused over the scales as :meth:`fused_maps` does.
 
         For crops, which have no image at the second scale: the crop itself is resized to it.
         """
@@ -254,7 +251,7 @@ class AnoSegModel:
         ratio, unit = cfg.second_short_side / (cfg.short_side or cfg.image_size), cfg.image_size // 8
         size = [max(unit, round(n * ratio / unit) * unit) for n in x.shape[-2:]]
         x2 = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=ratio < 1)
-        return self.fused_maps([x, x2])[0]
+        return fuse_scales([self.raw_maps(x), self.raw_maps(x2)])
 
     def raw_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Unsmoothed maps of a normalised batch, averaged over the flips of `tta_flips`."""
