@@ -84,13 +84,13 @@ def input_names(cfg: Config) -> list[str]:
 def example_inputs(cfg: Config, batch: int | None) -> tuple[tuple[torch.Tensor, ...], tuple[dict, ...] | None]:
     """Example inputs of the export, and which of their dimensions stay free (batch; the sides in aspect mode)."""
     n = batch or 2
-    if cfg.resize_mode == "square":
-        dims = {} if batch else {0: torch.export.Dim("batch", min=1, max=4096)}
-        return (torch.zeros(n, 3, cfg.image_size, cfg.image_size),), ((dims,) if dims else None)
-    unit = cfg.image_size // 8  # whole images of any working shape: multiples of image_size / 8
     batch_dim = {} if batch else {0: torch.export.Dim("batch", min=1, max=4096)}
+    if cfg.resize_mode == "square":
+        return (torch.zeros(n, 3, cfg.image_size, cfg.image_size),), ((batch_dim,) if batch_dim else None)
+    unit = cfg.image_size // 8  # whole images of any working shape: multiples of image_size / 8
+    sides = [cfg.short_side or cfg.image_size] + ([cfg.second_short_side] if cfg.second_short_side else [])
     examples, dynamic = [], []
-    for i, side in enumerate([cfg.short_side or cfg.image_size, cfg.second_short_side][:len(input_names(cfg))]):
+    for i, side in enumerate(sides):
         most = int(side // unit * cfg.max_aspect) + 1
         tag = "" if i == 0 else str(i + 1)
         # sides that differ from each other and from the other input's: no shape gets fixed by chance
