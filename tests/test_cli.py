@@ -28,8 +28,8 @@ def _subcommands():
 
 
 def test_help_covers_every_subcommand():
-    assert set(_subcommands()) == {"train", "train-all", "train-detector", "predict", "evaluate", "export", "serve",
-                                   "demo"}
+    assert set(_subcommands()) == {"train", "train-all", "train-detector", "calibrate", "predict", "evaluate", "export",
+                                   "serve", "demo"}
 
 
 @pytest.mark.parametrize("cmd", sorted(_subcommands()))

@@ -74,12 +74,15 @@ def test_retraining_anoseg_removes_the_stale_detector(detector_model, demo_root,
     assert not (folder / DETECTOR_WEIGHTS).exists() and load(folder).detector is None
 
 
-def test_detector_threshold_needs_a_detector(tiny_model_dir, demo_root, tmp_path):
-    from anoseg.errors import DataError
+def test_image_threshold_judges_the_map_maximum_without_a_detector(tiny_model_dir, demo_root, tmp_path):
+    import csv
 
-    with pytest.raises(DataError, match="no detector"):
-        predict(load(tiny_model_dir), [demo_root / "test" / "good"], tmp_path, image_threshold=0.5,
-                progress=False)
+    model = load(tiny_model_dir)
+    predict(model, [demo_root / "test" / "good"], tmp_path, image_threshold=-1.0, progress=False)
+    with open(tmp_path / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["verdict"] == "defect" and float(r["image_threshold"]) == -1.0 for r in rows)
+    assert all(float(r["map_threshold"]) == model.map_threshold for r in rows)  # the outlines keep their own
 
 
 def _interrupt_at(monkeypatch, stop_step):

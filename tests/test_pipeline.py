@@ -99,15 +99,64 @@ def test_model_file_errors(tiny_model_dir, tmp_path):
         load(broken)
 
 
+def test_thresholds_come_from_held_out_normal_maps(tiny_model_dir):
+    model = load(tiny_model_dir)
+    cfg, meta = model.config, json.loads((tiny_model_dir / "model.json").read_text())
+    preds = list(model.iter_predict_files(meta["holdout_files"]))  # 64 px images: every pixel is sampled
+    maxima = [p.map_score for p in preds]
+    pixels = np.concatenate([p.anomaly_map.ravel() for p in preds])
+    assert model.map_score_threshold == pytest.approx(np.quantile(maxima, cfg.threshold_quantile), abs=1e-6)
+    assert model.map_threshold == pytest.approx(np.quantile(pixels, cfg.map_threshold_quantile), abs=1e-6)
+    assert model.image_threshold == model.map_score_threshold  # no detector: the verdict is on the map maximum
+    assert meta["map_threshold"] == model.map_threshold and meta["map_score_threshold"] == model.map_score_threshold
+
+
 def test_models_saved_with_the_old_threshold_name_still_load(tiny_model_dir, tmp_path):
     import shutil
 
     old = tmp_path / "old"
     shutil.copytree(tiny_model_dir, old)
     meta = json.loads((old / "model.json").read_text())
-    meta["threshold"] = meta.pop("map_threshold")  # model.json as written before the rename
+    meta["threshold"] = meta.pop("map_threshold")  # model.json as written before the rename ...
+    del meta["map_score_threshold"]  # ... and before the map maximum had its own threshold
     (old / "model.json").write_text(json.dumps(meta))
     model = load(old)
-    assert model.map_threshold == meta["threshold"] == model.image_threshold
+    assert model.map_threshold == meta["threshold"] == model.image_threshold  # one threshold did both then
     t_map, t_img = model.thresholds(map_threshold=0.25)
-    assert t_map == t_img == 0.25
+    assert t_map == 0.25 and t_img == meta["threshold"]
+
+
+def test_calibrate_chooses_thresholds_again_without_training(tiny_model_dir, tmp_path):
+    import shutil
+
+    from anoseg import ConfigError, calibrate
+    from anoseg.cli import main
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    before = load(folder)
+    model = calibrate(folder, overrides={"map_threshold_quantile": 0.5})
+    assert model.map_threshold < before.map_threshold  # the median pixel, not the 0.999 quantile
+    assert model.map_score_threshold == pytest.approx(before.map_score_threshold)  # its quantile is unchanged
+    again = load(folder)
+    assert again.map_threshold == model.map_threshold and again.config.map_threshold_quantile == 0.5
+    assert (folder / "model.safetensors").read_bytes() == weights  # no training
+    with pytest.raises(ConfigError, match="not smoothing_sigma"):
+        calibrate(folder, overrides={"smoothing_sigma": 1.0})
+    assert main(["calibrate", str(folder), "--set", "map_threshold_quantile=0.999"]) == 0
+    assert load(folder).map_threshold == pytest.approx(before.map_threshold)
+
+
+def test_calibrate_refuses_a_model_that_does_not_list_its_held_out_images(tiny_model_dir, tmp_path):
+    import shutil
+
+    from anoseg import calibrate
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    del meta["holdout_files"]
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(AnosegError, match="holdout_files"):
+        calibrate(folder)

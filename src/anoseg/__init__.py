@@ -16,13 +16,13 @@ from .config import Config, profile_config
 from .errors import AnosegError, ConfigError, DataError, ModelFileError, OutputError
 
 # name -> module that defines it; loaded when first asked for
-_LAZY = {name: "api" for name in ("demo", "evaluate", "load", "predict", "save_synthetic_examples", "train",
-                                  "train_detector")}
+_LAZY = {name: "api" for name in ("calibrate", "demo", "evaluate", "load", "predict", "save_synthetic_examples",
+                                  "train", "train_detector")}
 _LAZY["AnoSegModel"] = "inference"
 
 __all__ = [
     "AnoSegModel", "AnosegError", "Config", "ConfigError", "DataError", "ModelFileError", "OutputError",
-    "demo", "evaluate", "load", "predict", "profile_config", "save_synthetic_examples", "train",
+    "calibrate", "demo", "evaluate", "load", "predict", "profile_config", "save_synthetic_examples", "train",
     "train_detector",
 ]
 __version__ = "0.1.0"

@@ -39,6 +39,14 @@ def train_detector(folder: str | Path, data: str | Path | None = None, *, overri
     return _train.train_detector(folder, data, overrides, progress=progress, resume=resume, overwrite=overwrite)
 
 
+def calibrate(folder: str | Path, *, overrides: dict[str, Any] | None = None) -> AnoSegModel:
+    """Choose a trained model's map and image thresholds again from its held-out normal images.
+
+    No training: `overrides` may change ``threshold_quantile`` and ``map_threshold_quantile``.
+    """
+    return _train.recalibrate(folder, overrides)
+
+
 def load(folder: str | Path, device: str | None = None) -> AnoSegModel:
     """Load a trained model folder (safetensors + JSON; nothing is unpickled)."""
     return AnoSegModel.load(folder, device=device)

@@ -48,9 +48,10 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
 def _threshold_options(p: argparse.ArgumentParser) -> None:
     # --threshold and --detector-threshold: the names before the two thresholds had their own, still accepted
     p.add_argument("--map-threshold", "--threshold", dest="map_threshold", type=float,
-                   help="override the map threshold (outlined pixels; the verdict too when there is no detector)")
+                   help="override the map threshold (map pixels above it are outlined as defect)")
     p.add_argument("--image-threshold", "--detector-threshold", dest="image_threshold", type=float,
-                   help="override the image threshold of a model with a detector (the verdict on its score)")
+                   help="override the image threshold (the verdict on the image score: the detector's, "
+                        "else the map maximum)")
 
 
 def _training_options(t: argparse.ArgumentParser) -> None:
@@ -109,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--overwrite", action="store_true",
                     help="start again although an interrupted run left a checkpoint")
     td.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ca = sub.add_parser("calibrate", help="choose a trained model's thresholds again (no training)",
+                        description="Choose the image threshold (verdict) and the map threshold (outlined pixels) "
+                        "again from the held-out normal images the model lists, e.g. with other quantiles, or "
+                        "for a model saved before the map had its own threshold. The detector is kept.")
+    ca.add_argument("model", help="trained model folder")
+    ca.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="threshold_quantile or map_threshold_quantile, e.g. --set map_threshold_quantile=0.995")
+    ca.add_argument("--quiet", action="store_true", help="no progress output")
 
     pr = sub.add_parser("predict", help="anomaly maps for new images",
                         description="Write, per image, a heat-map overlay PNG (defect regions outlined), the raw "
@@ -186,7 +196,8 @@ def _cmd_train(args: argparse.Namespace, progress: bool) -> None:
     model = api.train(cfg, args.data, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
     if not is_main_process():  # torchrun: rank 0 reports, trains the detector and evaluates
         return
-    print(f"model written to {args.out} (map threshold {model.map_threshold:.4f}, {model.meta['train_seconds']:.0f} s)")
+    print(f"model written to {args.out} (map threshold {model.map_threshold:.4f}, image threshold "
+          f"{model.map_score_threshold:.4f}, {model.meta['train_seconds']:.0f} s)")
     if args.detector:
         _detector_written(args.out, api.train_detector(args.out, args.data, progress=progress))
     if args.evaluate:
@@ -203,6 +214,11 @@ def _cmd_train_all(args: argparse.Namespace, progress: bool) -> None:
     print(f"{len(rows)} categories, {len(failed)} failed; summary in {args.out}/summary.csv")
     if failed:
         raise AnosegError(f"training failed for {', '.join(failed)} (see each train_all.log)")
+
+
+def _cmd_calibrate(args: argparse.Namespace, progress: bool) -> None:  # noqa: ARG001 (no progress bar)
+    model = api.calibrate(args.model, overrides=parse_sets(args.set))
+    print(f"{args.model}: map threshold {model.map_threshold:.4f}, image threshold {model.image_threshold:.4f}")
 
 
 def _cmd_train_detector(args: argparse.Namespace, progress: bool) -> None:
@@ -268,6 +284,7 @@ def _cmd_demo(args: argparse.Namespace, progress: bool) -> None:
 
 
 COMMANDS = {"train": _cmd_train, "train-all": _cmd_train_all, "train-detector": _cmd_train_detector,
+            "calibrate": _cmd_calibrate,
             "predict": _cmd_predict, "evaluate": _cmd_evaluate, "export": _cmd_export, "serve": _cmd_serve,
             "demo": _cmd_demo}
 

@@ -28,7 +28,8 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
       "detector_steps", "permute_grid", "holdout_min"), lambda v: v >= 1, "must be at least 1"),
     (("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction"), lambda v: 0.0 <= v <= 1.0,
      "must lie in [0, 1]"),
-    (("threshold_quantile", "topk_fraction", "opacity_min"), lambda v: 0.0 < v <= 1.0, "must lie in (0, 1]"),
+    (("threshold_quantile", "map_threshold_quantile", "topk_fraction", "opacity_min"), lambda v: 0.0 < v <= 1.0,
+     "must lie in (0, 1]"),
     (("max_aspect",), lambda v: 1.0 <= v <= 64.0, "must lie in [1, 64]"),
     (("ema_decay",), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
     (("rollback_lr_factor",), lambda v: 0.0 < v < 1.0, "must lie in (0, 1)"),
@@ -149,7 +150,8 @@ class Config:
     tta_flips: str = "none"  # test-time augmentation: average the maps of flipped inputs (none, h, v, hv)
     holdout_fraction: float = 0.1  # share of normal training images kept out to choose the threshold
     holdout_min: int = 2  # at least this many held-out images (when holdout_fraction > 0)
-    threshold_quantile: float = 0.99  # quantile of held-out normal scores used as threshold
+    threshold_quantile: float = 0.99  # quantile of held-out normal image scores used as the image threshold (verdict)
+    map_threshold_quantile: float = 0.999  # quantile of held-out normal map pixels used as the map threshold (outlines)
     batch_size_infer: int = 16  # images per forward pass in predict and evaluate
     topk_fraction: float = 0.01  # the top-k image score averages this share of the highest map pixels
     # --- anomaly detector (paper section 3.4; trained with train --detector) -----------

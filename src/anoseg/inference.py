@@ -179,25 +179,29 @@ class AnoSegModel:
     """A trained generator with its configuration and decision thresholds."""
 
     def __init__(self, config: Config, generator: Generator | None = None, map_threshold: float | None = None,
-                 meta: dict | None = None, device: str | None = None) -> None:
+                 meta: dict | None = None, device: str | None = None, map_score_threshold: float | None = None) -> None:
         self.config = config
         self.device = resolve_device(device or config.device)
         self.generator = (generator or Generator(config)).to(self.device).eval()
-        self.map_threshold = map_threshold  # map values (pixels, and the map maximum) above it are defect
+        self.map_threshold = map_threshold  # map pixels above it are defect (outlined)
+        # the map maximum above it makes the verdict "defect" (without a detector); models saved before the
+        # two had their own values used the map threshold for both
+        self.map_score_threshold = map_threshold if map_score_threshold is None else map_score_threshold
         self.meta = dict(meta or {})
         self.detector: Detector | None = None
 
     @property
     def image_threshold(self) -> float | None:
-        """The threshold of `Prediction.score`: the detector's when there is one, else the map threshold."""
-        return self.detector.image_threshold if self.detector is not None else self.map_threshold
+        """The threshold of `Prediction.score`: the detector's when there is one, else the map maximum's."""
+        return self.detector.image_threshold if self.detector is not None else self.map_score_threshold
 
     # --- persistence -------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         make_output_dir(folder)
         self.config.save(folder / CONFIG_FILE)
-        save_json(folder / META_FILE, {**self.meta, "map_threshold": self.map_threshold})
+        save_json(folder / META_FILE, {**self.meta, "map_threshold": self.map_threshold,
+                                       "map_score_threshold": self.map_score_threshold})
         # the weights file marks a finished model, so it is written last
         save_tensors(folder / WEIGHTS_FILE, module_state("generator", self.generator))
 
@@ -215,7 +219,8 @@ class AnoSegModel:
         generator = Generator(config)
         load_module(generator, load_tensors(folder / WEIGHTS_FILE), "generator", folder / WEIGHTS_FILE)
         threshold = pop_threshold(meta, folder / META_FILE, "map_threshold")
-        model = cls(config, generator, threshold, meta, device)
+        score_threshold = pop_threshold(meta, folder / META_FILE, "map_score_threshold")
+        model = cls(config, generator, threshold, meta, device, score_threshold)
         if (folder / DETECTOR_WEIGHTS).exists():
             model.detector = Detector.load(folder, config, model.device)
         return model
@@ -293,16 +298,10 @@ class AnoSegModel:
         """The map and image thresholds, the model's own unless overridden.
 
         The map threshold outlines defect pixels; the image threshold decides the verdict on
-        `Prediction.score` (the detector's score when the model has a detector, else the map's maximum,
-        in which case the two thresholds are one and the same).
+        `Prediction.score` (the detector's score when the model has a detector, else the map's maximum).
         """
         t_map = self.map_threshold if map_threshold is None else check_threshold(map_threshold)
-        if self.detector is None:
-            if image_threshold is not None:
-                raise DataError("--image-threshold given, but the model has no detector: its image score is the "
-                                "map maximum, judged by the map threshold (--map-threshold)")
-            return Thresholds(t_map, t_map)
-        t_img = self.detector.image_threshold if image_threshold is None else check_threshold(image_threshold)
+        t_img = self.image_threshold if image_threshold is None else check_threshold(image_threshold)
         return Thresholds(t_map, t_img)
 
 

@@ -44,7 +44,7 @@ from .distributed import (
     shard,
     wrap,
 )
-from .errors import AnosegError, DataError, ModelFileError
+from .errors import AnosegError, ConfigError, DataError, ModelFileError
 from .fileio import make_output_dir, write_text_atomic
 from .inference import AnoSegModel, autocast, maybe_compile, resolve_device
 from .modelfolder import (
@@ -69,8 +69,12 @@ RESUMABLE = ("steps", "device", "precision", "compile",
              "num_threads", "max_minutes", "checkpoint_every", "batch_size_infer", "max_rollbacks",
              "rollback_lr_factor", "collapse_d_loss", "collapse_patience")
 # Settings that only matter after AnoSeg training (scoring, detector): taken from the user on resume too.
-LATER = ("topk_fraction", "smoothing_sigma", "tta_flips", "threshold_quantile") + tuple(
+LATER = ("topk_fraction", "smoothing_sigma", "tta_flips", "threshold_quantile",
+         "map_threshold_quantile") + tuple(
     f.name for f in dataclasses.fields(Config) if f.name.startswith("detector_"))
+
+
+PIXEL_SAMPLE = 1 << 16  # map pixels per held-out image that choose the map threshold (a random sample)
 
 
 class TrainingUnstable(AnosegError):
@@ -479,24 +483,58 @@ def _roll_back(trainer: Trainer, out: Path, error: TrainingUnstable, bar: Any) -
 
 
 def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
-    """Choose thresholds from normal images only: a high quantile of their scores.
+    """Choose thresholds from normal images only: high quantiles of their scores and map pixels.
 
-    Sets the map threshold (maximum of the smoothed map) and, when the model has a detector, the
-    detector's. Returns what was done, for the model's metadata.
+    Sets the map threshold (a quantile of the held-out maps' pixels: outlined pixels), the threshold of the
+    map's maximum (the verdict without a detector) and, when the model has a detector, the detector's.
+    Returns what was done, for the model's metadata.
     """
-    preds = list(model.iter_predict_files(normal_files))
-    q = model.config.threshold_quantile
-    map_scores = np.array([p.map_score for p in preds])
-    model.map_threshold = float(np.quantile(map_scores, q))
-    info = {"threshold_source": f"quantile {q} of {len(preds)} held-out normal image scores",
+    cfg = model.config
+    rng = np.random.default_rng([cfg.seed, 4])
+    map_scores, pixels, det_scores = [], [], []
+    for p in model.iter_predict_files(normal_files):
+        map_scores.append(p.map_score)
+        det_scores.append(p.detector_score)
+        flat = p.anomaly_map.ravel()  # a sample of each map's pixels: a huge image must not hold the memory
+        pixels.append(flat if flat.size <= PIXEL_SAMPLE else rng.choice(flat, PIXEL_SAMPLE, replace=False))
+    q, qm = cfg.threshold_quantile, cfg.map_threshold_quantile
+    model.map_score_threshold = float(np.quantile(map_scores, q))
+    model.map_threshold = float(np.quantile(np.concatenate(pixels), qm))
+    info = {"threshold_source": f"quantile {q} of {len(map_scores)} held-out normal image scores",
+            "map_threshold_source": f"quantile {qm} of the map pixels of {len(map_scores)} held-out normal images",
             "holdout_scores": [round(float(s), 6) for s in map_scores],
             "holdout_files": [str(f) for f in normal_files]}
     model.meta.update(info)
     if model.detector is not None:
-        det_scores = np.array([p.detector_score for p in preds])
         model.detector.image_threshold = float(np.quantile(det_scores, q))
         model.detector.meta.update({**info, "holdout_scores": [round(float(s), 6) for s in det_scores]})
     return info
+
+
+CALIBRATION = ("threshold_quantile", "map_threshold_quantile")  # what recalibrate may change
+
+
+def recalibrate(folder: str | Path, overrides: dict | None = None) -> AnoSegModel:
+    """Choose a trained model's thresholds again from its held-out normal images (no training).
+
+    `overrides` may change the quantiles (``threshold_quantile``, ``map_threshold_quantile``); a model saved
+    before the map had its own threshold gets one this way. The detector, if any, is kept.
+    """
+    folder = Path(folder)
+    bad = sorted(set(overrides or {}) - set(CALIBRATION))
+    if bad:
+        raise ConfigError(f"calibrate changes {' and '.join(CALIBRATION)} only, not {', '.join(bad)}")
+    model = AnoSegModel.load(folder)
+    files = model.meta.get("holdout_files")
+    if not files:
+        raise AnosegError(f"{folder / META_FILE}: the model does not list the normal images its thresholds came "
+                          "from (holdout_files); train it again")
+    model.config = model.config.replace(**(overrides or {}))
+    calibrate(model, [Path(f) for f in files])
+    model.save(folder)  # config, thresholds and (unchanged) weights, each written atomically
+    if model.detector is not None:
+        model.detector.save(folder)
+    return model
 
 
 def remove_detector(folder: Path) -> None:
