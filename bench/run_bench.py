@@ -225,8 +225,9 @@ def write_tables(records: list[dict], command: str) -> None:
     lines += target_lines(records)
     lines += ["", "Image score in the first table: the maximum of the smoothed anomaly map (the model as `train` "
               "makes it, without a detector); the detector's image AUROC is in the second table. "
-              "IoU@thr uses the threshold chosen from "
-              "held-out normal training images only; best IoU picks the threshold with the labels (upper bound). "
+              "IoU@thr uses the model's map threshold, chosen from held-out normal "
+              "training images only (the 0.999 quantile of their map pixels, `map_threshold_quantile`); "
+              "best IoU picks the threshold with the labels (upper bound). "
               "Inference: 256 px RGB images, end to end (resize, network, smoothing, map back to 256 px). "
               "PyTorch and ONNX Runtime speeds come from one process each (`--speed` pass, see `speed_command` and "
               "`speed_weights` in results.json: where no trained model was at hand, the same architecture with "
