@@ -122,6 +122,12 @@ def test_non_finite_or_non_number_threshold_in_model_json_is_refused(tiny_model_
         (broken / "model.json").write_text(text)
         with pytest.raises(ModelFileError, match=r"model\.json: map_threshold .* must be a finite number"):
             load(broken)
+    meta["map_threshold"] = 0.5  # the map maximum's threshold is checked the same way
+    text = json.dumps({**meta, "map_score_threshold": 0.0}).replace('"map_score_threshold": 0.0',
+                                                                   f'"map_score_threshold": {value}')
+    (broken / "model.json").write_text(text)
+    with pytest.raises(ModelFileError, match=r"model\.json: map_score_threshold .* must be a finite number"):
+        load(broken)
 
 
 @pytest.mark.parametrize("setting", ["smoothing_sigma", "lr", "region_max"])

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="metrics on a labelled test set",
                         description="Pixel AUROC, AUPRO (FPR <= 0.3), pixel AP, image AUROC, F1-max, IoU at the "
-                        "model threshold and best IoU. Writes metrics.json, metrics.md, scores.csv, roc.png, pro.png.")
+                        "map threshold and best IoU. Writes metrics.json, metrics.md, scores.csv, roc.png, pro.png.")
     ev.add_argument("model", help="trained model folder")
     ev.add_argument("data", nargs="?", help="MVTec category folder (uses DATA/test and DATA/ground_truth)")
     ev.add_argument("--normal", help="folder of normal test images (plain layout)")
