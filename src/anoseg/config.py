@@ -26,6 +26,7 @@ PRECISIONS = ("fp32", "bf16")
 RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("base_channels", "max_channels", "steps", "batch_size", "batch_size_infer", "checkpoint_every",
       "detector_steps", "permute_grid", "holdout_min"), lambda v: v >= 1, "must be at least 1"),
+    (("ema_warmup",), lambda v: v >= 2, "must be at least 2 (at 1 the average would never move)"),
     (("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction"), lambda v: 0.0 <= v <= 1.0,
      "must lie in [0, 1]"),
     (("threshold_quantile", "map_threshold_quantile", "topk_fraction", "opacity_min"), lambda v: 0.0 < v <= 1.0,
@@ -133,6 +134,7 @@ class Config:
     lambda_rec: float = 1.0  # weight of the masked (normal pixels only) L1 reconstruction loss
     lambda_adv: float = 0.1  # weight of the adversarial loss on (image, map) pairs
     ema_decay: float = 0.999  # keep an exponential moving average of the generator weights (0 = off); the model uses it
+    ema_warmup: int = 10  # the average's decay at step t is min(ema_decay, (1 + t) / (ema_warmup + t))
     train_augment_flip: bool = False  # random flips of training images (off: many parts are not symmetric)
     checkpoint_every: int = 500  # save a resumable checkpoint every N steps
     max_rollbacks: int = 3  # on a non-finite loss or a collapsed discriminator, go back to the last checkpoint ...

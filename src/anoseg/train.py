@@ -157,7 +157,7 @@ class Trainer:
     @torch.no_grad()
     def _update_ema(self) -> None:
         # short warm-up so that the average does not remember the random initial weights for long
-        decay = min(self.cfg.ema_decay, (1 + self.step_done) / (10 + self.step_done))
+        decay = min(self.cfg.ema_decay, (1 + self.step_done) / (self.cfg.ema_warmup + self.step_done))
         live = self.generator.state_dict()
         for name, value in self.ema.state_dict().items():
             if value.dtype.is_floating_point:
