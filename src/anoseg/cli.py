@@ -118,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("model", help="trained model folder")
     ca.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="threshold_quantile or map_threshold_quantile, e.g. --set map_threshold_quantile=0.995")
-    ca.add_argument("--quiet", action="store_true", help="no progress output")
 
     pr = sub.add_parser("predict", help="anomaly maps for new images",
                         description="Write, per image, a heat-map overlay PNG (defect regions outlined), the raw "
