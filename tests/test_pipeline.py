@@ -160,3 +160,19 @@ def test_calibrate_refuses_a_model_that_does_not_list_its_held_out_images(tiny_m
     (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(AnosegError, match="holdout_files"):
         calibrate(folder)
+
+
+def test_calibrate_keeps_the_detector_and_writes_no_weights(detector_model, tmp_path):
+    import shutil
+
+    from anoseg import calibrate
+
+    folder = tmp_path / "m"
+    shutil.copytree(detector_model, folder)
+    weights = {name: (folder / name).stat().st_mtime_ns for name in ("model.safetensors", "detector.safetensors")}
+    before = load(folder)
+    model = calibrate(folder)
+    assert model.detector is not None
+    assert model.detector.image_threshold == pytest.approx(before.detector.image_threshold)
+    assert load(folder).detector.image_threshold == model.detector.image_threshold
+    assert {name: (folder / name).stat().st_mtime_ns for name in weights} == weights  # not written again

@@ -196,7 +196,7 @@ def _cmd_train(args: argparse.Namespace, progress: bool) -> None:
     if not is_main_process():  # torchrun: rank 0 reports, trains the detector and evaluates
         return
     print(f"model written to {args.out} (map threshold {model.map_threshold:.4f}, image threshold "
-          f"{model.map_score_threshold:.4f}, {model.meta['train_seconds']:.0f} s)")
+          f"{model.image_threshold:.4f}, {model.meta['train_seconds']:.0f} s)")
     if args.detector:
         _detector_written(args.out, api.train_detector(args.out, args.data, progress=progress))
     if args.evaluate:

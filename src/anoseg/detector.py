@@ -73,6 +73,10 @@ class Detector:
     def save(self, folder: Path) -> None:
         save_tensors(folder / DETECTOR_WEIGHTS, {**module_state("generator", self.generator),
                                                  **module_state("discriminator", self.discriminator)})
+        self.save_meta(folder)
+
+    def save_meta(self, folder: Path) -> None:
+        """detector.json (metadata and the image threshold) alone."""
         save_json(folder / DETECTOR_META, {**self.meta, "image_threshold": self.image_threshold})
 
     @classmethod

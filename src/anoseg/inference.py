@@ -197,13 +197,17 @@ class AnoSegModel:
 
     # --- persistence -------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
+        self.save_settings(folder)
+        # the weights file marks a finished model, so it is written last
+        save_tensors(Path(folder) / WEIGHTS_FILE, module_state("generator", self.generator))
+
+    def save_settings(self, folder: str | Path) -> None:
+        """config.json and model.json (metadata and thresholds): everything but the weights."""
         folder = Path(folder)
         make_output_dir(folder)
         self.config.save(folder / CONFIG_FILE)
         save_json(folder / META_FILE, {**self.meta, "map_threshold": self.map_threshold,
                                        "map_score_threshold": self.map_score_threshold})
-        # the weights file marks a finished model, so it is written last
-        save_tensors(folder / WEIGHTS_FILE, module_state("generator", self.generator))
 
     @classmethod
     def load(cls, folder: str | Path, device: str | None = None) -> AnoSegModel:

@@ -531,9 +531,9 @@ def recalibrate(folder: str | Path, overrides: dict | None = None) -> AnoSegMode
                           "from (holdout_files); train it again")
     model.config = model.config.replace(**(overrides or {}))
     calibrate(model, [Path(f) for f in files])
-    model.save(folder)  # config, thresholds and (unchanged) weights, each written atomically
+    model.save_settings(folder)  # the weights are unchanged: not written again
     if model.detector is not None:
-        model.detector.save(folder)
+        model.detector.save_meta(folder)
     return model
 
 
