@@ -218,3 +218,27 @@ def test_without_the_adversarial_loss_the_discriminator_is_not_trained():
     assert losses["d"] == 0.0 and losses["adv"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.discriminator.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(g_before, trainer.generator.parameters()))
+
+
+def test_cosine_schedule_sets_the_rates_and_resumes_on_the_same_curve(tmp_path):
+    from anoseg.train import schedule_factor
+
+    cfg = profile_config("tiny", lr_schedule="cosine", steps=4, batch_size=4)
+    assert [round(schedule_factor(cfg, t), 6) for t in range(5)] == [1.0, 0.853553, 0.5, 0.146447, 0.0]
+    assert schedule_factor(cfg.replace(lr_schedule="constant"), 3) == 1.0
+    images = torch.randint(0, 256, (4, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    whole = Trainer(cfg, resolve_device("cpu"))
+    for _ in range(4):
+        whole.step(images)
+    # the last step ran at step index 3
+    assert whole.opt_g.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.146447, rel=1e-5)
+    assert whole.opt_d.param_groups[0]["lr"] == pytest.approx(cfg.lr_d * 0.146447, rel=1e-5)
+    first = Trainer(cfg, resolve_device("cpu"))
+    first.step(images), first.step(images)
+    first.save(tmp_path, {})
+    second = Trainer(cfg, resolve_device("cpu"))
+    second.load(tmp_path)
+    second.step(images), second.step(images)
+    for a, b in zip(whole.generator.parameters(), second.generator.parameters()):
+        assert torch.equal(a, b)

@@ -19,6 +19,7 @@ TTA_FLIPS = {"none": [()], "h": [(), (3,)], "v": [(), (2,)], "hv": [(), (3,), (2
 REGION_SHAPES = ("rect", "ellipse", "scar")
 ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading", "band")
 RESIZE_MODES = ("square", "aspect")
+LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -42,7 +43,7 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
 ]
 CHOICES: dict[str, tuple[str, ...]] = {
     "region_shapes": REGION_SHAPES, "anomaly_families": ANOMALY_FAMILIES, "resize_mode": RESIZE_MODES,
-    "seg_loss": SEG_LOSSES, "tta_flips": tuple(TTA_FLIPS), "precision": PRECISIONS,
+    "seg_loss": SEG_LOSSES, "lr_schedule": LR_SCHEDULES, "tta_flips": tuple(TTA_FLIPS), "precision": PRECISIONS,
 }
 
 
@@ -127,6 +128,7 @@ class Config:
     batch_size: int = 16  # images per batch
     lr: float = 2e-4  # generator learning rate (Adam)
     lr_d: float = 2e-4  # discriminator learning rate
+    lr_schedule: str = "constant"  # constant, or cosine: both rates fall along half a cosine to 0 at `steps`
     beta1: float = 0.5  # Adam betas, as usual for GANs
     beta2: float = 0.999  # second Adam beta
     seg_loss: str = "focal"  # pixel-wise map loss: focal (gamma 2), bce or l1

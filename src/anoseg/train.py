@@ -107,6 +107,14 @@ def masked_reconstruction_loss(recon: torch.Tensor, image: torch.Tensor, mask: t
     return ((recon - image).abs() * normal).sum() * world / count.clamp_min(1.0)
 
 
+def schedule_factor(cfg: Config, step: int) -> float:
+    """The learning rates' factor at `step` (0-based) under `lr_schedule`; a function of the step alone, so
+    a resumed run continues the same curve."""
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, cfg.steps) / cfg.steps))
+    return 1.0
+
+
 def holdout_split(n: int, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """Indices of training and held-out normal images (held-out ones choose the threshold)."""
     order = np.random.default_rng([cfg.seed, 7]).permutation(n)
@@ -173,6 +181,8 @@ class Trainer:
         if cfg.train_augment_flip:
             flip = torch.from_numpy(rng.random(len(x)) < 0.5)
             x[flip] = x[flip].flip(-1)
+        if cfg.lr_schedule != "constant":
+            self._apply_lr()
         x, mask = make_batch(x, cfg, rng)  # the global batch: the same on every rank
         if self.dist.enabled:
             mine = torch.tensor(shard(len(x), self.dist))
@@ -261,9 +271,10 @@ class Trainer:
         return where
 
     def _apply_lr(self) -> None:
+        factor = self.lr_scale * schedule_factor(self.cfg, self.step_done)
         for opt, lr in ((self.opt_g, self.cfg.lr), (self.opt_d, self.cfg.lr_d)):
             for group in opt.param_groups:
-                group["lr"] = lr * self.lr_scale
+                group["lr"] = lr * factor
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self, folder: Path, extra: dict) -> None:
