@@ -124,3 +124,22 @@ def test_paper_profile_keeps_the_papers_augmentation():
     cfg = profile_config("paper")
     assert cfg.anomaly_families == ("paste",) and cfg.opacity_min == 1.0 and cfg.resize_mode == "square"
     assert set(profile_config("fast").anomaly_families) == {"paste", "noise", "crack"}
+
+
+def test_feathered_edges_blend_softly_and_label_the_inner_half():
+    target, source = torch.zeros(3, 64, 64), torch.ones(3, 64, 64)
+    sharp = profile_config("tiny", anomaly_families=("paste",), p_rotate=0.0, p_permute=0.0, p_jitter=0.0,
+                           region_min=0.1, region_max=0.2)
+    out, mask = synthesize(target, source, sharp, np.random.default_rng(0))
+    assert set(out.unique().tolist()) == {0.0, 1.0}  # without feathering: a sharp seam
+    soft = sharp.replace(edge_feather=12)
+    partial = 0
+    for seed in range(6):
+        out, mask = synthesize(target, source, soft, np.random.default_rng(seed))
+        alpha = out[0]  # with target 0 and source 1, the image is the blend's alpha
+        partial += int(((alpha > 0) & (alpha < 1)).sum())
+        assert torch.equal(mask[0].bool(), alpha >= 0.5) and mask.sum() > 0
+    assert partial > 0  # most draws soften the edge (a width of 0 or 1 keeps it sharp)
+    crack = sharp.replace(anomaly_families=("crack",), edge_feather=12)
+    assert torch.equal(synthesize(target + 0.5, source, crack, np.random.default_rng(3))[1],
+                       synthesize(target + 0.5, source, crack.replace(edge_feather=0), np.random.default_rng(3))[1])

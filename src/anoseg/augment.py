@@ -221,6 +221,18 @@ def band(target: torch.Tensor, source: torch.Tensor, cfg: Config,
 
 FAMILIES = {"paste": paste, "noise": noise_region, "crack": crack, "shading": shading, "band": band}
 AREA_FAMILIES = ("band",)  # low-contrast changes of texture: many single pixels barely move
+FEATHERED_FAMILIES = ("paste", "noise")  # cracks are too thin to soften; shading and band have soft edges already
+
+
+def feather(mask: torch.Tensor, max_width: int, rng: np.random.Generator) -> torch.Tensor:
+    """The region's mask with its edge softened over a width drawn from [0, max_width] pixels (a box blur).
+
+    A sharp seam is a cue no real defect has; softened, the map must learn the region's content instead.
+    """
+    radius = int(rng.integers(max_width + 1)) // 2
+    if radius == 0:
+        return mask
+    return F.avg_pool2d(mask[None, None], 2 * radius + 1, 1, radius, count_include_pad=False)[0, 0]
 
 
 def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
@@ -234,14 +246,16 @@ def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     families = cfg.anomaly_families
     # one family draws nothing (nor does an opacity of 1): the paper's recipe keeps its random stream
     family = families[int(rng.integers(len(families)))] if len(families) > 1 else families[0]
-    src, mask = FAMILIES[family](target, source, cfg, rng)
+    src, region = FAMILIES[family](target, source, cfg, rng)  # every family's region is 0 / 1
+    feathered = cfg.edge_feather and family in FEATHERED_FAMILIES
+    alpha = feather(region, cfg.edge_feather, rng) if feathered else region
     opacity = 1.0 if cfg.opacity_min >= 1.0 else float(rng.uniform(cfg.opacity_min, 1.0))
-    out = target + opacity * mask[None] * (src - target)
+    out = target + opacity * alpha[None] * (src - target)
     change = (out - target).abs().amax(dim=0)
     if family in AREA_FAMILIES:  # a large region counts where it changed on average, not pixel by pixel
         change = F.avg_pool2d(change[None, None], 9, 1, 4, count_include_pad=False)[0, 0]
     changed = change > cfg.mask_min_diff
-    return out, ((mask > 0) & changed).float()[None]
+    return out, ((alpha >= 0.5) & changed).float()[None]  # a soft edge counts where it is at least half in
 
 
 def make_batch(images: torch.Tensor, cfg: Config, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("lr", "lr_d", "detector_lr"), lambda v: v > 0, "must be positive"),
     (("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength", "mask_min_diff",
       "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls", "detector_lambda_fm",
-      "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience"), lambda v: v >= 0,
+      "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience", "edge_feather"), lambda v: v >= 0,
      "must not be negative"),
 ]
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -122,6 +122,7 @@ class Config:
     p_jitter: float = 0.5  # probability of colour jitter
     permute_grid: int = 4  # the augmented copy is cut into grid x grid patches and shuffled
     jitter_strength: float = 0.4  # brightness/contrast/saturation range, hue is a quarter of it
+    edge_feather: int = 0  # paste and noise regions blend in over a soft edge up to this many pixels wide (0 = sharp)
     mask_min_diff: float = 0.02  # pasted pixels that changed less than this are not marked as defect
     # --- training --------------------------------------------------------------------
     steps: int = 2000  # training iterations (one batch each)
