@@ -61,6 +61,7 @@ VARIANTS: dict[str, dict] = {
     "ema_window_1000": {"ema_warmup": 3},  # the average's decay reaches 0.999 at step 1997, not 8990
     "ema_window_500": {"ema_warmup": 5},  # decay 0.998 at step 2000: about the last 500 steps
     "cosine_lr": {"lr_schedule": "cosine"},  # learning rates fall along half a cosine to 0 at the last step
+    "cosine_lr_high": {"lr_schedule": "cosine", "lr": 5e-4},  # higher peak rate (2.5x), then down to 0
     "feather_8": {"edge_feather": 8},  # paste and noise regions blend in over a soft edge up to 8 px wide
     "previous_default": {"lambda_adv": 0.1, "region_max": 0.08, "second_short_side": 0},  # fast before 2026-11-26
     # names of the rows measured against the previous default (see BASELINES); not run any more
