@@ -47,6 +47,7 @@ def test_config_round_trip(tmp_path):
     ({"image_size": 100}, "image_size"), ({"p_rotate": 1.5}, "p_rotate"), ({"seg_loss": "dice"}, "seg_loss"),
     ({"region_min": 0.5, "region_max": 0.1}, "region_min"), ({"device": "tpu"}, "device"),
     ({"ema_warmup": 1}, "ema_warmup=1: must be at least 2"), ({"lr_schedule": "linear"}, "lr_schedule"),
+    ({"edge_feather": -1}, "edge_feather=-1: must not be negative"),
     ({"map_threshold_quantile": 0.0}, "map_threshold_quantile"),
 ])
 def test_config_rejects_bad_values(change, match):
