@@ -124,6 +124,11 @@ def smooth_noise(h: int, w: int, cells: int, rng: np.random.Generator, octaves: 
     return out / out.std().clamp_min(1e-6)
 
 
+def box_blur(plane: torch.Tensor, radius: int) -> torch.Tensor:
+    """The mean over a (2 * radius + 1)-pixel square around each pixel of an H x W plane (edges: the pixels inside)."""
+    return F.avg_pool2d(plane[None, None], 2 * radius + 1, 1, radius, count_include_pad=False)[0, 0]
+
+
 def _blob(size: int, area: float, cells: int, rng: np.random.Generator) -> torch.Tensor:
     """An irregular region of about `area` of the image: the top `area` quantile of a smooth noise field."""
     field_ = smooth_noise(size, size, cells, rng, octaves=2)
@@ -180,7 +185,7 @@ def shading(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: AR
     """A large, low-contrast change of shading (10-50% of the image) with soft edges, like uneven surfaces."""
     size = target.shape[-1]
     region = _blob(size, float(rng.uniform(0.1, 0.5)), int(rng.integers(1, 4)), rng)
-    soft = F.avg_pool2d(region[None, None], 9, 1, 4, count_include_pad=False)[0, 0]
+    soft = box_blur(region, 4)
     shift = float(rng.choice([-1, 1]) * rng.uniform(0.08, 0.25))
     return (target + shift * soft).clamp(0, 1), (soft > 0.5).float()
 
@@ -232,7 +237,7 @@ def feather(mask: torch.Tensor, max_width: int, rng: np.random.Generator) -> tor
     radius = int(rng.integers(max_width + 1)) // 2
     if radius == 0:
         return mask
-    return F.avg_pool2d(mask[None, None], 2 * radius + 1, 1, radius, count_include_pad=False)[0, 0]
+    return box_blur(mask, radius)
 
 
 def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
@@ -253,7 +258,7 @@ def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     out = target + opacity * alpha[None] * (src - target)
     change = (out - target).abs().amax(dim=0)
     if family in AREA_FAMILIES:  # a large region counts where it changed on average, not pixel by pixel
-        change = F.avg_pool2d(change[None, None], 9, 1, 4, count_include_pad=False)[0, 0]
+        change = box_blur(change, 4)
     changed = change > cfg.mask_min_diff
     return out, ((alpha >= 0.5) & changed).float()[None]  # a soft edge counts where it is at least half in
 

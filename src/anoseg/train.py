@@ -181,8 +181,7 @@ class Trainer:
         if cfg.train_augment_flip:
             flip = torch.from_numpy(rng.random(len(x)) < 0.5)
             x[flip] = x[flip].flip(-1)
-        if cfg.lr_schedule != "constant":
-            self._apply_lr()
+        self._apply_lr()  # the schedule is a function of the step: set every step, right after a resume or rollback too
         x, mask = make_batch(x, cfg, rng)  # the global batch: the same on every rank
         if self.dist.enabled:
             mine = torch.tensor(shard(len(x), self.dist))
