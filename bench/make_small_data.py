@@ -2,9 +2,12 @@
 
     python bench/make_small_data.py                # short side 128 px -> bench/data_small (git-ignored)
     python bench/make_small_data.py --short 256 --only bottle
+    python bench/make_small_data.py --short 256 --jpeg 95   # 256 px copies that fit a 64 MiB `carry`
 
 Images keep their aspect ratio and are only ever made smaller (Lanczos); masks use nearest neighbour,
 so they stay binary. Grey images stay grey. The layout is the same MVTec layout as the source.
+--jpeg stores the images (never the masks) as JPEG of that quality: lossy, so compare variants only
+against a baseline run on the same copy.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--short", type=int, default=128, help="short side in pixels (larger images are scaled down)")
     ap.add_argument("--only", default=",".join(CATEGORIES), help="comma-separated categories")
+    ap.add_argument("--jpeg", type=int, default=0, help="store images as JPEG of this quality (1-100; 0 = PNG)")
     ap.add_argument("--out", default=str(HERE / "data_small"), help="output folder")
     args = ap.parse_args()
     for category in args.only.split(","):
@@ -42,9 +46,14 @@ def main() -> None:
         dst = Path(args.out) / CATEGORIES[category] / category
         n = 0
         for path in sorted(src.rglob("*.png")):
+            mask = "ground_truth" in path.parts
             out = dst / path.relative_to(src)
             out.parent.mkdir(parents=True, exist_ok=True)
-            scaled(path, args.short, mask="ground_truth" in path.parts).save(out, optimize=True)
+            im = scaled(path, args.short, mask)
+            if args.jpeg and not mask:
+                im.save(out.with_suffix(".jpg"), quality=args.jpeg, subsampling=0)
+            else:
+                im.save(out, optimize=True)
             n += 1
         print(f"{category}: {n} images -> {dst}")
 
