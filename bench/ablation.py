@@ -1,6 +1,6 @@
 """Ablation: the default recipe against the paper's and with each part switched off, on the real categories.
 
-    python bench/ablation.py                 # every variant x category, fast profile length (2,000 steps)
+    python bench/ablation.py                 # every variant x category, fast profile length (3,000 steps)
     python bench/ablation.py --quick         # 600 steps: a smaller run with the same variants
     python bench/ablation.py --only commutator --variants default,paper --jobs 2
 
@@ -9,8 +9,9 @@ to bench/ablation.json as soon as it ends, so an interrupted ablation continues 
 (`--fresh` starts again). bench/ablation.md is rewritten from the JSON after every run. With the
 environment variable ABLATION_KEEP=DIR the trained models and their evaluations are kept in DIR.
 Runtime on 2 CPU cores with --jobs 2 (measured 2026-11-26): a 600-step run takes 6-11 minutes and two
-run at once (21 runs took 88 minutes), a 2000-step run about 24 minutes; so every variant on all three
-categories (54 runs) takes about 4 hours with --quick and about 10 hours without it.
+run at once (21 runs took 88 minutes), a 2000-step run about 24 minutes (a 3000-step run about 36); so
+every variant on all three categories (about 60 runs) takes about 4 hours with --quick and about 18 hours
+without it. On a lent GPU, bench/gpu_ablation.sh runs 16 at once (2000 steps in about 4 minutes).
 Variants change the `fast` profile's settings; `paper` is the paper's recipe at the fast profile's size
 (square resize, hard augmentation only, opaque pastes, no U-Net skips, no weight average).
 """
@@ -60,14 +61,15 @@ VARIANTS: dict[str, dict] = {
     "ema_long": {"ema_decay": 0.9995},  # no different at 2000 steps: the warm-up keeps the decay below 0.9955
     "ema_window_1000": {"ema_warmup": 3},  # the average's decay reaches 0.999 at step 1997, not 8990
     "ema_window_500": {"ema_warmup": 5},  # decay 0.998 at step 2000: about the last 500 steps
-    "cosine_lr": {"lr_schedule": "cosine"},  # learning rates fall along half a cosine to 0 at the last step
+    "constant_lr": {"lr_schedule": "constant"},  # no cosine: the same rate to the last step
     "cosine_lr_high": {"lr_schedule": "cosine", "lr": 5e-4},  # higher peak rate (2.5x), then down to 0
     "feather_8": {"edge_feather": 8},  # paste and noise regions blend in over a soft edge up to 8 px wide
     "previous_default": {"lambda_adv": 0.1, "region_max": 0.08, "second_short_side": 0},  # fast before 2026-11-26
     # names of the rows measured against the previous default (see BASELINES); not run any more
     "large_regions": {"region_max": 0.25},
+    "cosine_lr": {"lr_schedule": "cosine"},  # learning rates fall along half a cosine to 0 at the last step
 }
-LEGACY = ("large_regions",)  # kept to label old rows; not in the default list of variants
+LEGACY = ("large_regions", "cosine_lr")  # kept to label old rows; not in the default list of variants
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
@@ -80,7 +82,10 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
                                   "sigma 2): each variant changed that profile; today's default differs only in "
                                   "its map smoothing, which is applied after training, so its `default` rows are "
                                   "the same models as this profile's, evaluated by `python bench/run_bench.py "
-                                  "--reuse`"}
+                                  "--reuse`",
+             "constant_2000": "the fast profile before 2026-11-27 (2000 steps at a constant learning rate): "
+                              "each variant changed that profile, so `default` here is that profile, and the "
+                              "variant `cosine_lr` at 3000 steps is today's default"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
@@ -132,6 +137,14 @@ def run_one(variant: str, category: str, seed: int, steps: int, threads: int, da
             **({"by_sigma": by_sigma} if by_sigma else {})}
 
 
+def data_label(record: dict) -> str:
+    """A short name for the data a row was measured on: the real images, or which scaled copy."""
+    data = record.get("data", str(DATA))
+    if "(" in data:
+        return data[data.index("(") + 1:-1]
+    return "full size" if data == str(DATA) else data
+
+
 def write_tables(path: Path, records: list[dict], command: str) -> None:
     path.with_suffix(".json").write_text(json.dumps({"command": command, "results": records}, indent=2) + "\n")
     devices = sorted({r.get("device", "cpu") for r in records})
@@ -144,14 +157,15 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
              "pairs not listed have not been run yet. Training times depend on the device and on how many runs "
              "shared it."]
     ordered = sorted(records, key=lambda r: (r.get("baseline", ""), r["category"], list(VARIANTS).index(r["variant"]),
-                                             r["steps"], r["seed"]))
+                                             data_label(r), r["steps"], r["seed"]))
     for baseline in sorted({r.get("baseline", "") for r in ordered}):
         lines += ["", f"## Measured against {BASELINES[baseline] if baseline else 'the current fast profile'}", "",
-                  "| category | variant | seed | steps | device | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC "
-                  "| train s |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| category | variant | seed | steps | device | data | pixel AUROC | AUPRO@0.3 | pixel AP "
+                  "| image AUROC | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in ordered if r.get("baseline", "") == baseline):
             device = r.get("device", "cpu")
             lines.append(f"| {r['category']} | {r['variant']} | {r['seed']} | {r['steps']} | {device} | "
+                         f"{data_label(r)} | "
                          + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {r['train_seconds']:.0f} |")
     sigma_rows = [(r, s, m) for r in ordered for s, m in r.get("by_sigma", {}).items()]
     if sigma_rows:
@@ -165,7 +179,7 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="600 steps instead of 2,000")
+    ap.add_argument("--quick", action="store_true", help="600 steps instead of the profile's")
     ap.add_argument("--steps", type=int, help="training steps per run (overrides --quick)")
     ap.add_argument("--only", default=",".join(CATEGORIES), help="comma-separated categories")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in LEGACY),
@@ -184,7 +198,9 @@ def main() -> None:
         v, c, seed, steps, threads = args.one
         print(json.dumps(run_one(v, c, int(seed), int(steps), int(threads), data)))
         return
-    steps = args.steps or (600 if args.quick else 2000)
+    from anoseg.config import profile_config
+
+    steps = args.steps or (600 if args.quick else profile_config("fast").steps)
     variants, categories = args.variants.split(","), args.only.split(",")
     for name in variants + categories:
         if name not in VARIANTS and name not in CATEGORIES:
@@ -194,7 +210,8 @@ def main() -> None:
     out = Path(args.out)
     old = [] if args.fresh or not out.with_suffix(".json").exists() else \
         json.loads(out.with_suffix(".json").read_text())["results"]
-    done = {(r["variant"], r["category"], r["seed"], r["steps"]) for r in old if not r.get("baseline")}
+    done = {(r["variant"], r["category"], r["seed"], r["steps"]) for r in old
+            if not r.get("baseline") and r.get("data", str(DATA)) == str(data)}
     # seed-major, then variant, then category: an interrupted run has covered every category evenly
     todo = [(v, c, int(s)) for s in args.seeds.split(",") for v in variants for c in categories
             if (v, c, int(s), steps) not in done]
