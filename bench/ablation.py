@@ -8,10 +8,11 @@ Each run trains in its own process (`--jobs` at a time, CPU threads split betwee
 to bench/ablation.json as soon as it ends, so an interrupted ablation continues where it stopped
 (`--fresh` starts again). bench/ablation.md is rewritten from the JSON after every run. With the
 environment variable ABLATION_KEEP=DIR the trained models and their evaluations are kept in DIR.
-Runtime on 2 CPU cores with --jobs 2 (measured 2026-11-26): a 600-step run takes 6-11 minutes and two
-run at once (21 runs took 88 minutes), a 2000-step run about 24 minutes (a 3000-step run about 36); so
-every variant on all three categories (about 60 runs) takes about 4 hours with --quick and about 18 hours
-without it. On a lent GPU, bench/gpu_ablation.sh runs 16 at once (2000 steps in about 4 minutes).
+Runtime on 2 CPU cores with --jobs 2 (measured 2026-11-26, when the profile trained 2000 steps): a 600-step
+run takes 6-11 minutes and two run at once (21 runs took 88 minutes), a 2000-step run about 24 minutes; so
+every variant on all three categories takes about 4 hours with --quick, and without it about 10 hours at
+2000 steps (the profile's 3000 take about 1.5 times as long; not measured). On a lent GPU,
+bench/gpu_ablation.sh runs 16 at once (measured 2026-11-27: 2000 steps in about 3 minutes each).
 Variants change the `fast` profile's settings; `paper` is the paper's recipe at the fast profile's size
 (square resize, hard augmentation only, opaque pastes, no U-Net skips, no weight average).
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The ablation on a lent GPU machine (see ../.library/device): the scaled data and tqdm travel with the
-# checkout (`carry`: bench/data_small from `python bench/make_small_data.py --short 256 --jpeg 95`, and
+# checkout (`carry`: bench/data_small from `python bench/make_small_data.py --short 256 --jpeg 92`, and
 # bench/gpu_vendor from `pip install --target bench/gpu_vendor tqdm`); the machine's own PyTorch runs src/.
 #
 #   bash bench/gpu_ablation.sh "2000 9 0,1,2 default,cosine_lr" "3000 6 0,1 cosine_lr" \
@@ -12,6 +12,12 @@
 # so a group cut short keeps what it finished. The results (g1.json, g2.json, ...) and one log (log.txt)
 # are copied to $OUT (default bench/gpu_out).
 set -u
+[ $# -gt 0 ] || { echo "usage: bash bench/gpu_ablation.sh \"STEPS JOBS SEEDS VARIANTS [CATEGORIES]\" ..." >&2; exit 2; }
+for group in "$@"; do  # every group is checked before any starts
+  read -r steps jobs seeds variants categories <<< "$group"
+  [[ "$steps" =~ ^[0-9]+$ && "$jobs" =~ ^[0-9]+$ && -n "${variants:-}" ]] || {
+    echo "group '$group': expected STEPS JOBS SEEDS VARIANTS [CATEGORIES], e.g. \"2000 9 0,1,2 default\"" >&2; exit 2; }
+done
 OUT=${OUT:-bench/gpu_out}
 LIMIT=${LIMIT:-520}
 WORK=bench/gpu_work

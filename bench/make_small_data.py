@@ -2,7 +2,7 @@
 
     python bench/make_small_data.py                # short side 128 px -> bench/data_small (git-ignored)
     python bench/make_small_data.py --short 256 --only bottle
-    python bench/make_small_data.py --short 256 --jpeg 95   # 256 px copies that fit a 64 MiB `carry`
+    python bench/make_small_data.py --short 256 --jpeg 92   # 256 px copies that fit a 64 MiB `carry` (49 MiB)
 
 Images keep their aspect ratio and are only ever made smaller (Lanczos); masks use nearest neighbour,
 so they stay binary. Grey images stay grey. The layout is the same MVTec layout as the source.
@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--jpeg", type=int, default=0, help="store images as JPEG of this quality (1-100; 0 = PNG)")
     ap.add_argument("--out", default=str(HERE / "data_small"), help="output folder")
     args = ap.parse_args()
+    if not 0 <= args.jpeg <= 100:
+        ap.error(f"--jpeg {args.jpeg}: must be a JPEG quality from 1 to 100, or 0 for PNG")
     for category in args.only.split(","):
         src = DATA / CATEGORIES[category] / category
         if not src.is_dir():
