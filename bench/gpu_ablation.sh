@@ -3,10 +3,11 @@
 # checkout (`carry`: bench/data_small from `python bench/make_small_data.py --short 256 --jpeg 92`, and
 # bench/gpu_vendor from `pip install --target bench/gpu_vendor tqdm`); the machine's own PyTorch runs src/.
 #
-#   bash bench/gpu_ablation.sh "2000 9 0,1,2 default,cosine_lr" "3000 6 0,1 cosine_lr" \
-#       "4000 1 0 cosine_lr commutator"
+#   bash bench/gpu_ablation.sh "3000 9 0,1,2 default,constant_lr" "4000 6 0,1 default" \
+#       "2000 1 0 default commutator"
 #
-# Each argument is one group run beside the others: steps, jobs, seeds, variants[, categories]. One CPU
+# Each argument is one group run beside the others: steps (they replace the profile's), jobs, seeds,
+# variants[, categories]. The 2026-11-27 groups are in bench/ablation.md's command list. One CPU
 # core per run, so the jobs of all groups together should not exceed the machine's cores.
 # Every group stops after LIMIT seconds (default 520); each finished run is in its results file at once,
 # so a group cut short keeps what it finished. The results (g1.json, g2.json, ...) and one log (log.txt)

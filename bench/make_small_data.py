@@ -2,7 +2,7 @@
 
     python bench/make_small_data.py                # short side 128 px -> bench/data_small (git-ignored)
     python bench/make_small_data.py --short 256 --only bottle
-    python bench/make_small_data.py --short 256 --jpeg 92   # 256 px copies that fit a 64 MiB `carry` (49 MiB)
+    python bench/make_small_data.py --short 256 --jpeg 92   # 256 px copies that fit a 64 MiB `carry` (48 MiB)
 
 Images keep their aspect ratio and are only ever made smaller (Lanczos); masks use nearest neighbour,
 so they stay binary. Grey images stay grey. The layout is the same MVTec layout as the source.
