@@ -142,8 +142,8 @@ def test_calibrate_chooses_thresholds_again_without_training(tiny_model_dir, tmp
     again = load(folder)
     assert again.map_threshold == model.map_threshold and again.config.map_threshold_quantile == 0.5
     assert (folder / "model.safetensors").read_bytes() == weights  # no training
-    with pytest.raises(ConfigError, match="not smoothing_sigma"):
-        calibrate(folder, overrides={"smoothing_sigma": 1.0})
+    with pytest.raises(ConfigError, match="not lr"):
+        calibrate(folder, overrides={"lr": 1e-3})  # it would need training
     assert main(["calibrate", str(folder), "--set", "map_threshold_quantile=0.999"]) == 0
     assert load(folder).map_threshold == pytest.approx(before.map_threshold)
 

@@ -42,7 +42,8 @@ def train_detector(folder: str | Path, data: str | Path | None = None, *, overri
 def calibrate(folder: str | Path, *, overrides: dict[str, Any] | None = None) -> AnoSegModel:
     """Choose a trained model's map and image thresholds again from its held-out normal images.
 
-    No training: `overrides` may change ``threshold_quantile`` and ``map_threshold_quantile``.
+    No training: `overrides` may change ``threshold_quantile``, ``map_threshold_quantile`` and the settings
+    that shape the maps (``smoothing_sigma``, ``peak_boost``, ``peak_sigma``, ``tta_flips``).
     """
     return _train.recalibrate(folder, overrides)
 

@@ -113,11 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ca = sub.add_parser("calibrate", help="choose a trained model's thresholds again (no training)",
                         description="Choose the image threshold (verdict) and the map threshold (outlined pixels) "
-                        "again from the held-out normal images the model lists, e.g. with other quantiles, or "
-                        "for a model saved before the map had its own threshold. The detector is kept.")
+                        "again from the held-out normal images the model lists, e.g. with other quantiles, with "
+                        "other map settings (smoothing_sigma, peak_boost, peak_sigma, tta_flips: they change the "
+                        "maps, not the weights), or for a model saved before the map had its own threshold. "
+                        "The detector is kept.")
     ca.add_argument("model", help="trained model folder")
     ca.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="threshold_quantile or map_threshold_quantile, e.g. --set map_threshold_quantile=0.995")
+                    help="threshold_quantile, map_threshold_quantile or a map setting, "
+                    "e.g. --set map_threshold_quantile=0.995 or --set peak_boost=2")
 
     pr = sub.add_parser("predict", help="anomaly maps for new images",
                         description="Write, per image, a heat-map overlay PNG (defect regions outlined), the raw "

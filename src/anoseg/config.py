@@ -35,10 +35,11 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("max_aspect",), lambda v: 1.0 <= v <= 64.0, "must lie in [1, 64]"),
     (("ema_decay",), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
     (("rollback_lr_factor",), lambda v: 0.0 < v < 1.0, "must lie in (0, 1)"),
-    (("lr", "lr_d", "detector_lr"), lambda v: v > 0, "must be positive"),
+    (("lr", "lr_d", "detector_lr", "peak_sigma"), lambda v: v > 0, "must be positive"),
     (("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength", "mask_min_diff",
       "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls", "detector_lambda_fm",
-      "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience", "edge_feather"), lambda v: v >= 0,
+      "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience", "edge_feather", "peak_boost"),
+     lambda v: v >= 0,
      "must not be negative"),
 ]
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -152,6 +153,8 @@ class Config:
     num_threads: int = 0  # CPU threads for torch (0 = torch's default)
     # --- maps, scores and thresholds -------------------------------------------------
     smoothing_sigma: float = 4.0  # Gaussian smoothing of the map before scoring, in model-input pixels
+    peak_boost: float = 0.0  # raise the map where it stands above its surroundings, by this times the excess (0 = off)
+    peak_sigma: float = 2.0  # the surroundings for peak_boost: a Gaussian of this sigma, in pixels of the first scale
     tta_flips: str = "none"  # test-time augmentation: average the maps of flipped inputs (none, h, v, hv)
     holdout_fraction: float = 0.1  # share of normal training images kept out to choose the threshold
     holdout_min: int = 2  # at least this many held-out images (when holdout_fraction > 0)
@@ -284,7 +287,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                   steps=20000, batch_size=16, ema_decay=0.0),
     # Sized to train one category on 2 CPU cores in well under 30 minutes (about 17).
     "fast": dict(image_size=128, base_channels=16, max_channels=256, seg_skips=True,
-                 steps=3000, lr_schedule="cosine", batch_size=16, smoothing_sigma=2.0, resize_mode="aspect",
+                 steps=3000, lr_schedule="cosine", batch_size=16, smoothing_sigma=2.0, peak_boost=2.0,
+                 resize_mode="aspect",
                  anomaly_families=("paste", "noise", "crack"), opacity_min=0.5, region_max=0.25, lambda_adv=0.0,
                  second_short_side=256),
     # For tests and the demo: seconds, not minutes.

@@ -85,6 +85,19 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, k.view(1, 1, -1, 1))
 
 
+def boost_peaks(maps: torch.Tensor, sigma: float, boost: float) -> torch.Tensor:
+    """Maps raised where they stand above their Gaussian surroundings, kept in [0, 1].
+
+    A small defect's response is a narrow peak that smoothing flattens; a broad raised area (a large
+    defect, or a noisy surface) is left as it is relative to its neighbours. Returns
+    (m + boost * max(m - blur(m), 0)) / (1 + boost).
+    """
+    if boost <= 0:
+        return maps
+    excess = (maps - gaussian_blur(maps, sigma)).clamp_min(0)
+    return (maps + boost * excess) / (1 + boost)
+
+
 def model_input(images: list[np.ndarray], shape: int | tuple[int, int]) -> np.ndarray:
     """RGB uint8 images of any sizes as the network's input: B x 3 x H x W float32 in [-1, 1].
 
@@ -244,10 +257,12 @@ class AnoSegModel:
     def fused_maps(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw and smoothed maps of one normalised batch per scale, averaged at the first scale's shape.
 
-        Each scale is smoothed in its own pixels, as the model was trained.
+        Each scale is smoothed in its own pixels, as the model was trained; peaks are boosted after fusing.
         """
+        cfg = self.config
         raw = [self.raw_maps(x) for x in inputs]
-        return fuse_scales(raw), fuse_scales([gaussian_blur(r, self.config.smoothing_sigma) for r in raw])
+        smooth = fuse_scales([gaussian_blur(r, cfg.smoothing_sigma) for r in raw])
+        return fuse_scales(raw), boost_peaks(smooth, cfg.peak_sigma, cfg.peak_boost)
 
     def crop_raw_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Raw maps of a normalised batch at the first scale, fused over the scales as :meth:`fused_maps` does.

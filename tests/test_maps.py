@@ -1,0 +1,74 @@
+"""Map post-processing: peaks boosted above their surroundings, as a setting that calibrate can change."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from anoseg import AnoSegModel, ConfigError, calibrate, load, profile_config
+from anoseg.config import Config
+from anoseg.inference import boost_peaks
+
+
+def _spot_and_plateau() -> torch.Tensor:
+    """A 1 x 1 x 64 x 64 map: background 0.1, a 2 px spot and a 24 px plateau, both at 0.6."""
+    m = torch.full((1, 1, 64, 64), 0.1)
+    m[..., 10:12, 10:12] = 0.6
+    m[..., 30:54, 30:54] = 0.6
+    return m
+
+
+def test_boost_zero_changes_nothing():
+    m = _spot_and_plateau()
+    assert torch.equal(boost_peaks(m, 2.0, 0.0), m)
+
+
+def test_narrow_peaks_rise_above_broad_areas_and_maps_stay_in_unit_range():
+    m = _spot_and_plateau()
+    out = boost_peaks(m, 2.0, 2.0)
+    spot, plateau_centre, background = out[0, 0, 10, 10], out[0, 0, 42, 42], out[0, 0, 0, 63]
+    assert spot > plateau_centre > background  # before, spot and plateau were equal
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert float(boost_peaks(torch.ones(1, 1, 16, 16), 2.0, 5.0).max()) <= 1.0
+
+
+def test_a_flat_map_is_only_scaled():
+    flat = torch.full((2, 1, 20, 30), 0.4)
+    torch.testing.assert_close(boost_peaks(flat, 3.0, 2.0), flat / 3)
+
+
+@pytest.mark.parametrize(("settings", "problem"), [({"peak_boost": -1.0}, "peak_boost"),
+                                                   ({"peak_sigma": 0.0}, "peak_sigma")])
+def test_bad_peak_settings_are_refused_by_name(settings, problem):
+    with pytest.raises(ConfigError, match=problem):
+        profile_config("tiny", **settings)
+
+
+def test_a_config_saved_before_peak_boost_loads_with_it_off():
+    data = profile_config("fast").to_dict()
+    del data["peak_boost"], data["peak_sigma"]
+    assert Config.from_dict(data).peak_boost == 0.0  # old models keep the maps their thresholds came from
+
+
+def test_maps_follow_the_setting():
+    cfg = profile_config("tiny")
+    model = AnoSegModel(cfg, map_threshold=0.5, device="cpu")
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    plain = model.maps_for_batch([image])[0].anomaly_map
+    model.config = cfg.replace(peak_boost=2.0)
+    boosted = model.maps_for_batch([image])[0].anomaly_map
+    assert boosted.shape == plain.shape and not np.allclose(boosted, plain)
+
+
+def test_calibrate_applies_a_map_setting_and_chooses_thresholds_for_it(tiny_model_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    before = load(folder)
+    model = calibrate(folder, overrides={"peak_boost": 2.0})
+    assert model.map_threshold != pytest.approx(before.map_threshold)  # chosen on the new maps
+    assert json.loads((folder / "config.json").read_text())["peak_boost"] == 2.0
+    assert load(folder).map_threshold == model.map_threshold
+    assert (folder / "model.safetensors").read_bytes() == weights
