@@ -31,6 +31,16 @@ def tiny_model_dir(tmp_path_factory, demo_root) -> Path:
     return out
 
 
+@pytest.fixture
+def tiny_model_copy(tiny_model_dir, tmp_path) -> Path:
+    """A copy of the tiny model that a test may change."""
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def detector_model(tiny_model_dir, tmp_path_factory) -> Path:
     """A copy of the tiny model with a detector trained for a few steps."""

@@ -1,7 +1,6 @@
 """Map post-processing: peaks boosted above their surroundings, as a setting that calibrate can change."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -62,9 +61,8 @@ def test_maps_follow_the_setting():
     assert boosted.shape == plain.shape and not np.allclose(boosted, plain)
 
 
-def test_calibrate_applies_a_map_setting_and_chooses_thresholds_for_it(tiny_model_dir, tmp_path):
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_model_dir, folder)
+def test_calibrate_applies_a_map_setting_and_chooses_thresholds_for_it(tiny_model_copy):
+    folder = tiny_model_copy
     weights = (folder / "model.safetensors").read_bytes()
     before = load(folder)
     model = calibrate(folder, overrides={"peak_boost": 2.0})

@@ -126,14 +126,11 @@ def test_models_saved_with_the_old_threshold_name_still_load(tiny_model_dir, tmp
     assert t_map == 0.25 and t_img == meta["threshold"]
 
 
-def test_calibrate_chooses_thresholds_again_without_training(tiny_model_dir, tmp_path):
-    import shutil
-
+def test_calibrate_chooses_thresholds_again_without_training(tiny_model_copy):
     from anoseg import ConfigError, calibrate
     from anoseg.cli import main
 
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_model_dir, folder)
+    folder = tiny_model_copy
     weights = (folder / "model.safetensors").read_bytes()
     before = load(folder)
     model = calibrate(folder, overrides={"map_threshold_quantile": 0.5})
