@@ -65,6 +65,7 @@ VARIANTS: dict[str, dict] = {
     "constant_lr": {"lr_schedule": "constant"},  # no cosine: the same rate to the last step
     "cosine_lr_high": {"lr_schedule": "cosine", "lr": 5e-4},  # higher peak rate (2.5x), then down to 0
     "feather_8": {"edge_feather": 8},  # paste and noise regions blend in over a soft edge up to 8 px wide
+    "no_peak_boost": {"peak_boost": 0.0},  # maps as averaged, narrow peaks not raised (weights as `default`'s)
     "previous_default": {"lambda_adv": 0.1, "region_max": 0.08, "second_short_side": 0},  # fast before 2026-11-26
     # names of the rows measured against the previous default (see BASELINES); not run any more
     "large_regions": {"region_max": 0.25},
@@ -86,7 +87,9 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
                                   "--reuse`",
              "constant_2000": "the fast profile before 2026-11-27 (2000 steps at a constant learning rate): "
                               "each variant changed that profile, so `default` here is that profile, and the "
-                              "variant `cosine_lr` at 3000 steps is today's default"}
+                              "variant `cosine_lr` at 3000 steps is today's default but for `peak_boost` (2 since "
+                              "the eighth session; applied after training, so measured on trained models in "
+                              "bench/eval_settings.json)"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
