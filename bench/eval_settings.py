@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from anoseg.config import MAP_SHAPING
+
 HERE = Path(__file__).resolve().parent
-EVAL_ONLY = ("tta_flips", "smoothing_sigma", "peak_boost", "peak_sigma", "topk_fraction")
+EVAL_ONLY = (*MAP_SHAPING, "topk_fraction")
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc_max", "image_auroc_topk")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import api
-from .config import PROFILES, Config, parse_setting, profile_config
+from .config import MAP_SHAPING, PROFILES, Config, parse_setting, profile_config
 from .distributed import is_main_process, shutdown_process_group
 from .errors import ERROR_FILE_ENV, AnosegError, ConfigError
 
@@ -114,9 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("calibrate", help="choose a trained model's thresholds again (no training)",
                         description="Choose the image threshold (verdict) and the map threshold (outlined pixels) "
                         "again from the held-out normal images the model lists, e.g. with other quantiles, with "
-                        "other map settings (smoothing_sigma, peak_boost, peak_sigma, tta_flips: they change the "
-                        "maps, not the weights), or for a model saved before the map had its own threshold. "
-                        "The detector is kept.")
+                        f"other map settings ({', '.join(MAP_SHAPING)}: they change the maps, not the weights), "
+                        "or for a model saved before the map had its own threshold. The detector is kept.")
     ca.add_argument("model", help="trained model folder")
     ca.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="threshold_quantile, map_threshold_quantile or a map setting, "

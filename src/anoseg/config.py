@@ -42,6 +42,9 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
      lambda v: v >= 0,
      "must not be negative"),
 ]
+# Settings that shape the maps after the networks, not the weights: a trained model takes new values of them
+# on resume, in `calibrate` (which chooses its thresholds again) and in bench/eval_settings.py.
+MAP_SHAPING = ("smoothing_sigma", "peak_boost", "peak_sigma", "tta_flips")
 CHOICES: dict[str, tuple[str, ...]] = {
     "region_shapes": REGION_SHAPES, "anomaly_families": ANOMALY_FAMILIES, "resize_mode": RESIZE_MODES,
     "seg_loss": SEG_LOSSES, "lr_schedule": LR_SCHEDULES, "tta_flips": tuple(TTA_FLIPS), "precision": PRECISIONS,
