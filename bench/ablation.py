@@ -8,6 +8,10 @@ Each run trains in its own process (`--jobs` at a time, CPU threads split betwee
 to bench/ablation.json as soon as it ends, so an interrupted ablation continues where it stopped
 (`--fresh` starts again). bench/ablation.md is rewritten from the JSON after every run. With the
 environment variable ABLATION_KEEP=DIR the trained models and their evaluations are kept in DIR.
+Variants that change only how maps are shaped (`no_peak_boost`, `no_smoothing`, `smoothing_4`: settings in
+anoseg.config.MAP_SHAPING) train nothing: after the training runs they are evaluated on the `default`
+model of the same category, seed and steps (kept in ABLATION_KEEP by an earlier run, else trained once for
+them), and their rows say "default's weights".
 Runtime on 2 CPU cores with --jobs 2 (measured 2026-11-26, when the profile trained 2000 steps): a 600-step
 run takes 6-11 minutes and two run at once (21 runs took 88 minutes), a 2000-step run about 24 minutes; so
 every variant on all three categories takes about 4 hours with --quick, and without it about 10 hours at
@@ -118,27 +122,66 @@ def other_sigmas(model, root: Path) -> dict[str, dict]:
     return {text: {k: m[k] for k in KEYS} for text, (_, m, _) in zip(texts, runs)}
 
 
-def run_one(variant: str, category: str, seed: int, steps: int, threads: int, data: Path = DATA) -> dict:
-    """Train and evaluate one variant (inside a child process)."""
+def evaluation_only(variant: str) -> bool:
+    """True for a variant that changes only how maps are shaped (:data:`anoseg.config.MAP_SHAPING`): it has the
+    `default` variant's weights, so it is measured on that model instead of training the same weights again."""
+    from anoseg.config import MAP_SHAPING
+
+    return bool(VARIANTS[variant]) and set(VARIANTS[variant]) <= set(MAP_SHAPING)
+
+
+def trained_model(cfg, root: Path, folder: Path, keep: bool):
+    """`cfg` trained on `root` in `folder`; a model kept there by an earlier run with the same settings is
+    loaded instead of trained again (ABLATION_KEEP)."""
+    import anoseg
+    from anoseg.modelfolder import WEIGHTS_FILE
+
+    if keep and (folder / WEIGHTS_FILE).exists():  # written last: a finished model
+        try:
+            model = anoseg.load(folder)
+        except anoseg.AnosegError as e:
+            print(f"{folder}: not reused ({e})", file=sys.stderr)
+        else:
+            if model.config == cfg and "train_seconds" in model.meta:
+                return model
+            print(f"{folder}: not reused (its settings differ); training again", file=sys.stderr)
+    return anoseg.train(cfg, root, folder, overwrite=True, progress=False)
+
+
+def run_one(variants: list[str], category: str, seed: int, steps: int, threads: int, data: Path = DATA) -> list[dict]:
+    """Train and evaluate one variant (inside a child process). Several evaluation-only variants are measured
+    together on the `default` variant's model: kept in ABLATION_KEEP by an earlier run, or trained here once."""
     import torch
 
     import anoseg
 
     torch.set_num_threads(threads)
-    cfg = anoseg.profile_config("fast", seed=seed, steps=steps, **overrides(variant))
+    trained = "default" if all(map(evaluation_only, variants)) else variants[0]
+    if len(variants) > 1 and trained != "default":
+        raise ValueError(f"only evaluation-only variants share a model: {variants}")
+    cfg = anoseg.profile_config("fast", seed=seed, steps=steps, **overrides(trained))
     root = data / CATEGORIES[category] / category
     keep = os.environ.get("ABLATION_KEEP")  # a folder to keep the trained models in (for later inspection)
+    records = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(keep) / f"{category}_{variant}_{seed}_{steps}" if keep else Path(tmp)
-        model = anoseg.train(cfg, root, folder, overwrite=True, progress=False)
-        result = anoseg.evaluate(model, root, folder / "eval" if keep else None, progress=False)
-        by_sigma = other_sigmas(model, root)
-    m = result["metrics"]
-    return {"dataset": CATEGORIES[category], "category": category, "variant": variant, "seed": seed, "steps": steps,
-            **{k: m[k] for k in KEYS}, "image_auroc_topk": m["image_auroc_topk"],
-            "per_defect_type": result["per_defect_type"], "train_seconds": model.meta["train_seconds"],
-            "settings": overrides(variant), "device": str(model.device), "data": str(data),
-            **({"by_sigma": by_sigma} if by_sigma else {})}
+        folder = Path(keep) / f"{category}_{trained}_{seed}_{steps}" if keep else Path(tmp)
+        model = trained_model(cfg, root, folder, bool(keep))
+        base = model.config
+        for variant in variants:
+            model.config = base.replace(**overrides(variant)) if trained != variant else base  # map settings only
+            evals = folder / ("eval" if trained == variant else f"eval_{variant}")
+            result = anoseg.evaluate(model, root, evals if keep else None, progress=False)
+            m = result["metrics"]
+            records.append({"dataset": CATEGORIES[category], "category": category, "variant": variant, "seed": seed,
+                            "steps": steps, **{k: m[k] for k in KEYS}, "image_auroc_topk": m["image_auroc_topk"],
+                            "per_defect_type": result["per_defect_type"],
+                            "train_seconds": model.meta["train_seconds"], "settings": overrides(variant),
+                            "device": str(model.device), "data": str(data),
+                            **({"weights_of": "default"} if trained != variant else {})})
+        by_sigma = other_sigmas(model, root) if trained == variants[0] else {}
+    if by_sigma:
+        records[0]["by_sigma"] = by_sigma
+    return records
 
 
 def data_label(record: dict) -> str:
@@ -168,7 +211,8 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
                   "| image AUROC | train s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in ordered if r.get("baseline", "") == baseline):
             device = r.get("device", "cpu")
-            lines.append(f"| {r['category']} | {r['variant']} | {r['seed']} | {r['steps']} | {device} | "
+            variant = f"{r['variant']} (default's weights)" if r.get("weights_of") else r["variant"]
+            lines.append(f"| {r['category']} | {variant} | {r['seed']} | {r['steps']} | {device} | "
                          f"{data_label(r)} | "
                          + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {r['train_seconds']:.0f} |")
     sigma_rows = [(r, s, m) for r in ordered for s, m in r.get("by_sigma", {}).items()]
@@ -200,7 +244,8 @@ def main() -> None:
     data = Path(args.data)
     if args.one:
         v, c, seed, steps, threads = args.one
-        print(json.dumps(run_one(v, c, int(seed), int(steps), int(threads), data)))
+        for record in run_one(v.split(","), c, int(seed), int(steps), int(threads), data):
+            print(json.dumps(record))  # one line each: the parent reads the last len(variants) lines
         return
     from anoseg.config import profile_config
 
@@ -219,29 +264,42 @@ def main() -> None:
     # seed-major, then variant, then category: an interrupted run has covered every category evenly
     todo = [(v, c, int(s)) for s in args.seeds.split(",") for v in variants for c in categories
             if (v, c, int(s), steps) not in done]
+    # evaluation-only variants of one category and seed share one child (and the default's model), after training
+    trains = [job for job in todo if not evaluation_only(job[0])]
+    groups: dict[tuple[str, int], list[str]] = {}
+    for v, c, s in (job for job in todo if evaluation_only(job[0])):
+        groups.setdefault((c, s), []).append(v)
+    phases = [trains, [(",".join(vs), c, s) for (c, s), vs in groups.items()]]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     command = "python bench/ablation.py " + " ".join(sys.argv[1:])
     records = list(old)
     lock = threading.Lock()
 
     def child(job: tuple[str, str, int]) -> None:
-        v, c, s = job
+        vs, c, s = job
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--one", v, c, str(s), str(steps), str(threads),
+        proc = subprocess.run([sys.executable, __file__, "--one", vs, c, str(s), str(steps), str(threads),
                                "--data", str(data)], capture_output=True, text=True)
         if proc.returncode:
-            print(f"{c} {v} seed {s}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+            print(f"{c} {vs} seed {s}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
             return
-        r = {**json.loads(proc.stdout.strip().splitlines()[-1]), "command": command}
+        lines = proc.stdout.strip().splitlines()[-len(vs.split(",")):]
+        new = [{**json.loads(line), "command": command} for line in lines]
         with lock:
-            records.append(r)
+            records.extend(new)
             write_tables(out, records, command)
-        print(f"{c} {v} seed {s}: " + " ".join(f"{k} {r[k]:.3f}" for k in KEYS)
-              + f" ({time.perf_counter() - start:.0f} s)", flush=True)
+        for r in new:
+            print(f"{c} {r['variant']} seed {s}: " + " ".join(f"{k} {r[k]:.3f}" for k in KEYS)
+                  + f" ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    print(f"{len(todo)} run(s) of {steps} steps, {args.jobs} at a time", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(child, todo))
+    print(f"{len(trains)} training run(s) of {steps} steps and {len(todo) - len(trains)} evaluation-only, "
+          f"{args.jobs} at a time", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if phases[1] and not os.environ.get("ABLATION_KEEP"):
+            os.environ["ABLATION_KEEP"] = tmp  # the children keep `default` models for the evaluation-only ones
+        for phase in phases:  # evaluation-only variants after training: they may need a `default` model
+            with ThreadPoolExecutor(args.jobs) as pool:
+                list(pool.map(child, phase))
 
 
 if __name__ == "__main__":
