@@ -61,6 +61,8 @@ VARIANTS: dict[str, dict] = {
     "residual_map": {"map_sees_residual": True},  # the map head also sees |input - reconstruction|
     "no_seg_skips": {"seg_skips": False},  # the map decoder without U-Net skips (as the paper's)
     "bce_loss": {"seg_loss": "bce"},  # plain binary cross-entropy on the map instead of the focal loss
+    "focal_gamma_1": {"focal_gamma": 1.0},  # a milder focal loss, between the default (2) and bce (0)
+    "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "with_adversarial_loss": {"lambda_adv": 0.1},  # the paper's adversarial loss on (image, map) pairs
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
     "regions_half": {"region_max": 0.5},  # synthetic anomalies up to half the image (large defects: uneven, fray)

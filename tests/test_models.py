@@ -49,6 +49,7 @@ def test_config_round_trip(tmp_path):
     ({"ema_warmup": 1}, "ema_warmup=1: must be at least 2"), ({"lr_schedule": "linear"}, "lr_schedule"),
     ({"edge_feather": -1}, "edge_feather=-1: must not be negative"),
     ({"map_threshold_quantile": 0.0}, "map_threshold_quantile"),
+    ({"focal_gamma": -0.5}, "focal_gamma=-0.5: must not be negative"),
 ])
 def test_config_rejects_bad_values(change, match):
     with pytest.raises(ConfigError, match=match):
@@ -113,3 +114,15 @@ def test_map_that_sees_the_residual():
         # the map depends on the reconstruction: a different image decoder gives a different map
         g.image_decoder.head.bias.add_(0.5)
         assert not torch.allclose(g.anomaly_map(x), amap)
+
+
+def test_focal_gamma_weighs_pixels_by_their_error():
+    from anoseg.train import segmentation_loss
+
+    target = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    pred = torch.tensor([[0.1, 0.6, 0.9, 0.3]])
+    bce = torch.nn.functional.binary_cross_entropy(pred, target, reduction="none")
+    p_t = torch.tensor([[0.9, 0.4, 0.9, 0.3]])
+    assert torch.allclose(segmentation_loss(pred, target, "focal", 0.0), segmentation_loss(pred, target, "bce"))
+    assert torch.allclose(segmentation_loss(pred, target, "focal", 1.0), ((1 - p_t) * bce).mean())
+    assert torch.allclose(segmentation_loss(pred, target, "focal"), ((1 - p_t) ** 2 * bce).mean())

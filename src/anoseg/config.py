@@ -38,7 +38,8 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("lr", "lr_d", "detector_lr", "peak_sigma"), lambda v: v > 0, "must be positive"),
     (("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength", "mask_min_diff",
       "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls", "detector_lambda_fm",
-      "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience", "edge_feather", "peak_boost"),
+      "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience", "edge_feather", "peak_boost",
+      "focal_gamma"),
      lambda v: v >= 0,
      "must not be negative"),
 ]
@@ -136,7 +137,8 @@ class Config:
     lr_schedule: str = "constant"  # constant, or cosine: both rates fall along half a cosine to 0 at `steps`
     beta1: float = 0.5  # Adam betas, as usual for GANs
     beta2: float = 0.999  # second Adam beta
-    seg_loss: str = "focal"  # pixel-wise map loss: focal (gamma 2), bce or l1
+    seg_loss: str = "focal"  # pixel-wise map loss: focal, bce or l1
+    focal_gamma: float = 2.0  # the focal loss weighs each pixel by (1 - p_t) ** focal_gamma (0: plain cross-entropy)
     lambda_seg: float = 10.0  # weight of the segmentation loss
     lambda_rec: float = 1.0  # weight of the masked (normal pixels only) L1 reconstruction loss
     lambda_adv: float = 0.1  # weight of the adversarial loss on (image, map) pairs
