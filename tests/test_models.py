@@ -50,6 +50,7 @@ def test_config_round_trip(tmp_path):
     ({"edge_feather": -1}, "edge_feather=-1: must not be negative"),
     ({"map_threshold_quantile": 0.0}, "map_threshold_quantile"),
     ({"focal_gamma": -0.5}, "focal_gamma=-0.5: must not be negative"),
+    ({"seg_loss": "bce", "focal_gamma": 1.0}, "focal_gamma=1.0: only applies with seg_loss=focal, not bce"),
 ])
 def test_config_rejects_bad_values(change, match):
     with pytest.raises(ConfigError, match=match):
