@@ -124,6 +124,7 @@ def test_focal_gamma_weighs_pixels_by_their_error():
     pred = torch.tensor([[0.1, 0.6, 0.9, 0.3]])
     bce = torch.nn.functional.binary_cross_entropy(pred, target, reduction="none")
     p_t = torch.tensor([[0.9, 0.4, 0.9, 0.3]])
-    assert torch.allclose(segmentation_loss(pred, target, "focal", 0.0), segmentation_loss(pred, target, "bce"))
+    assert torch.allclose(segmentation_loss(pred, target, "focal", 0.0), segmentation_loss(pred, target, "bce", 0.0))
     assert torch.allclose(segmentation_loss(pred, target, "focal", 1.0), ((1 - p_t) * bce).mean())
-    assert torch.allclose(segmentation_loss(pred, target, "focal"), ((1 - p_t) ** 2 * bce).mean())
+    assert torch.allclose(segmentation_loss(pred, target, "focal", Config.focal_gamma), ((1 - p_t) ** 2 * bce).mean())
+    assert Config.focal_gamma == 2.0  # the default weighting every model before the setting was trained with

@@ -219,7 +219,7 @@ class Config:
         yield from self._scale_problems()
         if self.max_channels < self.base_channels:
             yield "max_channels", "must be at least base_channels"
-        if self.seg_loss != "focal" and self.focal_gamma != 2.0:
+        if self.seg_loss != "focal" and self.focal_gamma != Config.focal_gamma:  # changed from the default
             yield "focal_gamma", f"only applies with seg_loss=focal, not {self.seg_loss} (focal_gamma=0 is plain bce)"
         if not 0.0 < self.region_min <= self.region_max < 1.0:
             yield "region_min", "need 0 < region_min <= region_max < 1"

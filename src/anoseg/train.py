@@ -80,7 +80,7 @@ class TrainingUnstable(AnosegError):
     """A non-finite loss, non-finite weights or a collapsed discriminator: roll back or stop."""
 
 
-def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, gamma: float = 2.0) -> torch.Tensor:
+def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
     """Pixel-wise loss between the predicted map and the reference mask (both in [0, 1]); gamma: focal exponent."""
     if kind == "l1":
         return (pred - target).abs().mean()
