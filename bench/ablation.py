@@ -60,6 +60,9 @@ VARIANTS: dict[str, dict] = {
     "smoothing_4": {"smoothing_sigma": 4.0},  # the map smoothing before 2026-11-26 (fourth session)
     "residual_map": {"map_sees_residual": True},  # the map head also sees |input - reconstruction|
     "no_seg_skips": {"seg_skips": False},  # the map decoder without U-Net skips (as the paper's)
+    "skips_no_input": {"seg_skips_drop_fine": 1},  # skips from every encoder stage, not from the input
+    "skips_deep": {"seg_skips_drop_fine": 2},  # skips from the encoder stages at 1/4 size and coarser only
+    "skips_deepest": {"seg_skips_drop_fine": 3},  # one skip, from the last encoder stage before the code
     "bce_loss": {"seg_loss": "bce"},  # plain binary cross-entropy on the map instead of the focal loss
     "focal_gamma_1": {"focal_gamma": 1.0},  # a milder focal loss, between the default (2) and bce (0)
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right

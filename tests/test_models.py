@@ -37,6 +37,24 @@ def test_outputs_in_range(profile):
     assert torch.allclose(g.anomaly_map(x), amap)
 
 
+def test_dropping_fine_skips_removes_their_channels_only():
+    # the fast profile's encoder stages have 16, 32, 64 and 128 channels, from 64 px down to the 8 x 8 code
+    def map_inputs(drop):  # input channels of the map decoder's stages and of its head
+        g = Generator(profile_config("fast", seg_skips_drop_fine=drop))
+        with torch.no_grad():
+            assert g.anomaly_map(torch.zeros(1, 3, 128, 128)).shape == (1, 1, 128, 128)
+        return [s[1].in_channels for s in g.map_decoder.stages], g.map_decoder.head.in_channels
+    no_skips = Generator(profile_config("fast", seg_skips=False)).map_decoder
+    plain = [s[1].in_channels for s in no_skips.stages], no_skips.head.in_channels
+    assert map_inputs(0) == ([128, 64 + 64, 32 + 32, 16 + 16], 8 + 5)  # every skip; the input has 5 channels
+    assert map_inputs(1) == ([128, 64 + 64, 32 + 32, 16 + 16], 8)  # the input's skip is gone
+    assert map_inputs(2) == ([128, 64 + 64, 32 + 32, 16], 8)  # and encoder stage 0's (64 px)
+    assert map_inputs(3) == ([128, 64 + 64, 32, 16], 8)  # only the 16 px stage is left
+    assert plain == ([128, 64, 32, 16], 8)
+    assert Config.from_dict({k: v for k, v in profile_config("fast").to_dict().items()
+                             if k != "seg_skips_drop_fine"}).seg_skips_drop_fine == 0  # configs saved before
+
+
 def test_config_round_trip(tmp_path):
     cfg = profile_config("fast", seed=7, region_shapes=("rect",))
     cfg.save(tmp_path / "c.json")
@@ -51,6 +69,9 @@ def test_config_round_trip(tmp_path):
     ({"map_threshold_quantile": 0.0}, "map_threshold_quantile"),
     ({"focal_gamma": -0.5}, "focal_gamma=-0.5: must not be negative"),
     ({"seg_loss": "bce", "focal_gamma": 1.0}, "focal_gamma=1.0: only applies with seg_loss=focal, not bce"),
+    ({"seg_skips_drop_fine": 3}, r"seg_skips_drop_fine=3: must lie in \[0, 2\]: the map decoder has 3 skips"),
+    ({"seg_skips_drop_fine": -1}, "seg_skips_drop_fine=-1: must lie in"),
+    ({"seg_skips": False, "seg_skips_drop_fine": 1}, "seg_skips_drop_fine=1: only applies with seg_skips=true"),
 ])
 def test_config_rejects_bad_values(change, match):
     with pytest.raises(ConfigError, match=match):

@@ -109,6 +109,7 @@ class Config:
     base_channels: int = 16  # width of the first encoder stage, doubled per stage
     max_channels: int = 256  # cap on the width (512 in the paper profile)
     seg_skips: bool = True  # U-Net skips from encoder into the map decoder (not in the paper)
+    seg_skips_drop_fine: int = 0  # with seg_skips: leave out this many of the finest skips (the input counts first)
     map_sees_residual: bool = False  # the map decoder's last layer also sees |input - reconstruction|
     coord_channels: bool = True  # append x, y in [-1, 1] to the input (CoordConv)
     resize_mode: str = "square"  # square: squash to image_size; aspect: short side to image_size, train on crops
@@ -221,10 +222,19 @@ class Config:
             yield "max_channels", "must be at least base_channels"
         if self.seg_loss != "focal" and self.focal_gamma != Config.focal_gamma:  # changed from the default
             yield "focal_gamma", f"only applies with seg_loss=focal, not {self.seg_loss} (focal_gamma=0 is plain bce)"
+        yield from self._skip_problems()
         if not 0.0 < self.region_min <= self.region_max < 1.0:
             yield "region_min", "need 0 < region_min <= region_max < 1"
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             yield "device", "use auto, cpu, cuda or cuda:N"
+
+    def _skip_problems(self) -> Iterator[tuple[str, str]]:
+        drop, skips = self.seg_skips_drop_fine, int(math.log2(max(self.image_size // 8, 1)))  # one per stage
+        if drop and not self.seg_skips:
+            yield "seg_skips_drop_fine", "only applies with seg_skips=true"
+        elif not 0 <= drop < skips:
+            yield "seg_skips_drop_fine", (f"must lie in [0, {skips - 1}]: the map decoder has {skips} skips at "
+                                          f"image_size {self.image_size} (seg_skips=false leaves out all)")
 
     def _scale_problems(self) -> Iterator[tuple[str, str]]:
         n = self.image_size

@@ -70,19 +70,15 @@ class Decoder(nn.Module):
     """8 x 8 code back to full size. With skips, each stage also sees the encoder features of its size."""
 
     def __init__(self, widths: list[int], out_channels: int, in_channels: int, skips: bool,
-                 head_extra: int = 0) -> None:
+                 head_extra: int = 0, drop_fine: int = 0) -> None:
         super().__init__()
-        self.skips = skips
         n = len(widths)
+        # skip i, finest first: 0 is the input (into the head), i >= 1 is encoder stage i - 1 (into stage n - i)
+        self.kept = [skips and i >= drop_fine for i in range(n)]
         outs = [widths[n - 2 - j] if j < n - 1 else max(widths[0] // 2, 8) for j in range(n)]
         cins = [widths[-1], *outs[:-1]]
-        if skips:  # stage j (output size S / 2^(n-1-j)) concatenates encoder stage n-2-j, the last the input
-            extra = [widths[n - 2 - j] if j < n - 1 else 0 for j in range(n)]
-            cins = [c + e for c, e in zip(cins, [0, *extra[:-1]])]
-            self.head_in = outs[-1] + in_channels
-        else:
-            self.head_in = outs[-1]
-        self.head_in += head_extra  # more full-size channels for the last conv (the residual, see Generator)
+        cins = [c + (widths[n - 1 - j] if j > 0 and self.kept[n - j] else 0) for j, c in enumerate(cins)]
+        self.head_in = outs[-1] + (in_channels if self.kept[0] else 0) + head_extra  # head_extra: see Generator
         self.stages = nn.ModuleList(_up(ci, co) for ci, co in zip(cins, outs))
         self.head = nn.Conv2d(self.head_in, out_channels, 3, 1, 1)
 
@@ -91,10 +87,10 @@ class Decoder(nn.Module):
         x = feats[-1]
         n = len(self.stages)
         for j, stage in enumerate(self.stages):
-            if self.skips and j > 0:
+            if j > 0 and self.kept[n - j]:
                 x = torch.cat([x, feats[n - 1 - j]], dim=1)
             x = stage(x)
-        if self.skips:
+        if self.kept[0]:
             x = torch.cat([x, x_in], dim=1)
         if head_extra is not None:
             x = torch.cat([x, head_extra], dim=1)
@@ -112,7 +108,8 @@ class Generator(nn.Module):
         cin = 5 if cfg.coord_channels else 3
         self.encoder = Encoder(cin, widths)
         self.image_decoder = Decoder(widths, 3, cin, skips=False)  # skips would let it copy defects through
-        self.map_decoder = Decoder(widths, 1, cin, skips=cfg.seg_skips, head_extra=int(self.residual))
+        self.map_decoder = Decoder(widths, 1, cin, skips=cfg.seg_skips, head_extra=int(self.residual),
+                                   drop_fine=cfg.seg_skips_drop_fine)
 
     def _input(self, x: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
         if not self.coords:
