@@ -228,8 +228,13 @@ class Config:
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             yield "device", "use auto, cpu, cuda or cuda:N"
 
+    @property
+    def encoder_stages(self) -> int:
+        """How often the encoder halves the input to reach its 8 x 8 code (log2(image_size / 8))."""
+        return int(math.log2(max(self.image_size // 8, 1)))  # max: a broken image_size is reported, not raised
+
     def _skip_problems(self) -> Iterator[tuple[str, str]]:
-        drop, skips = self.seg_skips_drop_fine, int(math.log2(max(self.image_size // 8, 1)))  # one per stage
+        drop, skips = self.seg_skips_drop_fine, self.encoder_stages  # one skip per stage
         if drop and not self.seg_skips:
             yield "seg_skips_drop_fine", "only applies with seg_skips=true"
         elif not 0 <= drop < skips:

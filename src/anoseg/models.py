@@ -6,8 +6,6 @@ At input size S the encoder halves the resolution log2(S/8) times, so the code i
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 from torch.nn.utils.parametrizations import spectral_norm
@@ -31,8 +29,7 @@ def coord_channels(x: torch.Tensor) -> torch.Tensor:
 
 def stage_channels(cfg: Config) -> list[int]:
     """Width of each encoder stage, from the first (S/2) to the code (8 x 8)."""
-    n = int(math.log2(cfg.image_size // 8))
-    return [min(cfg.base_channels * 2**i, cfg.max_channels) for i in range(n)]
+    return [min(cfg.base_channels * 2**i, cfg.max_channels) for i in range(cfg.encoder_stages)]
 
 
 def _down(cin: int, cout: int, norm: bool = True) -> nn.Sequential:
