@@ -68,6 +68,10 @@ VARIANTS: dict[str, dict] = {
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
     "more_anomalies": {"anomaly_ratio": 0.7},  # 70%
+    "width_20": {"base_channels": 20},  # wider networks (1.4x the CPU step time of width 16)
+    "adam_beta1_09": {"beta1": 0.9},  # Adam's usual momentum (0.5 is the GAN habit; fast has no adversarial loss)
+    "mask_diff_008": {"mask_min_diff": 0.08},  # a synthetic pixel counts as defect only where it changed by 0.08
+    "mask_diff_004": {"mask_min_diff": 0.04},  # ... by 0.04 (default 0.02)
     "no_reconstruction_loss": {"lambda_rec": 0.0},  # the encoder serves the map alone (the image decoder idles)
     "with_adversarial_loss": {"lambda_adv": 0.1},  # the paper's adversarial loss on (image, map) pairs
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
