@@ -72,6 +72,7 @@ VARIANTS: dict[str, dict] = {
     "adam_beta1_09": {"beta1": 0.9},  # Adam's usual momentum (0.5 is the GAN habit; fast has no adversarial loss)
     "mask_diff_008": {"mask_min_diff": 0.08},  # a synthetic pixel counts as defect only where it changed by 0.08
     "mask_diff_004": {"mask_min_diff": 0.04},  # ... by 0.04 (default 0.02)
+    "mask_texture_3": {"mask_texture_factor": 3.0},  # ... by 0.02 and by 3 times the image's own grain
     "no_reconstruction_loss": {"lambda_rec": 0.0},  # the encoder serves the map alone (the image decoder idles)
     "with_adversarial_loss": {"lambda_adv": 0.1},  # the paper's adversarial loss on (image, map) pairs
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)

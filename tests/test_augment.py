@@ -1,11 +1,14 @@
 """Hard augmentation and coordinate channels."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from anoseg import profile_config
-from anoseg.augment import color_jitter, make_batch, permute_patches, region_mask, synthesize
+from anoseg.augment import color_jitter, grain, make_batch, min_visible_change, permute_patches, region_mask, synthesize
+from anoseg.config import Config
+from anoseg.errors import ConfigError
 from anoseg.models import coord_channels
 
 
@@ -43,6 +46,47 @@ def test_mask_marks_exactly_the_changed_pixels():
     assert mask.shape == (1, 32, 32)
     assert torch.equal(mask[0].bool(), changed)
     assert mask.sum() > 0
+
+
+def test_grain_measures_pixel_to_pixel_variation():
+    flat = torch.full((3, 32, 32), 0.4)
+    smooth = torch.linspace(0, 1, 32).expand(3, 32, 32).clone()  # a gentle ramp: next to no grain
+    noisy = flat + 0.1 * (torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)) - 0.5)
+    assert grain(flat) < 1e-6 and grain(smooth) < 0.002
+    assert 0.01 < grain(noisy) < 0.05  # about the noise's own size (uniform in +-0.05)
+
+
+def test_texture_factor_raises_the_least_change_on_grainy_images_only():
+    grainy = _images(1, size=64)[0]  # uniform noise: grain about 0.25
+    flat = torch.full((3, 64, 64), 0.5)
+    off, on = profile_config("tiny"), profile_config("tiny", mask_texture_factor=0.5)
+    assert min_visible_change(grainy, off) == off.mask_min_diff
+    assert min_visible_change(flat, on) == on.mask_min_diff  # the floor stays on smooth surfaces
+    assert min_visible_change(grainy, on) == 0.5 * grain(grainy) > 0.1
+
+
+def test_texture_factor_leaves_small_changes_unmarked():
+    cfg = profile_config("tiny", anomaly_families=("noise",), opacity_min=0.2, region_min=0.1, region_max=0.2,
+                         mask_texture_factor=0.5)
+    imgs = _images(2, size=64, seed=4)
+    least = min_visible_change(imgs[0], cfg)
+    seen = 0
+    for seed in range(6):
+        out, mask = synthesize(imgs[0], imgs[1], cfg, np.random.default_rng(seed))
+        change = (out - imgs[0]).abs().amax(0)
+        assert torch.equal(mask[0].bool(), change > least)
+        seen += int(((change > cfg.mask_min_diff) & (change <= least)).any())  # left out by the factor alone
+        plain, plain_mask = synthesize(imgs[0], imgs[1], cfg.replace(mask_texture_factor=0.0),
+                                       np.random.default_rng(seed))
+        assert torch.equal(plain, out) and (plain_mask >= mask).all()  # the same image, a subset of its mask
+    assert seen >= 3
+
+
+def test_texture_factor_is_checked_and_older_configs_load_without_it():
+    with pytest.raises(ConfigError, match="mask_texture_factor=-1.0: must not be negative"):
+        profile_config("fast", mask_texture_factor=-1.0)
+    saved = {k: v for k, v in profile_config("fast").to_dict().items() if k != "mask_texture_factor"}
+    assert Config.from_dict(saved).mask_texture_factor == 0.0
 
 
 def test_batch_ratio_and_normal_masks():

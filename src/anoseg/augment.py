@@ -124,9 +124,11 @@ def smooth_noise(h: int, w: int, cells: int, rng: np.random.Generator, octaves: 
     return out / out.std().clamp_min(1e-6)
 
 
-def box_blur(plane: torch.Tensor, radius: int) -> torch.Tensor:
-    """The mean over a (2 * radius + 1)-pixel square around each pixel of an H x W plane (edges: the pixels inside)."""
-    return F.avg_pool2d(plane[None, None], 2 * radius + 1, 1, radius, count_include_pad=False)[0, 0]
+def box_blur(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """The mean over a (2 * radius + 1)-pixel square around each pixel of an H x W plane or of each plane of
+    a C x H x W image (edges: the pixels inside)."""
+    planes = x.reshape(-1, 1, *x.shape[-2:])
+    return F.avg_pool2d(planes, 2 * radius + 1, 1, radius, count_include_pad=False).reshape(x.shape)
 
 
 def _blob(size: int, area: float, cells: int, rng: np.random.Generator) -> torch.Tensor:
@@ -240,6 +242,23 @@ def feather(mask: torch.Tensor, max_width: int, rng: np.random.Generator) -> tor
     return box_blur(mask, radius)
 
 
+def grain(image: torch.Tensor) -> float:
+    """How much a 3 x H x W image in [0, 1] varies from pixel to pixel: the median of |x - its 5 px mean|."""
+    return float((image - box_blur(image, 2)).abs().amax(dim=0).median())
+
+
+def min_visible_change(target: torch.Tensor, cfg: Config) -> float:
+    """The least change of a pixel that the mask calls a defect.
+
+    ``mask_min_diff`` everywhere; with ``mask_texture_factor`` also that many times the target's own
+    grain, so a change no larger than the surface's normal pixel-to-pixel variation is not called a defect
+    on a grainy surface, while a smooth one keeps the fixed floor.
+    """
+    if cfg.mask_texture_factor <= 0:
+        return cfg.mask_min_diff
+    return max(cfg.mask_min_diff, cfg.mask_texture_factor * grain(target))
+
+
 def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
                rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One synthetic anomaly in `target` (3 x H x W in [0, 1]) of a family drawn from ``cfg.anomaly_families``.
@@ -259,7 +278,7 @@ def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     change = (out - target).abs().amax(dim=0)
     if family in AREA_FAMILIES:  # a large region counts where it changed on average, not pixel by pixel
         change = box_blur(change, 4)
-    changed = change > cfg.mask_min_diff
+    changed = change > min_visible_change(target, cfg)
     return out, ((alpha >= 0.5) & changed).float()[None]  # a soft edge counts where it is at least half in
 
 

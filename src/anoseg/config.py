@@ -37,6 +37,7 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("rollback_lr_factor",), lambda v: 0.0 < v < 1.0, "must lie in (0, 1)"),
     (("lr", "lr_d", "detector_lr", "peak_sigma"), lambda v: v > 0, "must be positive"),
     (("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength", "mask_min_diff",
+      "mask_texture_factor",
       "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls", "detector_lambda_fm",
       "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience", "edge_feather", "peak_boost",
       "focal_gamma"),
@@ -130,6 +131,7 @@ class Config:
     jitter_strength: float = 0.4  # brightness/contrast/saturation range, hue is a quarter of it
     edge_feather: int = 0  # paste and noise regions blend in over a soft edge up to this many pixels wide (0 = sharp)
     mask_min_diff: float = 0.02  # pasted pixels that changed less than this are not marked as defect
+    mask_texture_factor: float = 0.0  # ... nor less than this times the image grain (median gap to a 5 px mean); 0: off
     # --- training --------------------------------------------------------------------
     steps: int = 2000  # training iterations (one batch each)
     batch_size: int = 16  # images per batch
