@@ -85,6 +85,8 @@ def test_texture_factor_leaves_small_changes_unmarked():
 def test_texture_factor_is_checked_and_older_configs_load_without_it():
     with pytest.raises(ConfigError, match="mask_texture_factor=-1.0: must not be negative"):
         profile_config("fast", mask_texture_factor=-1.0)
+    with pytest.raises(ConfigError, match=r"mask_min_diff=1.0: must lie in \[0, 1\) \(pixels lie in"):
+        profile_config("fast", mask_min_diff=1.0)
     saved = {k: v for k, v in profile_config("fast").to_dict().items() if k != "mask_texture_factor"}
     assert Config.from_dict(saved).mask_texture_factor == 0.0
 
