@@ -89,6 +89,19 @@ def model_folder(work: Path, dataset: str, category: str, profile: str, seed: in
     return work / f"{dataset}_{category}_{profile}" if seed == 0 else work / f"{dataset}_{category}_{profile}_s{seed}"
 
 
+def check_reused(saved, wanted, folder: Path) -> None:
+    """Refuse a reused model trained with other settings than the profile and --set name: its figures would
+    be reported under the wrong recipe. Settings applied after training (maps, thresholds, detector) may differ."""
+    from anoseg.train import LATER, RESUMABLE
+
+    free = {*RESUMABLE, *LATER, "profile", "version", "extra"} - {"steps"}
+    old, new = saved.to_dict(), wanted.to_dict()
+    differ = [f"{k}={old.get(k)!r} (asked: {v!r})" for k, v in new.items() if k not in free and old.get(k) != v]
+    if differ:
+        raise SystemExit(f"{folder}: --reuse found a model trained with other settings: {'; '.join(differ)}. "
+                         "Train it again (leave out --reuse), or name its settings with --set")
+
+
 def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[str], reuse: bool,
             detector: bool, seed: int = 0, threads: int = 0) -> dict:
     """Train + evaluate + time one category with one seed (runs inside the child process)."""
@@ -104,6 +117,7 @@ def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[st
     cfg = anoseg.profile_config(profile, **{**parse_sets(sets), "seed": seed})
     if reuse and (out / "model.safetensors").exists():
         model = anoseg.load(out)
+        check_reused(model.config, cfg, out)
     else:
         model = anoseg.train(cfg, root, out, overwrite=True, progress=sys.stderr.isatty())
     train_seconds = model.meta["train_seconds"]
