@@ -33,5 +33,7 @@ def bar(iterable: Any = None, **kwargs: Any) -> tqdm:
     if stream is not None and hasattr(stream, "isatty") and stream.isatty():
         return tqdm(iterable, dynamic_ncols=True, **kwargs)
     kwargs.pop("leave", None)  # a line in a log is kept anyway
-    return tqdm(iterable, file=_Lines(stream or sys.__stderr__), mininterval=LOG_INTERVAL_S,
-                maxinterval=LOG_INTERVAL_S, ncols=100, ascii=True, **kwargs)
+    # miniters=1 keeps tqdm's monitor thread out: its forced redraws do not reset the clock of the next
+    # one, so under slow steps it printed two lines per interval
+    return tqdm(iterable, file=_Lines(stream or sys.__stderr__), mininterval=LOG_INTERVAL_S, miniters=1,
+                ncols=100, ascii=True, **kwargs)
