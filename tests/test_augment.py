@@ -169,6 +169,7 @@ def test_opacity_blends_the_region():
 def test_paper_profile_keeps_the_papers_augmentation():
     cfg = profile_config("paper")
     assert cfg.anomaly_families == ("paste",) and cfg.opacity_min == 1.0 and cfg.resize_mode == "square"
+    assert cfg.mask_texture_factor == 0.0 < profile_config("fast").mask_texture_factor  # the grain rule is ours
     assert set(profile_config("fast").anomaly_families) == {"paste", "noise", "crack"}
 
 

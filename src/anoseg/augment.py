@@ -276,9 +276,11 @@ def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     opacity = 1.0 if cfg.opacity_min >= 1.0 else float(rng.uniform(cfg.opacity_min, 1.0))
     out = target + opacity * alpha[None] * (src - target)
     change = (out - target).abs().amax(dim=0)
-    if family in AREA_FAMILIES:  # a large region counts where it changed on average, not pixel by pixel
-        change = box_blur(change, 4)
-    changed = change > min_visible_change(target, cfg)
+    if family in AREA_FAMILIES:  # a large region counts where it changed on average, not pixel by pixel;
+        # averaging already evens out the grain, so the grain rule does not apply to it
+        changed = box_blur(change, 4) > cfg.mask_min_diff
+    else:
+        changed = change > min_visible_change(target, cfg)
     return out, ((alpha >= 0.5) & changed).float()[None]  # a soft edge counts where it is at least half in
 
 
