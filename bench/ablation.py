@@ -153,7 +153,7 @@ def evaluation_only(variant: str) -> bool:
 
 def trained_model(cfg, root: Path, folder: Path, keep: bool):
     """`cfg` trained on `root` in `folder`; a model kept there by an earlier run with the same settings is
-    loaded instead of trained again (ABLATION_KEEP)."""
+    loaded instead of trained again (ABLATION_KEEP); one with other settings is moved aside to NAME.oldN."""
     import anoseg
     from anoseg.modelfolder import WEIGHTS_FILE
 
@@ -165,7 +165,11 @@ def trained_model(cfg, root: Path, folder: Path, keep: bool):
         else:
             if model.config == cfg and "train_seconds" in model.meta:
                 return model
-            print(f"{folder}: not reused (its settings differ); training again", file=sys.stderr)
+            aside = next(folder.with_name(f"{folder.name}.old{i}") for i in range(1, 1000)
+                         if not folder.with_name(f"{folder.name}.old{i}").exists())
+            folder.rename(aside)  # a model of an earlier profile: kept, not overwritten
+            print(f"{folder}: not reused (its settings differ; moved to {aside.name}); training again",
+                  file=sys.stderr)
     return anoseg.train(cfg, root, folder, overwrite=True, progress=False)
 
 
