@@ -68,7 +68,8 @@ def test_config_round_trip(tmp_path):
     ({"edge_feather": -1}, "edge_feather=-1: must not be negative"),
     ({"map_threshold_quantile": 0.0}, "map_threshold_quantile"),
     ({"focal_gamma": -0.5}, "focal_gamma=-0.5: must not be negative"),
-    ({"seg_loss": "bce", "focal_gamma": 1.0}, "focal_gamma=1.0: only applies with seg_loss=focal, not bce"),
+    ({"seg_loss": "bce", "focal_gamma": 1.0}, "focal_gamma=1.0: only applies with seg_loss=focal or asym"),
+    ({"seg_defect_weight": 0.0}, "seg_defect_weight=0.0: must be positive"),
     ({"seg_skips_drop_fine": 3}, r"seg_skips_drop_fine=3: must lie in \[0, 2\]: the map decoder has 3 skips"),
     ({"seg_skips_drop_fine": -1}, "seg_skips_drop_fine=-1: must lie in"),
     ({"seg_skips": False, "seg_skips_drop_fine": 1}, "seg_skips_drop_fine=1: only applies with seg_skips=true"),
@@ -149,3 +150,26 @@ def test_focal_gamma_weighs_pixels_by_their_error():
     assert torch.allclose(segmentation_loss(pred, target, "focal", 1.0), ((1 - p_t) * bce).mean())
     assert torch.allclose(segmentation_loss(pred, target, "focal", Config.focal_gamma), ((1 - p_t) ** 2 * bce).mean())
     assert Config.focal_gamma == 2.0  # the default weighting every model before the setting was trained with
+
+
+def test_asymmetric_loss_is_focal_on_normal_pixels_and_bce_on_defect_pixels():
+    from anoseg.train import segmentation_loss
+
+    target = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    pred = torch.tensor([[0.1, 0.6, 0.9, 0.3]])
+    bce = torch.nn.functional.binary_cross_entropy(pred, target, reduction="none")
+    weight = torch.tensor([[0.1**2, 0.6**2, 1.0, 1.0]])  # (1 - p_t) ** 2 on normal pixels, 1 on defect pixels
+    assert torch.allclose(segmentation_loss(pred, target, "asymmetric", 2.0), (weight * bce).mean())
+
+
+@pytest.mark.parametrize("kind", ["bce", "focal", "asymmetric", "l1"])
+def test_defect_weight_multiplies_only_defect_pixels(kind):
+    from anoseg.train import segmentation_loss
+
+    target = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    pred = torch.tensor([[0.1, 0.6, 0.9, 0.3]])
+    normal = target == 0
+    plain = 4 * segmentation_loss(pred, target, kind, 2.0)
+    weighted = 4 * segmentation_loss(pred, target, kind, 2.0, defect_weight=5.0)
+    only_normal = 2 * segmentation_loss(pred[normal][None], target[normal][None], kind, 2.0)
+    assert torch.allclose(weighted - only_normal, 5 * (plain - only_normal))  # the defect pixels' share, times 5

@@ -14,7 +14,7 @@ from .errors import ConfigError
 
 CONFIG_VERSION = 1
 
-SEG_LOSSES = ("focal", "bce", "l1")
+SEG_LOSSES = ("focal", "bce", "l1", "asymmetric")
 TTA_FLIPS = {"none": [()], "h": [(), (3,)], "v": [(), (2,)], "hv": [(), (3,), (2,), (2, 3)]}  # flipped dims
 REGION_SHAPES = ("rect", "ellipse", "scar")
 ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading", "band")
@@ -36,7 +36,7 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("ema_decay",), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
     (("mask_min_diff",), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1) (pixels lie in [0, 1]: at 1 nothing is marked)"),
     (("rollback_lr_factor",), lambda v: 0.0 < v < 1.0, "must lie in (0, 1)"),
-    (("lr", "lr_d", "detector_lr", "peak_sigma"), lambda v: v > 0, "must be positive"),
+    (("lr", "lr_d", "detector_lr", "peak_sigma", "seg_defect_weight"), lambda v: v > 0, "must be positive"),
     (("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength",
       "mask_texture_factor", "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls",
       "detector_lambda_fm", "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience", "edge_feather",
@@ -140,7 +140,8 @@ class Config:
     lr_schedule: str = "constant"  # constant, or cosine: both rates fall along half a cosine to 0 at `steps`
     beta1: float = 0.5  # Adam betas, as usual for GANs
     beta2: float = 0.999  # second Adam beta
-    seg_loss: str = "focal"  # pixel-wise map loss: focal, bce or l1
+    seg_loss: str = "focal"  # map loss: focal, bce, l1, or asymmetric (focal on normal pixels, bce on defect pixels)
+    seg_defect_weight: float = 1.0  # a defect pixel counts this many times as much as a normal one in the map loss
     focal_gamma: float = 2.0  # the focal loss weighs each pixel by (1 - p_t) ** focal_gamma (0: plain cross-entropy)
     lambda_seg: float = 10.0  # weight of the segmentation loss
     lambda_rec: float = 1.0  # weight of the masked (normal pixels only) L1 reconstruction loss
@@ -222,8 +223,9 @@ class Config:
         yield from self._scale_problems()
         if self.max_channels < self.base_channels:
             yield "max_channels", "must be at least base_channels"
-        if self.seg_loss != "focal" and self.focal_gamma != Config.focal_gamma:  # changed from the default
-            yield "focal_gamma", f"only applies with seg_loss=focal, not {self.seg_loss} (focal_gamma=0 is plain bce)"
+        if self.seg_loss not in ("focal", "asymmetric") and self.focal_gamma != Config.focal_gamma:  # changed
+            yield "focal_gamma", (f"only applies with seg_loss=focal or asymmetric, not {self.seg_loss} "
+                                  "(focal_gamma=0 is plain bce)")
         yield from self._skip_problems()
         if not 0.0 < self.region_min <= self.region_max < 1.0:
             yield "region_min", "need 0 < region_min <= region_max < 1"

@@ -80,15 +80,24 @@ class TrainingUnstable(AnosegError):
     """A non-finite loss, non-finite weights or a collapsed discriminator: roll back or stop."""
 
 
-def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
-    """Pixel-wise loss between the predicted map and the reference mask (both in [0, 1]); gamma: focal exponent."""
+def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, gamma: float,
+                      defect_weight: float = 1.0) -> torch.Tensor:
+    """Pixel-wise loss between the predicted map and the reference mask (both in [0, 1]).
+
+    gamma: the focal exponent (focal: every pixel; asymmetric: normal pixels only, defect pixels get plain
+    cross-entropy); defect_weight: how many times a defect pixel counts as much as a normal one.
+    """
+    weight = 1.0 + (defect_weight - 1.0) * target
     if kind == "l1":
-        return (pred - target).abs().mean()
+        return (weight * (pred - target).abs()).mean()
     bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target, reduction="none")
     if kind == "bce":
-        return bce.mean()
+        return (weight * bce).mean()
     p_t = pred * target + (1 - pred) * (1 - target)
-    return ((1 - p_t) ** gamma * bce).mean()  # focal loss: rare defect pixels are not drowned out
+    focal = (1 - p_t) ** gamma  # rare defect pixels are not drowned out by the many easy normal ones
+    if kind == "asymmetric":  # defect pixels keep their full gradient even once found
+        focal = target + (1 - target) * focal
+    return (weight * focal * bce).mean()
 
 
 def masked_reconstruction_loss(recon: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
@@ -191,7 +200,7 @@ class Trainer:
             recon, amap = self.g_step(x, None if coords is None else coords.to(self.device))
         recon, amap = recon.float(), amap.float()
         d_value, loss_adv = self._adversarial(x, mask, recon, amap)
-        loss_seg = segmentation_loss(amap, mask, cfg.seg_loss, cfg.focal_gamma)
+        loss_seg = segmentation_loss(amap, mask, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight)
         loss_rec = masked_reconstruction_loss(recon, x, mask, self.dist)
         loss_g = cfg.lambda_seg * loss_seg + cfg.lambda_rec * loss_rec + cfg.lambda_adv * loss_adv
         g_values = self._check_finite({"seg": loss_seg, "rec": loss_rec, "adv": loss_adv})
