@@ -67,6 +67,7 @@ VARIANTS: dict[str, dict] = {
     "focal_gamma_1": {"focal_gamma": 1.0},  # a milder focal loss, between the default (2) and bce (0)
     "asymmetric_loss": {"seg_loss": "asymmetric"},  # focal on normal pixels, plain cross-entropy on defect pixels
     "bce_defect_5": {"seg_loss": "bce", "seg_defect_weight": 5.0},  # bce, each defect pixel counted five times
+    "bce_defect_2": {"seg_loss": "bce", "seg_defect_weight": 2.0},  # bce, each defect pixel counted twice
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
     "more_anomalies": {"anomaly_ratio": 0.7},  # 70%
