@@ -68,6 +68,8 @@ VARIANTS: dict[str, dict] = {
     "asymmetric_loss": {"seg_loss": "asymmetric"},  # focal on normal pixels, plain cross-entropy on defect pixels
     "bce_defect_5": {"seg_loss": "bce", "seg_defect_weight": 5.0},  # bce, each defect pixel counted five times
     "bce_defect_2": {"seg_loss": "bce", "seg_defect_weight": 2.0},  # bce, each defect pixel counted twice
+    # bce, defect pixels 2 or more pixels inside their region counted five times; thin cracks and rims once
+    "bce_defect_5_inset_2": {"seg_loss": "bce", "seg_defect_weight": 5.0, "seg_defect_inset": 2},
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
     "more_anomalies": {"anomaly_ratio": 0.7},  # 70%

@@ -70,6 +70,9 @@ def test_config_round_trip(tmp_path):
     ({"focal_gamma": -0.5}, "focal_gamma=-0.5: must not be negative"),
     ({"seg_loss": "bce", "focal_gamma": 1.0}, "focal_gamma=1.0: only applies with seg_loss=focal or asym"),
     ({"seg_defect_weight": 0.0}, "seg_defect_weight=0.0: must be positive"),
+    ({"seg_defect_inset": -1}, "seg_defect_inset=-1: must not be negative"),
+    ({"seg_defect_inset": 2}, "seg_defect_inset=2: only applies with a seg_defect_weight other than 1"),
+    ({"seg_defect_weight": 2.0, "seg_defect_inset": 9}, r"seg_defect_inset=9: must be at most image_size / 8 \(8\)"),
     ({"seg_skips_drop_fine": 3}, r"seg_skips_drop_fine=3: must lie in \[0, 2\]: the map decoder has 3 skips"),
     ({"seg_skips_drop_fine": -1}, "seg_skips_drop_fine=-1: must lie in"),
     ({"seg_skips": False, "seg_skips_drop_fine": 1}, "seg_skips_drop_fine=1: only applies with seg_skips=true"),
@@ -173,3 +176,18 @@ def test_defect_weight_multiplies_only_defect_pixels(kind):
     weighted = 4 * segmentation_loss(pred, target, kind, 2.0, defect_weight=5.0)
     only_normal = 2 * segmentation_loss(pred[normal][None], target[normal][None], kind, 2.0)
     assert torch.allclose(weighted - only_normal, 5 * (plain - only_normal))  # the defect pixels' share, times 5
+
+
+def test_defect_inset_weighs_up_only_pixels_deep_inside_a_region():
+    from anoseg.train import segmentation_loss
+
+    target = torch.zeros(1, 1, 16, 16)
+    target[..., 2, 1:15] = 1.0  # a crack one pixel wide
+    target[..., 6:13, 4:11] = 1.0  # a 7 x 7 block: its 3 x 3 centre lies 2 pixels inside
+    pred = torch.full_like(target, 0.3)
+    per_pixel = 256 * segmentation_loss(pred, target, "bce", 0.0)
+    inset = 256 * segmentation_loss(pred, target, "bce", 0.0, defect_weight=5.0, inset=2)
+    one_defect = float(torch.nn.functional.binary_cross_entropy(torch.tensor(0.3), torch.tensor(1.0)))
+    assert torch.allclose(inset - per_pixel, torch.tensor(4 * one_defect * 9))  # the 9 centre pixels, 4 more each
+    assert torch.allclose(segmentation_loss(pred, target, "bce", 0.0, 5.0, 0),
+                          segmentation_loss(pred, target, "bce", 0.0, 5.0))  # inset 0: every defect pixel

@@ -40,7 +40,7 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength",
       "mask_texture_factor", "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls",
       "detector_lambda_fm", "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience", "edge_feather",
-      "peak_boost", "focal_gamma"),
+      "peak_boost", "focal_gamma", "seg_defect_inset"),
      lambda v: v >= 0,
      "must not be negative"),
 ]
@@ -142,6 +142,8 @@ class Config:
     beta2: float = 0.999  # second Adam beta
     seg_loss: str = "focal"  # map loss: focal, bce, l1, or asymmetric (focal on normal pixels, bce on defect pixels)
     seg_defect_weight: float = 1.0  # a defect pixel counts this many times as much as a normal one in the map loss
+    seg_defect_inset: int = 0  # >0: seg_defect_weight applies only this many pixels or more inside a defect region
+    # (thin cracks and region rims count once, as normal pixels do)
     focal_gamma: float = 2.0  # the focal loss weighs each pixel by (1 - p_t) ** focal_gamma (0: plain cross-entropy)
     lambda_seg: float = 10.0  # weight of the segmentation loss
     lambda_rec: float = 1.0  # weight of the masked (normal pixels only) L1 reconstruction loss
@@ -223,14 +225,21 @@ class Config:
         yield from self._scale_problems()
         if self.max_channels < self.base_channels:
             yield "max_channels", "must be at least base_channels"
-        if self.seg_loss not in ("focal", "asymmetric") and self.focal_gamma != Config.focal_gamma:  # changed
-            yield "focal_gamma", (f"only applies with seg_loss=focal or asymmetric, not {self.seg_loss} "
-                                  "(focal_gamma=0 is plain bce)")
+        yield from self._map_loss_problems()
         yield from self._skip_problems()
         if not 0.0 < self.region_min <= self.region_max < 1.0:
             yield "region_min", "need 0 < region_min <= region_max < 1"
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             yield "device", "use auto, cpu, cuda or cuda:N"
+
+    def _map_loss_problems(self) -> Iterator[tuple[str, str]]:
+        if self.seg_loss not in ("focal", "asymmetric") and self.focal_gamma != Config.focal_gamma:  # changed
+            yield "focal_gamma", (f"only applies with seg_loss=focal or asymmetric, not {self.seg_loss} "
+                                  "(focal_gamma=0 is plain bce)")
+        if self.seg_defect_inset and self.seg_defect_weight == 1.0:
+            yield "seg_defect_inset", "only applies with a seg_defect_weight other than 1"
+        if self.seg_defect_inset > self.image_size // 8:
+            yield "seg_defect_inset", f"must be at most image_size / 8 ({self.image_size // 8})"
 
     @property
     def encoder_stages(self) -> int:

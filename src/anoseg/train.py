@@ -81,13 +81,16 @@ class TrainingUnstable(AnosegError):
 
 
 def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, gamma: float,
-                      defect_weight: float = 1.0) -> torch.Tensor:
-    """Pixel-wise loss between the predicted map and the reference mask (both in [0, 1]).
+                      defect_weight: float = 1.0, inset: int = 0) -> torch.Tensor:
+    """Pixel-wise loss between the predicted map and the reference mask (both B x 1 x H x W in [0, 1]).
 
     gamma: the focal exponent (focal: every pixel; asymmetric: normal pixels only, defect pixels get plain
-    cross-entropy); defect_weight: how many times a defect pixel counts as much as a normal one.
+    cross-entropy); defect_weight: how many times a defect pixel counts as much as a normal one; inset > 0:
+    only defect pixels at least `inset` pixels inside their region get that weight (the mask eroded by a
+    square of side 2 * inset + 1), so thin cracks weigh as today while wide regions weigh more.
     """
-    weight = 1.0 + (defect_weight - 1.0) * target
+    core = target if inset == 0 else -F.max_pool2d(-target, 2 * inset + 1, stride=1, padding=inset)
+    weight = 1.0 + (defect_weight - 1.0) * core
     if kind == "l1":
         return (weight * (pred - target).abs()).mean()
     bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target, reduction="none")
@@ -200,7 +203,8 @@ class Trainer:
             recon, amap = self.g_step(x, None if coords is None else coords.to(self.device))
         recon, amap = recon.float(), amap.float()
         d_value, loss_adv = self._adversarial(x, mask, recon, amap)
-        loss_seg = segmentation_loss(amap, mask, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight)
+        loss_seg = segmentation_loss(amap, mask, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight,
+                                      cfg.seg_defect_inset)
         loss_rec = masked_reconstruction_loss(recon, x, mask, self.dist)
         loss_g = cfg.lambda_seg * loss_seg + cfg.lambda_rec * loss_rec + cfg.lambda_adv * loss_adv
         g_values = self._check_finite({"seg": loss_seg, "rec": loss_rec, "adv": loss_adv})
