@@ -87,7 +87,7 @@ def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, gamma
     gamma: the focal exponent (focal: every pixel; asymmetric: normal pixels only, defect pixels get plain
     cross-entropy); defect_weight: how many times a defect pixel counts as much as a normal one; inset > 0:
     only defect pixels at least `inset` pixels inside their region get that weight (the mask eroded by a
-    square of side 2 * inset + 1), so thin cracks weigh as today while wide regions weigh more.
+    square of side 2 * inset + 1), so thin cracks and region rims count once while wide regions count more.
     """
     core = target if inset == 0 else -F.max_pool2d(-target, 2 * inset + 1, stride=1, padding=inset)
     weight = 1.0 + (defect_weight - 1.0) * core
