@@ -82,7 +82,8 @@ class TrainingUnstable(AnosegError):
 
 def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, gamma: float,
                       defect_weight: float = 1.0, inset: int = 0) -> torch.Tensor:
-    """Pixel-wise loss between the predicted map and the reference mask (both B x 1 x H x W in [0, 1]).
+    """Pixel-wise loss between the predicted map and the reference mask (same shape, in [0, 1]; B x 1 x H x W
+    when inset > 0).
 
     gamma: the focal exponent (focal: every pixel; asymmetric: normal pixels only, defect pixels get plain
     cross-entropy); defect_weight: how many times a defect pixel counts as much as a normal one; inset > 0:
