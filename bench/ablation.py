@@ -67,6 +67,7 @@ VARIANTS: dict[str, dict] = {
     "focal_gamma_1": {"focal_gamma": 1.0},  # a milder focal loss, between the default (2) and bce (0)
     "asymmetric_loss": {"seg_loss": "asymmetric"},  # focal on normal pixels, plain cross-entropy on defect pixels
     "bce_defect_5": {"seg_loss": "bce", "seg_defect_weight": 5.0},  # bce, each defect pixel counted five times
+    "with_dice": {"seg_dice_weight": 1.0},  # plus a soft Dice loss per image: small defects weigh as large ones
     # bce, defect pixels 2 or more pixels inside their region counted five times; thin cracks and rims once
     "bce_defect_5_inset_2": {"seg_loss": "bce", "seg_defect_weight": 5.0, "seg_defect_inset": 2},
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right

@@ -73,6 +73,7 @@ def test_config_round_trip(tmp_path):
     ({"seg_defect_inset": -1}, "seg_defect_inset=-1: must not be negative"),
     ({"seg_defect_inset": 2}, "seg_defect_inset=2: only applies with a seg_defect_weight other than 1"),
     ({"seg_defect_weight": 2.0, "seg_defect_inset": 9}, r"seg_defect_inset=9: must be at most image_size / 8 \(8\)"),
+    ({"seg_dice_weight": -1.0}, "seg_dice_weight=-1.0: must not be negative"),
     ({"seg_skips_drop_fine": 3}, r"seg_skips_drop_fine=3: must lie in \[0, 2\]: the map decoder has 3 skips"),
     ({"seg_skips_drop_fine": -1}, "seg_skips_drop_fine=-1: must lie in"),
     ({"seg_skips": False, "seg_skips_drop_fine": 1}, "seg_skips_drop_fine=1: only applies with seg_skips=true"),
@@ -191,3 +192,33 @@ def test_defect_inset_weighs_up_only_pixels_deep_inside_a_region():
     assert torch.allclose(inset - per_pixel, torch.tensor(4 * one_defect * 9))  # the 9 centre pixels, 4 more each
     assert torch.allclose(segmentation_loss(pred, target, "bce", 0.0, 5.0, 0),
                           segmentation_loss(pred, target, "bce", 0.0, 5.0))  # inset 0: every defect pixel
+
+
+def test_dice_loss_weighs_each_image_alike_and_penalises_responses_on_normal_images():
+    from anoseg.train import dice_loss
+
+    small, large = torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8)
+    small[..., 0, :4] = 1.0  # 4 defect pixels
+    large[..., :4, :] = 1.0  # 32 defect pixels
+    half_small, half_large = small.clone(), large.clone()
+    half_small[..., 0, :2] = 0.0  # half of each defect found, nothing else
+    half_large[..., :2, :] = 0.0
+    assert torch.allclose(dice_loss(small, small), torch.tensor(0.0))
+    assert torch.allclose(dice_loss(half_small, small), torch.tensor(1 - 5 / 7))  # (2 * 2 + 1) / (2 + 4 + 1)
+    assert torch.allclose(dice_loss(half_large, large), torch.tensor(1 - 33 / 49))  # about as much, though 8x larger
+    both = dice_loss(torch.cat([half_small, half_large]), torch.cat([small, large]))
+    assert torch.allclose(both, torch.tensor((2 - 5 / 7 - 33 / 49) / 2))  # the mean over images
+    normal = torch.zeros(1, 1, 4, 4)
+    assert torch.allclose(dice_loss(torch.full_like(normal, 0.5), normal), torch.tensor(8 / 9))  # sum p / (sum p + 1)
+
+
+def test_dice_weight_adds_that_many_dice_losses_to_the_map_loss():
+    from anoseg.inference import resolve_device
+    from anoseg.train import Trainer
+
+    cfg = profile_config("tiny", steps=1, batch_size=4, anomaly_ratio=1.0)
+    images = torch.randint(0, 256, (4, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    seg = [Trainer(cfg.replace(seg_dice_weight=w), resolve_device("cpu")).step(images)["seg"] for w in (0.0, 1.0, 2.0)]
+    assert seg[1] > seg[0] + 0.01  # the first step's map is far from the masks: the Dice loss is large
+    assert seg[2] - seg[0] == pytest.approx(2 * (seg[1] - seg[0]), rel=1e-4)  # the same batch and map each time

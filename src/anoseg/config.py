@@ -40,7 +40,7 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength",
       "mask_texture_factor", "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls",
       "detector_lambda_fm", "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience", "edge_feather",
-      "peak_boost", "focal_gamma", "seg_defect_inset"),
+      "peak_boost", "focal_gamma", "seg_defect_inset", "seg_dice_weight"),
      lambda v: v >= 0,
      "must not be negative"),
 ]
@@ -144,6 +144,7 @@ class Config:
     seg_defect_weight: float = 1.0  # a defect pixel counts this many times as much as a normal one in the map loss
     seg_defect_inset: int = 0  # >0: seg_defect_weight applies only this many pixels or more inside a defect region
     # (thin cracks and region rims count once, as normal pixels do)
+    seg_dice_weight: float = 0.0  # add this times a soft Dice loss per image, so a small defect counts as a large one
     focal_gamma: float = 2.0  # the focal loss weighs each pixel by (1 - p_t) ** focal_gamma (0: plain cross-entropy)
     lambda_seg: float = 10.0  # weight of the segmentation loss
     lambda_rec: float = 1.0  # weight of the masked (normal pixels only) L1 reconstruction loss

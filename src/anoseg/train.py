@@ -104,6 +104,17 @@ def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, gamma
     return (weight * focal * bce).mean()
 
 
+def dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the images of 1 - soft Dice, (2 sum(p y) + 1) / (sum(p) + sum(y) + 1), of B x ... maps.
+
+    Per image, so each image's defect weighs the same whatever its area (as AUPRO weighs regions), and the
+    mean over images splits exactly over processes; on a normal image it is sum(p) / (sum(p) + 1), a penalty
+    on any response at all.
+    """
+    p, y = pred.flatten(1), target.flatten(1)
+    return (1.0 - (2.0 * (p * y).sum(1) + 1.0) / (p.sum(1) + y.sum(1) + 1.0)).mean()
+
+
 def masked_reconstruction_loss(recon: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
                                ctx: DistContext | None = None) -> torch.Tensor:
     """Mean L1 error over normal pixels only (mask 0), so the decoder never learns to draw defects.
@@ -206,6 +217,8 @@ class Trainer:
         d_value, loss_adv = self._adversarial(x, mask, recon, amap)
         loss_seg = segmentation_loss(amap, mask, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight,
                                       cfg.seg_defect_inset)
+        if cfg.seg_dice_weight:
+            loss_seg = loss_seg + cfg.seg_dice_weight * dice_loss(amap, mask)
         loss_rec = masked_reconstruction_loss(recon, x, mask, self.dist)
         loss_g = cfg.lambda_seg * loss_seg + cfg.lambda_rec * loss_rec + cfg.lambda_adv * loss_adv
         g_values = self._check_finite({"seg": loss_seg, "rec": loss_rec, "adv": loss_adv})
