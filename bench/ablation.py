@@ -71,6 +71,7 @@ VARIANTS: dict[str, dict] = {
     # bce, defect pixels 2 or more pixels inside their region counted five times; thin cracks and rims once
     "bce_defect_5_inset_2": {"seg_loss": "bce", "seg_defect_weight": 5.0, "seg_defect_inset": 2},
     "batch_8": {"batch_size": 8},  # half the batch: run with --steps 6000 for the same images seen, twice the updates
+    "batch_8_lr_half": {"batch_size": 8, "lr": 1e-4},  # the same, at half the learning rate (--steps 6000)
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
     "more_anomalies": {"anomaly_ratio": 0.7},  # 70%
