@@ -11,7 +11,8 @@ environment variable ABLATION_KEEP=DIR the trained models and their evaluations 
 Variants that change only how maps are shaped (`no_peak_boost`, `no_smoothing`, `smoothing_4`: settings in
 anoseg.config.MAP_SHAPING) train nothing: after the training runs they are evaluated on the `default`
 model of the same category, seed and steps (kept in ABLATION_KEEP by an earlier run, else trained once for
-them), and their rows say "default's weights".
+them), and their rows say "default's weights". Variants in STEP_FACTOR (a smaller batch) train that many
+times the run's steps, so they see as many images as the others; their rows give the steps they trained.
 Runtime on 2 CPU cores with --jobs 2 (measured 2026-11-26, when the profile trained 2000 steps): a 600-step
 run takes 6-11 minutes and two run at once (21 runs took 88 minutes), a 2000-step run about 24 minutes; so
 every variant on all three categories takes about 4 hours with --quick, and without it about 10 hours at
@@ -70,8 +71,8 @@ VARIANTS: dict[str, dict] = {
     "with_dice": {"seg_dice_weight": 1.0},  # plus a soft Dice loss per image: small defects weigh as large ones
     # bce, defect pixels 2 or more pixels inside their region counted five times; thin cracks and rims once
     "bce_defect_5_inset_2": {"seg_loss": "bce", "seg_defect_weight": 5.0, "seg_defect_inset": 2},
-    "batch_8": {"batch_size": 8},  # half the batch: run with --steps 6000 for the same images seen, twice the updates
-    "batch_8_lr_half": {"batch_size": 8, "lr": 1e-4},  # the same, at half the learning rate (--steps 6000)
+    "batch_8": {"batch_size": 8},  # half the batch, twice the steps (STEP_FACTOR): the same images seen
+    "batch_8_lr_half": {"batch_size": 8, "lr": 1e-4},  # the same, at half the learning rate
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
     "more_anomalies": {"anomaly_ratio": 0.7},  # 70%
@@ -102,6 +103,8 @@ VARIANTS: dict[str, dict] = {
 }
 # kept to label old rows; not in the default list of variants
 LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2")
+# variants that train this many times the run's steps (the same images seen with a smaller batch)
+STEP_FACTOR = {"batch_8": 2, "batch_8_lr_half": 2}
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
@@ -146,6 +149,11 @@ def overrides(variant: str) -> dict:
     if "anomaly_families" in out and not out["anomaly_families"]:
         raise SystemExit(f"variant {variant}: the default has no other anomaly family to keep")
     return out
+
+
+def run_steps(variant: str, steps: int) -> int:
+    """The steps a variant trains for in a run of `steps` (see STEP_FACTOR)."""
+    return steps * STEP_FACTOR.get(variant, 1)
 
 
 def other_sigmas(model, root: Path) -> dict[str, dict]:
@@ -302,7 +310,7 @@ def main() -> None:
             if not r.get("baseline") and r.get("data", str(DATA)) == str(data)}
     # seed-major, then variant, then category: an interrupted run has covered every category evenly
     todo = [(v, c, int(s)) for s in args.seeds.split(",") for v in variants for c in categories
-            if (v, c, int(s), steps) not in done]
+            if (v, c, int(s), run_steps(v, steps)) not in done]
     # evaluation-only variants of one category and seed share one child (and the default's model), after training
     trains = [job for job in todo if not evaluation_only(job[0])]
     groups: dict[tuple[str, int], list[str]] = {}
@@ -317,8 +325,9 @@ def main() -> None:
     def child(job: tuple[str, str, int]) -> None:
         vs, c, s = job
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--one", vs, c, str(s), str(steps), str(threads),
-                               "--data", str(data)], capture_output=True, text=True)
+        one = [vs, c, str(s), str(run_steps(vs, steps)), str(threads)]
+        proc = subprocess.run([sys.executable, __file__, "--one", *one, "--data", str(data)],
+                              capture_output=True, text=True)
         if proc.returncode:
             print(f"{c} {vs} seed {s}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
             return
@@ -331,7 +340,8 @@ def main() -> None:
             print(f"{c} {r['variant']} seed {s}: " + " ".join(f"{k} {r[k]:.3f}" for k in KEYS)
                   + f" ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    print(f"{len(trains)} training run(s) of {steps} steps and {len(todo) - len(trains)} evaluation-only, "
+    longer = "".join(f", {v} {run_steps(v, steps)}" for v in sorted({j[0] for j in trains} & set(STEP_FACTOR)))
+    print(f"{len(trains)} training run(s) of {steps} steps{longer} and {len(todo) - len(trains)} evaluation-only, "
           f"{args.jobs} at a time", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if phases[1] and not os.environ.get("ABLATION_KEEP"):
