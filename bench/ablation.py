@@ -11,8 +11,8 @@ environment variable ABLATION_KEEP=DIR the trained models and their evaluations 
 Variants that change only how maps are shaped (`no_peak_boost`, `no_smoothing`, `smoothing_4`: settings in
 anoseg.config.MAP_SHAPING) train nothing: after the training runs they are evaluated on the `default`
 model of the same category, seed and steps (kept in ABLATION_KEEP by an earlier run, else trained once for
-them), and their rows say "default's weights". Variants in STEP_FACTOR (a smaller batch) train that many
-times the run's steps, so they see as many images as the others; their rows give the steps they trained.
+them), and their rows say "default's weights". A variant with another batch size trains proportionally more
+or fewer steps (`run_steps`), so it sees as many images as the others; its rows give the steps it trained.
 Runtime on 2 CPU cores with --jobs 2 (measured 2026-11-26, when the profile trained 2000 steps): a 600-step
 run takes 6-11 minutes and two run at once (21 runs took 88 minutes), a 2000-step run about 24 minutes; so
 every variant on all three categories takes about 4 hours with --quick, and without it about 10 hours at
@@ -71,7 +71,7 @@ VARIANTS: dict[str, dict] = {
     "with_dice": {"seg_dice_weight": 1.0},  # plus a soft Dice loss per image: small defects weigh as large ones
     # bce, defect pixels 2 or more pixels inside their region counted five times; thin cracks and rims once
     "bce_defect_5_inset_2": {"seg_loss": "bce", "seg_defect_weight": 5.0, "seg_defect_inset": 2},
-    "batch_8": {"batch_size": 8},  # half the batch, twice the steps (STEP_FACTOR): the same images seen
+    "batch_8": {"batch_size": 8},  # half the batch, so twice the steps (run_steps): the same images seen
     "batch_8_lr_half": {"batch_size": 8, "lr": 1e-4},  # the same, at half the learning rate
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
@@ -103,8 +103,6 @@ VARIANTS: dict[str, dict] = {
 }
 # kept to label old rows; not in the default list of variants
 LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2")
-# variants that train this many times the run's steps (the same images seen with a smaller batch)
-STEP_FACTOR = {"batch_8": 2, "batch_8_lr_half": 2}
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
@@ -152,8 +150,12 @@ def overrides(variant: str) -> dict:
 
 
 def run_steps(variant: str, steps: int) -> int:
-    """The steps a variant trains for in a run of `steps` (see STEP_FACTOR)."""
-    return steps * STEP_FACTOR.get(variant, 1)
+    """The steps a variant trains for in a run of `steps`: scaled by the profile's batch over the variant's, so
+    a variant with another batch size sees as many images as the others."""
+    from anoseg.config import profile_config
+
+    batch = profile_config("fast").batch_size
+    return steps * batch // VARIANTS[variant].get("batch_size", batch)
 
 
 def other_sigmas(model, root: Path) -> dict[str, dict]:
@@ -325,7 +327,8 @@ def main() -> None:
     def child(job: tuple[str, str, int]) -> None:
         vs, c, s = job
         start = time.perf_counter()
-        one = [vs, c, str(s), str(run_steps(vs, steps)), str(threads)]
+        # a group of evaluation-only variants (comma-separated) trains nothing of its own: the default's steps
+        one = [vs, c, str(s), str(run_steps(vs.split(",")[0], steps)), str(threads)]
         proc = subprocess.run([sys.executable, __file__, "--one", *one, "--data", str(data)],
                               capture_output=True, text=True)
         if proc.returncode:
@@ -340,7 +343,8 @@ def main() -> None:
             print(f"{c} {r['variant']} seed {s}: " + " ".join(f"{k} {r[k]:.3f}" for k in KEYS)
                   + f" ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    longer = "".join(f", {v} {run_steps(v, steps)}" for v in sorted({j[0] for j in trains} & set(STEP_FACTOR)))
+    longer = "".join(f", {v} {run_steps(v, steps)}" for v in sorted({j[0] for j in trains})
+                     if run_steps(v, steps) != steps)
     print(f"{len(trains)} training run(s) of {steps} steps{longer} and {len(todo) - len(trains)} evaluation-only, "
           f"{args.jobs} at a time", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
