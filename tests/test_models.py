@@ -74,6 +74,8 @@ def test_config_round_trip(tmp_path):
     ({"seg_defect_inset": 2}, "seg_defect_inset=2: only applies with a seg_defect_weight other than 1"),
     ({"seg_defect_weight": 2.0, "seg_defect_inset": 9}, r"seg_defect_inset=9: must be at most image_size / 8 \(8\)"),
     ({"seg_dice_weight": -1.0}, "seg_dice_weight=-1.0: must not be negative"),
+    ({"seg_label_smoothing": 1.0}, r"seg_label_smoothing=1.0: must lie in \[0, 1\)"),
+    ({"seg_label_smoothing": -0.1}, r"seg_label_smoothing=-0.1: must lie in \[0, 1\)"),
     ({"seg_skips_drop_fine": 3}, r"seg_skips_drop_fine=3: must lie in \[0, 2\]: the map decoder has 3 skips"),
     ({"seg_skips_drop_fine": -1}, "seg_skips_drop_fine=-1: must lie in"),
     ({"seg_skips": False, "seg_skips_drop_fine": 1}, "seg_skips_drop_fine=1: only applies with seg_skips=true"),
@@ -192,6 +194,26 @@ def test_defect_inset_weighs_up_only_pixels_deep_inside_a_region():
     assert torch.allclose(inset - per_pixel, torch.tensor(4 * one_defect * 9))  # the 9 centre pixels, 4 more each
     assert torch.allclose(segmentation_loss(pred, target, "bce", 0.0, 5.0, 0),
                           segmentation_loss(pred, target, "bce", 0.0, 5.0))  # inset 0: every defect pixel
+
+
+def test_label_smoothing_asks_for_e_half_on_normal_and_one_minus_e_half_on_defect_pixels():
+    from anoseg.train import segmentation_loss
+
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :] = 1.0
+    smoothed = torch.where(target > 0, 0.95, 0.05)
+    for kind in ("bce", "focal"):
+        pred = torch.full_like(target, 0.5).requires_grad_(True)
+        segmentation_loss(pred, target, kind, 2.0, smoothing=0.1).backward()
+        assert (pred.grad[target > 0] < 0).all() and (pred.grad[target == 0] > 0).all()
+    pred = smoothed.clone().requires_grad_(True)  # at the smoothed targets the bce loss is at its minimum
+    segmentation_loss(pred, target, "bce", 0.0, defect_weight=2.0, smoothing=0.1).backward()
+    assert torch.allclose(pred.grad, torch.zeros_like(pred), atol=1e-6)
+    pred = torch.where(target > 0, 0.999, 0.001).requires_grad_(True)  # a sure answer is pushed back
+    segmentation_loss(pred, target, "bce", 0.0, smoothing=0.1).backward()
+    assert (pred.grad[target > 0] > 0).all() and (pred.grad[target == 0] < 0).all()
+    assert torch.equal(segmentation_loss(smoothed, target, "bce", 0.0, smoothing=0.0),
+                       segmentation_loss(smoothed, target, "bce", 0.0))  # 0: the hard targets, as before
 
 
 def test_dice_loss_weighs_each_image_alike_and_penalises_responses_on_normal_images():

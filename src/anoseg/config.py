@@ -33,7 +33,7 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("threshold_quantile", "map_threshold_quantile", "topk_fraction", "opacity_min"), lambda v: 0.0 < v <= 1.0,
      "must lie in (0, 1]"),
     (("max_aspect",), lambda v: 1.0 <= v <= 64.0, "must lie in [1, 64]"),
-    (("ema_decay",), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
+    (("ema_decay", "seg_label_smoothing"), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
     (("mask_min_diff",), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1) (pixels lie in [0, 1]: at 1 nothing is marked)"),
     (("rollback_lr_factor",), lambda v: 0.0 < v < 1.0, "must lie in (0, 1)"),
     (("lr", "lr_d", "detector_lr", "peak_sigma", "seg_defect_weight"), lambda v: v > 0, "must be positive"),
@@ -145,6 +145,7 @@ class Config:
     seg_defect_inset: int = 0  # >0: seg_defect_weight applies only this many pixels or more inside a defect region
     # (thin cracks and region rims count once, as normal pixels do)
     seg_dice_weight: float = 0.0  # add this times a soft Dice loss per image, so a small defect counts as a large one
+    seg_label_smoothing: float = 0.0  # e > 0: map targets e/2 (normal) and 1 - e/2 (defect), not 0 and 1
     focal_gamma: float = 2.0  # the focal loss weighs each pixel by (1 - p_t) ** focal_gamma (0: plain cross-entropy)
     lambda_seg: float = 10.0  # weight of the segmentation loss
     lambda_rec: float = 1.0  # weight of the masked (normal pixels only) L1 reconstruction loss

@@ -81,17 +81,19 @@ class TrainingUnstable(AnosegError):
 
 
 def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, gamma: float,
-                      defect_weight: float = 1.0, inset: int = 0) -> torch.Tensor:
+                      defect_weight: float = 1.0, inset: int = 0, smoothing: float = 0.0) -> torch.Tensor:
     """Pixel-wise loss between the predicted map and the reference mask (same shape, in [0, 1]; B x 1 x H x W
     when inset > 0).
 
     gamma: the focal exponent (focal: every pixel; asymmetric: normal pixels only, defect pixels get plain
     cross-entropy); defect_weight: how many times a defect pixel counts as much as a normal one; inset > 0:
     only defect pixels at least `inset` pixels inside their region get that weight (the mask eroded by a
-    square of side 2 * inset + 1), so thin cracks and region rims count once while wide regions count more.
+    square of side 2 * inset + 1), so thin cracks and region rims count once while wide regions count more;
+    smoothing e: the map is asked for e/2 on normal and 1 - e/2 on defect pixels (label smoothing).
     """
     core = target if inset == 0 else -F.max_pool2d(-target, 2 * inset + 1, stride=1, padding=inset)
     weight = 1.0 + (defect_weight - 1.0) * core
+    target = target if smoothing == 0 else smoothing / 2 + (1.0 - smoothing) * target
     if kind == "l1":
         return (weight * (pred - target).abs()).mean()
     bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target, reduction="none")
@@ -216,7 +218,7 @@ class Trainer:
         recon, amap = recon.float(), amap.float()
         d_value, loss_adv = self._adversarial(x, mask, recon, amap)
         loss_seg = segmentation_loss(amap, mask, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight,
-                                      cfg.seg_defect_inset)
+                                      cfg.seg_defect_inset, cfg.seg_label_smoothing)
         if cfg.seg_dice_weight:
             loss_seg = loss_seg + cfg.seg_dice_weight * dice_loss(amap, mask)
         loss_rec = masked_reconstruction_loss(recon, x, mask, self.dist)
