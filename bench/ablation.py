@@ -75,6 +75,8 @@ VARIANTS: dict[str, dict] = {
     "batch_8_lr_half": {"batch_size": 8, "lr": 1e-4},  # the same, at half the learning rate
     "batch_8_no_mask_texture": {"batch_size": 8, "mask_texture_factor": 0.0},  # batch_8, faint changes labelled defect
     "batch_8_label_smoothing": {"batch_size": 8, "seg_label_smoothing": 0.1},  # batch_8, map targets 0.05 and 0.95
+    "faint_cracks": {"crack_contrast_min": 0.15},  # cracks from faint to black (default: from 40% of the way)
+    "batch_8_faint_cracks": {"batch_size": 8, "crack_contrast_min": 0.15},  # batch_8 with faint_cracks
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
     "more_anomalies": {"anomaly_ratio": 0.7},  # 70%

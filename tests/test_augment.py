@@ -141,6 +141,25 @@ def test_family_sizes_span_thin_to_large():
     assert area["shading"] > 0.08  # large diffuse regions
 
 
+def test_crack_contrast_min_bounds_how_far_a_crack_moves_the_surface():
+    flat = torch.full((3, 64, 64), 0.5)
+
+    def contrasts(c_min):
+        cfg = profile_config("fast", anomaly_families=("crack",), opacity_min=1.0, crack_contrast_min=c_min)
+        rng, out = np.random.default_rng(0), []
+        for _ in range(40):
+            img, mask = synthesize(flat, flat, cfg, rng)
+            moved = (img - flat)[0][mask[0] > 0]  # the share of the way to black (negative) or to white
+            out.append(float(moved[0] / 0.5))
+        return np.array(out)
+
+    default, faint, full = contrasts(0.4), contrasts(0.15), contrasts(1.0)
+    assert np.abs(default).min() >= 0.4 - 1e-6 and np.abs(faint).min() >= 0.15 - 1e-6
+    assert np.abs(faint).min() < 0.4  # faint cracks are drawn too
+    assert np.allclose(np.abs(full), 1.0)  # at 1 every crack is black or white
+    assert (default < 0).mean() > 0.5  # most cracks are dark
+
+
 def test_band_spans_the_image_with_one_solid_region():
     cfg = profile_config("fast", anomaly_families=("band",), opacity_min=1.0)
     imgs = _images(2, size=64, seed=3) * 0.5 + 0.25

@@ -163,9 +163,10 @@ def noise_region(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     return _fill(target, source, cfg, rng), _blob(target.shape[-1], area, int(rng.integers(2, 8)), rng)
 
 
-def crack(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: ARG001
+def crack(target: torch.Tensor, source: torch.Tensor, cfg: Config,
           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A thin curved crack or scratch, 1-3 pixels wide, darker or brighter than the surface."""
+    """A thin curved crack or scratch, 1-3 pixels wide, darker or brighter than the surface (by a share of at
+    least ``cfg.crack_contrast_min`` of the way to black or white)."""
     size = target.shape[-1]
     n = int(rng.integers(20, 80))
     angle = rng.uniform(0, 2 * math.pi) + np.cumsum(rng.normal(0, 0.25, n))  # a smoothly turning random walk
@@ -178,8 +179,8 @@ def crack(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: ARG0
     width = rng.uniform(0.5, 1.5)
     mask = torch.from_numpy(d2 <= width**2).float()
     if rng.random() < 0.7:  # most cracks are dark
-        return target * float(rng.uniform(0.0, 0.6)), mask
-    return target + (1 - target) * float(rng.uniform(0.4, 1.0)), mask
+        return target * float(rng.uniform(0.0, 1.0 - cfg.crack_contrast_min)), mask
+    return target + (1 - target) * float(rng.uniform(cfg.crack_contrast_min, 1.0)), mask
 
 
 def shading(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: ARG001

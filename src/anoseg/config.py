@@ -30,7 +30,8 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("ema_warmup",), lambda v: v >= 2, "must be at least 2 (at 1 the average would never move)"),
     (("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction"), lambda v: 0.0 <= v <= 1.0,
      "must lie in [0, 1]"),
-    (("threshold_quantile", "map_threshold_quantile", "topk_fraction", "opacity_min"), lambda v: 0.0 < v <= 1.0,
+    (("threshold_quantile", "map_threshold_quantile", "topk_fraction", "opacity_min", "crack_contrast_min"),
+     lambda v: 0.0 < v <= 1.0,
      "must lie in (0, 1]"),
     (("max_aspect",), lambda v: 1.0 <= v <= 64.0, "must lie in [1, 64]"),
     (("ema_decay", "seg_label_smoothing"), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
@@ -121,6 +122,7 @@ class Config:
     anomaly_ratio: float = 0.5  # share of each batch that gets a synthetic anomaly
     anomaly_families: tuple[str, ...] = ("paste",)  # kinds per anomaly: paste (paper), noise, crack, shading, band
     opacity_min: float = 1.0  # each anomaly is blended in with an opacity drawn from [opacity_min, 1] (1 = opaque)
+    crack_contrast_min: float = 0.4  # a crack darkens or brightens the surface by a share drawn from [this, 1]
     region_min: float = 0.005  # pasted area as a share of the image, lower bound
     region_max: float = 0.08  # upper bound
     region_shapes: tuple[str, ...] = ("rect", "ellipse", "scar")  # shapes of pasted regions, one drawn per anomaly
