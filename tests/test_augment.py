@@ -160,6 +160,29 @@ def test_crack_contrast_min_bounds_how_far_a_crack_moves_the_surface():
     assert (default < 0).mean() > 0.5  # most cracks are dark
 
 
+def test_crack_settings_reach_longer_and_straighter_cracks():
+    flat = torch.full((3, 128, 128), 0.5)
+
+    def shapes(**change):
+        cfg = profile_config("fast", anomaly_families=("crack",), opacity_min=1.0, **change)
+        rng, areas, elongations = np.random.default_rng(0), [], []
+        for _ in range(60):
+            mask = synthesize(flat, flat, cfg, rng)[1][0]
+            yx = torch.nonzero(mask).float()
+            if len(yx) < 10:  # a crack that left the image at once
+                continue
+            eig = torch.linalg.eigvalsh(torch.cov(yx.T))  # spread along and across the crack
+            areas.append(len(yx))
+            elongations.append(float(eig[1] / eig[0].clamp_min(1e-3)))
+        return np.median(areas), np.median(elongations)
+
+    area, elongation = shapes()
+    long_area, _ = shapes(crack_points_max=240)
+    _, straight = shapes(crack_turn_min=0.02)
+    assert long_area > 1.5 * area
+    assert straight > 2 * elongation
+
+
 def test_band_spans_the_image_with_one_solid_region():
     cfg = profile_config("fast", anomaly_families=("band",), opacity_min=1.0)
     imgs = _images(2, size=64, seed=3) * 0.5 + 0.25

@@ -74,6 +74,8 @@ def test_config_round_trip(tmp_path):
     ({"seg_defect_inset": 2}, "seg_defect_inset=2: only applies with a seg_defect_weight other than 1"),
     ({"seg_defect_weight": 2.0, "seg_defect_inset": 9}, r"seg_defect_inset=9: must be at most image_size / 8 \(8\)"),
     ({"seg_dice_weight": -1.0}, "seg_dice_weight=-1.0: must not be negative"),
+    ({"crack_points_max": 20}, "crack_points_max=20: must be at least 21"),
+    ({"crack_turn_min": 0.0}, r"crack_turn_min=0.0: must lie in \(0, 0.25\]"),
     ({"crack_contrast_min": 0.0}, r"crack_contrast_min=0.0: must lie in \(0, 1\]"),
     ({"seg_label_smoothing": 1.0}, r"seg_label_smoothing=1.0: must lie in \[0, 1\)"),
     ({"seg_label_smoothing": -0.1}, r"seg_label_smoothing=-0.1: must lie in \[0, 1\)"),

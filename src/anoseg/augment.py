@@ -163,13 +163,19 @@ def noise_region(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     return _fill(target, source, cfg, rng), _blob(target.shape[-1], area, int(rng.integers(2, 8)), rng)
 
 
+CRACK_TURN = 0.25  # the most a crack turns from one point to the next (radians, standard deviation)
+
+
 def crack(target: torch.Tensor, source: torch.Tensor, cfg: Config,
           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A thin curved crack or scratch, 1-3 pixels wide, darker or brighter than the surface (by a share of at
-    least ``cfg.crack_contrast_min`` of the way to black or white)."""
+    least ``cfg.crack_contrast_min`` of the way to black or white), along a random walk of 20 to
+    ``cfg.crack_points_max`` points that turns by ``cfg.crack_turn_min`` to 0.25 radians a point."""
     size = target.shape[-1]
-    n = int(rng.integers(20, 80))
-    angle = rng.uniform(0, 2 * math.pi) + np.cumsum(rng.normal(0, 0.25, n))  # a smoothly turning random walk
+    n = int(rng.integers(20, cfg.crack_points_max))
+    turn = CRACK_TURN if cfg.crack_turn_min >= CRACK_TURN else \
+        math.exp(rng.uniform(math.log(cfg.crack_turn_min), math.log(CRACK_TURN)))  # from straight to curly
+    angle = rng.uniform(0, 2 * math.pi) + np.cumsum(rng.normal(0, turn, n))  # a smoothly turning random walk
     step = rng.uniform(0.3, 1.5)
     pts = rng.uniform(0, size, 2) + np.cumsum(step * np.stack([np.cos(angle), np.sin(angle)], 1), 0)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)

@@ -28,6 +28,8 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("base_channels", "max_channels", "steps", "batch_size", "batch_size_infer", "checkpoint_every",
       "detector_steps", "permute_grid", "holdout_min"), lambda v: v >= 1, "must be at least 1"),
     (("ema_warmup",), lambda v: v >= 2, "must be at least 2 (at 1 the average would never move)"),
+    (("crack_points_max",), lambda v: v >= 21, "must be at least 21 (a crack has 20 points or more)"),
+    (("crack_turn_min",), lambda v: 0.0 < v <= 0.25, "must lie in (0, 0.25]"),
     (("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction"), lambda v: 0.0 <= v <= 1.0,
      "must lie in [0, 1]"),
     (("threshold_quantile", "map_threshold_quantile", "topk_fraction", "opacity_min", "crack_contrast_min"),
@@ -123,6 +125,8 @@ class Config:
     anomaly_families: tuple[str, ...] = ("paste",)  # kinds per anomaly: paste (paper), noise, crack, shading, band
     opacity_min: float = 1.0  # each anomaly is blended in with an opacity drawn from [opacity_min, 1] (1 = opaque)
     crack_contrast_min: float = 0.4  # a crack darkens or brightens the surface by a share drawn from [this, 1]
+    crack_points_max: int = 80  # a crack's random walk has 20 to this many points (0.3-1.5 px apart)
+    crack_turn_min: float = 0.25  # a crack turns by this to 0.25 radians a point (log-uniform; lower = straighter)
     region_min: float = 0.005  # pasted area as a share of the image, lower bound
     region_max: float = 0.08  # upper bound
     region_shapes: tuple[str, ...] = ("rect", "ellipse", "scar")  # shapes of pasted regions, one drawn per anomaly
