@@ -183,6 +183,24 @@ def test_crack_settings_reach_longer_and_straighter_cracks():
     assert straight > 2 * elongation
 
 
+def test_soft_cracks_fade_at_their_edges_and_along_and_are_marked_where_visible():
+    flat = torch.full((3, 64, 64), 0.5)
+    hard_cfg = profile_config("fast", anomaly_families=("crack",), opacity_min=1.0)
+    soft_cfg = hard_cfg.replace(crack_soft=True)
+    levels = {}
+    for name, cfg in (("hard", hard_cfg), ("soft", soft_cfg)):
+        rng, counts = np.random.default_rng(1), []
+        for _ in range(10):
+            img, mask = synthesize(flat, flat, cfg, rng)
+            change = (img - flat).abs()[0]
+            assert torch.equal(mask[0] > 0, change > cfg.mask_min_diff)  # marked exactly where it visibly changed
+            if mask.sum() > 0:
+                counts.append(len(torch.unique(change[mask[0] > 0])))
+        levels[name] = counts
+    assert max(levels["hard"]) == 1  # a hard crack moves every pixel it covers by the same amount
+    assert min(levels["soft"]) > 5  # a soft one by many different amounts
+
+
 def test_band_spans_the_image_with_one_solid_region():
     cfg = profile_config("fast", anomaly_families=("band",), opacity_min=1.0)
     imgs = _images(2, size=64, seed=3) * 0.5 + 0.25

@@ -183,10 +183,27 @@ def crack(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     for x, y in pts:
         d2 = np.minimum(d2, (xx - x) ** 2 + (yy - y) ** 2)
     width = rng.uniform(0.5, 1.5)
-    mask = torch.from_numpy(d2 <= width**2).float()
+    if cfg.crack_soft:
+        profile = _soft_crack_profile(torch.from_numpy(d2), width, rng)
+        mask = (profile > 0).float()
+    else:
+        profile = mask = torch.from_numpy(d2 <= width**2).float()
     if rng.random() < 0.7:  # most cracks are dark
-        return target * float(rng.uniform(0.0, 1.0 - cfg.crack_contrast_min)), mask
-    return target + (1 - target) * float(rng.uniform(cfg.crack_contrast_min, 1.0)), mask
+        cracked = target * float(rng.uniform(0.0, 1.0 - cfg.crack_contrast_min))
+    else:
+        cracked = target + (1 - target) * float(rng.uniform(cfg.crack_contrast_min, 1.0))
+    return (target + profile * (cracked - target) if cfg.crack_soft else cracked), mask
+
+
+def _soft_crack_profile(d2: torch.Tensor, width: float, rng: np.random.Generator) -> torch.Tensor:
+    """How strongly each pixel shows a crack whose centre line lies at squared distance `d2`: an edge
+    anti-aliased over one pixel, a strength that fades in and out along the crack, and half the time a
+    slight blur, as a real crack looks once photographed and resized (not a hard-edged, uniform line)."""
+    edge = (width + 0.5 - d2.sqrt()).clamp(0, 1)
+    size = d2.shape[-1]
+    along = (0.6 + 0.3 * smooth_noise(size, size, int(rng.integers(2, 6)), rng)).clamp(0.2, 1.0)
+    profile = edge * along
+    return box_blur(profile, 1) if rng.random() < 0.5 else profile
 
 
 def shading(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: ARG001

@@ -127,6 +127,7 @@ class Config:
     crack_contrast_min: float = 0.4  # a crack darkens or brightens the surface by a share drawn from [this, 1]
     crack_points_max: int = 80  # a crack's random walk has 20 to this many points (0.3-1.5 px apart)
     crack_turn_min: float = 0.25  # a crack turns by this to 0.25 radians a point (log-uniform; lower = straighter)
+    crack_soft: bool = False  # cracks with anti-aliased edges, fading along their length, half of them blurred
     region_min: float = 0.005  # pasted area as a share of the image, lower bound
     region_max: float = 0.08  # upper bound
     region_shapes: tuple[str, ...] = ("rect", "ellipse", "scar")  # shapes of pasted regions, one drawn per anomaly
