@@ -82,6 +82,7 @@ VARIANTS: dict[str, dict] = {
     "batch_8_long_cracks": {"batch_size": 8, "crack_points_max": 240, "crack_turn_min": 0.02},  # both
     "soft_cracks": {"crack_soft": True},  # cracks as photographed: soft edges, strength varying along them
     "batch_8_soft_cracks": {"batch_size": 8, "crack_soft": True},
+    "long_soft_cracks": {"crack_points_max": 240, "crack_turn_min": 0.02, "crack_soft": True},  # both crack changes
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
     "more_anomalies": {"anomaly_ratio": 0.7},  # 70%
