@@ -217,6 +217,12 @@ def test_label_smoothing_asks_for_e_half_on_normal_and_one_minus_e_half_on_defec
     assert (pred.grad[target > 0] > 0).all() and (pred.grad[target == 0] < 0).all()
     assert torch.equal(segmentation_loss(smoothed, target, "bce", 0.0, smoothing=0.0),
                        segmentation_loss(smoothed, target, "bce", 0.0))  # 0: the hard targets, as before
+    # asymmetric: defect pixels are chosen by the mask, so they keep plain cross-entropy (towards 0.95) when smoothed
+    pred = torch.full_like(target, 0.7)
+    bce = torch.nn.functional.binary_cross_entropy(pred, smoothed, reduction="none")
+    focal = (1 - (pred * smoothed + (1 - pred) * (1 - smoothed))) ** 2
+    expected = torch.where(target > 0, bce, focal * bce).mean()
+    assert torch.allclose(segmentation_loss(pred, target, "asymmetric", 2.0, smoothing=0.1), expected)
 
 
 def test_dice_loss_weighs_each_image_alike_and_penalises_responses_on_normal_images():

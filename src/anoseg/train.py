@@ -93,15 +93,15 @@ def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, gamma
     """
     core = target if inset == 0 else -F.max_pool2d(-target, 2 * inset + 1, stride=1, padding=inset)
     weight = 1.0 + (defect_weight - 1.0) * core
-    target = target if smoothing == 0 else smoothing / 2 + (1.0 - smoothing) * target
+    goal = target if smoothing == 0 else smoothing / 2 + (1.0 - smoothing) * target  # what the map is asked for
     if kind == "l1":
-        return (weight * (pred - target).abs()).mean()
-    bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target, reduction="none")
+        return (weight * (pred - goal).abs()).mean()
+    bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), goal, reduction="none")
     if kind == "bce":
         return (weight * bce).mean()
-    p_t = pred * target + (1 - pred) * (1 - target)
+    p_t = pred * goal + (1 - pred) * (1 - goal)
     focal = (1 - p_t) ** gamma  # rare defect pixels are not drowned out by the many easy normal ones
-    if kind == "asymmetric":  # defect pixels keep their full gradient even once found
+    if kind == "asymmetric":  # defect pixels (the mask's, not the smoothed goal's) keep their full gradient
         focal = target + (1 - target) * focal
     return (weight * focal * bce).mean()
 
