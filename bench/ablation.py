@@ -38,6 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 CATEGORIES = {"bottle": "mvtec_ad", "commutator": "kolektorsdd", "magnetic_tile": "magnetic_tile"}
+# cracks and scratches up to 3x longer, from straight to curly (default: 20-80 points, all as curly)
+LONG_CRACKS = {"crack_points_max": 240, "crack_turn_min": 0.02}
 VARIANTS: dict[str, dict] = {
     "default": {},
     "paper": {"resize_mode": "square", "second_short_side": 0, "anomaly_families": ["paste"], "opacity_min": 1.0,
@@ -77,12 +79,11 @@ VARIANTS: dict[str, dict] = {
     "batch_8_label_smoothing": {"batch_size": 8, "seg_label_smoothing": 0.1},  # batch_8, map targets 0.05 and 0.95
     "faint_cracks": {"crack_contrast_min": 0.15},  # cracks from faint to black (default: from 40% of the way)
     "batch_8_faint_cracks": {"batch_size": 8, "crack_contrast_min": 0.15},  # batch_8 with faint_cracks
-    "long_cracks": {"crack_points_max": 240, "crack_turn_min": 0.02},  # cracks and scratches up to 3x longer,
-    # from straight to curly (default: 20-80 points, all as curly)
-    "batch_8_long_cracks": {"batch_size": 8, "crack_points_max": 240, "crack_turn_min": 0.02},  # both
+    "long_cracks": LONG_CRACKS,
+    "batch_8_long_cracks": {"batch_size": 8, **LONG_CRACKS},
     "soft_cracks": {"crack_soft": True},  # cracks as photographed: soft edges, strength varying along them
     "batch_8_soft_cracks": {"batch_size": 8, "crack_soft": True},
-    "long_soft_cracks": {"crack_points_max": 240, "crack_turn_min": 0.02, "crack_soft": True},  # both crack changes
+    "long_soft_cracks": {**LONG_CRACKS, "crack_soft": True},
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
     "more_anomalies": {"anomaly_ratio": 0.7},  # 70%
