@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 CATEGORIES = {"bottle": "mvtec_ad", "commutator": "kolektorsdd", "magnetic_tile": "magnetic_tile"}
-# cracks and scratches up to 3x longer, from straight to curly (default: 20-80 points, all as curly)
+# cracks and scratches up to 3x longer, from straight to curly: the default since the eighteenth session
 LONG_CRACKS = {"crack_points_max": 240, "crack_turn_min": 0.02}
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -79,11 +79,9 @@ VARIANTS: dict[str, dict] = {
     "batch_8_label_smoothing": {"batch_size": 8, "seg_label_smoothing": 0.1},  # batch_8, map targets 0.05 and 0.95
     "faint_cracks": {"crack_contrast_min": 0.15},  # cracks from faint to black (default: from 40% of the way)
     "batch_8_faint_cracks": {"batch_size": 8, "crack_contrast_min": 0.15},  # batch_8 with faint_cracks
-    "long_cracks": LONG_CRACKS,
-    "batch_8_long_cracks": {"batch_size": 8, **LONG_CRACKS},
+    "short_cracks": {"crack_points_max": 80, "crack_turn_min": 0.25},  # the cracks before: 20-80 points, all curly
     "soft_cracks": {"crack_soft": True},  # cracks as photographed: soft edges, strength varying along them
     "batch_8_soft_cracks": {"batch_size": 8, "crack_soft": True},
-    "long_soft_cracks": {**LONG_CRACKS, "crack_soft": True},
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
     "more_anomalies": {"anomaly_ratio": 0.7},  # 70%
@@ -111,9 +109,13 @@ VARIANTS: dict[str, dict] = {
     "cosine_lr": {"lr_schedule": "cosine"},  # learning rates fall along half a cosine to 0 at the last step
     "mask_texture_3": {"mask_texture_factor": 3.0},  # ... by 0.02 and by 3 times the image's own grain
     "bce_defect_2": {"seg_loss": "bce", "seg_defect_weight": 2.0},  # bce, each defect pixel counted twice
+    "long_cracks": LONG_CRACKS,
+    "batch_8_long_cracks": {"batch_size": 8, **LONG_CRACKS},
+    "long_soft_cracks": {**LONG_CRACKS, "crack_soft": True},
 }
 # kept to label old rows; not in the default list of variants
-LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2")
+LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2", "long_cracks", "batch_8_long_cracks",
+          "long_soft_cracks")
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
@@ -140,7 +142,14 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
              "focal_map_loss": "the fast profile before the fifteenth session (2026-11-27; focal map loss, "
                                "seg_defect_weight 1): each variant changed that profile, so `default` here is "
                                "that profile, and the variant `bce_defect_2` is today's default (its full-size "
-                               "rows of seeds 0 and 1 are the models of bench/results.json)"}
+                               "rows of seeds 0 and 1 were the models of bench/results.json until the "
+                               "eighteenth session)",
+             "short_cracks": "the fast profile before the eighteenth session (2026-11-28; synthetic cracks of 20-80 "
+                             "points, all curly: crack_points_max 80, crack_turn_min 0.25): each variant changed "
+                             "that profile (its own rows are the `bce_defect_2` rows measured against the "
+                             "profile before the fifteenth session; today it is the variant `short_cracks`), and "
+                             "the variant `long_cracks` has today's default settings (`long_soft_cracks` is "
+                             "today's `soft_cracks`, `batch_8_long_cracks` today's `batch_8`)"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
