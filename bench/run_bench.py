@@ -352,6 +352,10 @@ def merge_seeds(runs: list[dict]) -> dict:
               "images_per_second", "images_per_second_single"]:
         values = [r.get(k) for r in runs]
         out[k] = None if any(v is None for v in values) else round(float(np.mean(values)), 4)
+    for k in ("detector_train_seconds", "images_per_second_with_detector"):  # only a --detector pass has them
+        values = [r[k] for r in runs if r.get(k) is not None]
+        if values:
+            out[k] = round(float(np.mean(values)), 1)
     for k in ("pixel_auroc", "aupro", "image_auroc"):
         values = [r[k] for r in runs if r.get(k) is not None]
         out[f"{k}_std"] = round(float(np.std(values)), 4) if values else None
