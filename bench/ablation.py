@@ -35,6 +35,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from arguments import name_list, positive_int, seed_list
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 CATEGORIES = {"bottle": "mvtec_ad", "commutator": "kolektorsdd", "magnetic_tile": "magnetic_tile"}
@@ -297,13 +299,15 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="600 steps instead of the profile's")
-    ap.add_argument("--steps", type=int, help="training steps per run (overrides --quick)")
-    ap.add_argument("--only", default=",".join(CATEGORIES), help="comma-separated categories")
+    ap.add_argument("--steps", type=positive_int, help="training steps per run (overrides --quick)")
+    ap.add_argument("--only", default=",".join(CATEGORIES), type=lambda t: name_list(t, list(CATEGORIES), "category"),
+                    help="comma-separated categories")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in LEGACY),
-                    help="comma-separated variants")
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU threads are split between them)")
-    ap.add_argument("--threads", type=int, help="CPU threads per run (default: the CPU count split between jobs)")
+                    type=lambda t: name_list(t, list(VARIANTS), "variant"), help="comma-separated variants")
+    ap.add_argument("--seeds", default="0", type=seed_list, help="comma-separated seeds")
+    ap.add_argument("--jobs", type=positive_int, default=1, help="runs at a time (CPU threads are split between them)")
+    ap.add_argument("--threads", type=positive_int,
+                    help="CPU threads per run (default: the CPU count split between jobs)")
     ap.add_argument("--out", default=str(HERE / "ablation"), help="results file stem (.json and .md)")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results in the output file")
     ap.add_argument("--data", default=str(DATA), help="the data root (default ../shared/data; a scaled copy from "
@@ -318,11 +322,8 @@ def main() -> None:
         return
     from anoseg.config import profile_config
 
-    steps = args.steps or (600 if args.quick else profile_config("fast").steps)
-    variants, categories = args.variants.split(","), args.only.split(",")
-    for name in variants + categories:
-        if name not in VARIANTS and name not in CATEGORIES:
-            raise SystemExit(f"unknown variant or category {name!r}")
+    steps = args.steps if args.steps is not None else (600 if args.quick else profile_config("fast").steps)
+    variants, categories = args.variants, args.only
     if not data.is_dir():
         raise SystemExit(f"{data}: the real data is not here; nothing to run")
     out = Path(args.out)
@@ -331,7 +332,7 @@ def main() -> None:
     done = {(r["variant"], r["category"], r["seed"], r["steps"]) for r in old
             if not r.get("baseline") and r.get("data", str(DATA)) == str(data)}
     # seed-major, then variant, then category: an interrupted run has covered every category evenly
-    todo = [(v, c, int(s)) for s in args.seeds.split(",") for v in variants for c in categories
+    todo = [(v, c, s) for s in args.seeds for v in variants for c in categories
             if (v, c, int(s), run_steps(v, steps)) not in done]
     # evaluation-only variants of one category and seed share one child (and the default's model), after training
     trains = [job for job in todo if not evaluation_only(job[0])]

@@ -22,6 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from arguments import name_list, positive_int, seed_list
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 CATEGORIES = [("mvtec_ad", "bottle"), ("kolektorsdd", "commutator"), ("magnetic_tile", "magnetic_tile")]
@@ -253,15 +255,17 @@ def write_tables(records: list[dict], command: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="fast")
-    p.add_argument("--only", action="append", default=[], help="category name(s) to run")
+    p.add_argument("--only", action="extend", default=[], help="category name(s) to run (comma-separated or repeated)",
+                   type=lambda t: name_list(t, [c for _, c in CATEGORIES], "category"))
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config overrides")
     p.add_argument("--work", default=str(HERE / "work"), help="folder for models and evaluation outputs")
     p.add_argument("--reuse", action="store_true", help="reuse trained models found in --work")
     p.add_argument("--detector", action="store_true", help="also train and score the anomaly detector")
     p.add_argument("--speed", action="store_true",
                    help="only re-measure inference speed (PyTorch and ONNX Runtime) for the existing records")
-    p.add_argument("--seeds", default="0,1", help="comma-separated seeds; headline rows are their mean (default 0,1)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time; CPU threads are split between them")
+    p.add_argument("--seeds", default="0,1", type=seed_list,
+                   help="comma-separated seeds; headline rows are their mean (default 0,1)")
+    p.add_argument("--jobs", type=positive_int, default=1, help="runs at a time; CPU threads are split between them")
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -271,14 +275,13 @@ def main() -> int:
         return 0
     if args.child:
         record = run_one(*args.child, args.profile, work, args.set, args.reuse, args.detector,
-                         seed=int(args.seeds), threads=args.threads)
+                         seed=args.seeds[0], threads=args.threads)
         print("RESULT " + json.dumps(record))
         return 0
 
     results_file = HERE / "results.json"
     records = json.loads(results_file.read_text())["results"] if results_file.exists() else []
     command = "python bench/run_bench.py " + " ".join(sys.argv[1:])
-    seeds = [int(x) for x in args.seeds.split(",")]
     jobs: list[tuple[str, str, int]] = []
     for dataset, category in CATEGORIES:
         if args.only and category not in args.only:
@@ -286,7 +289,7 @@ def main() -> int:
         if not (DATA / dataset / category / "train").is_dir():
             print(f"skipping {dataset}/{category}: not found under {DATA}")
             continue
-        jobs += [(dataset, category, seed) for seed in ([0] if args.speed else seeds)]
+        jobs += [(dataset, category, seed) for seed in ([0] if args.speed else args.seeds)]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     results: dict[tuple[str, str], list[dict]] = {}
 
