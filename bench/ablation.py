@@ -333,7 +333,7 @@ def main() -> None:
             if not r.get("baseline") and r.get("data", str(DATA)) == str(data)}
     # seed-major, then variant, then category: an interrupted run has covered every category evenly
     todo = [(v, c, s) for s in args.seeds for v in variants for c in categories
-            if (v, c, int(s), run_steps(v, steps)) not in done]
+            if (v, c, s, run_steps(v, steps)) not in done]
     # evaluation-only variants of one category and seed share one child (and the default's model), after training
     trains = [job for job in todo if not evaluation_only(job[0])]
     groups: dict[tuple[str, int], list[str]] = {}

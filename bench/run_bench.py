@@ -252,9 +252,11 @@ def write_tables(records: list[dict], command: str) -> None:
     (HERE / "results.md").write_text("\n".join(lines))
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
+    from anoseg.config import PROFILES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", default="fast")
+    p.add_argument("--profile", default="fast", choices=list(PROFILES))
     p.add_argument("--only", action="extend", default=[], help="category name(s) to run (comma-separated or repeated)",
                    type=lambda t: name_list(t, [c for _, c in CATEGORIES], "category"))
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config overrides")
@@ -268,7 +270,24 @@ def main() -> int:
     p.add_argument("--jobs", type=positive_int, default=1, help="runs at a time; CPU threads are split between them")
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def list_jobs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(dataset, category, seed) of each run asked for whose data is at hand; --speed times seed 0's model."""
+    jobs = []
+    for dataset, category in CATEGORIES:
+        if args.only and category not in args.only:
+            continue
+        if not (DATA / dataset / category / "train").is_dir():
+            print(f"skipping {dataset}/{category}: not found under {DATA}")
+            continue
+        jobs += [(dataset, category, seed) for seed in ([0] if args.speed else args.seeds)]
+    return jobs
+
+
+def main() -> int:
+    args = parse_args()
     work = Path(args.work)
     if args.child and args.speed:
         print("RESULT " + json.dumps(speed_one(*args.child, args.profile, work, args.set)))
@@ -282,18 +301,13 @@ def main() -> int:
     results_file = HERE / "results.json"
     records = json.loads(results_file.read_text())["results"] if results_file.exists() else []
     command = "python bench/run_bench.py " + " ".join(sys.argv[1:])
-    jobs: list[tuple[str, str, int]] = []
-    for dataset, category in CATEGORIES:
-        if args.only and category not in args.only:
-            continue
-        if not (DATA / dataset / category / "train").is_dir():
-            print(f"skipping {dataset}/{category}: not found under {DATA}")
-            continue
-        jobs += [(dataset, category, seed) for seed in ([0] if args.speed else args.seeds)]
+    jobs = list_jobs(args)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     results: dict[tuple[str, str], list[dict]] = {}
+    failed: list[tuple[str, str, int]] = []
 
-    def child(job: tuple[str, str, int]) -> None:
+    def child(job: tuple[str, str, int]) -> bool:
+        """Run one job in its own process; True when it gave a record."""
         dataset, category, seed = job
         print(f"== {dataset}/{category} ({args.profile}, seed {seed})", flush=True)
         cmd = [sys.executable, __file__, "--child", dataset, category, "--profile", args.profile, "--work", str(work),
@@ -304,20 +318,23 @@ def main() -> int:
         old = [r for r in records if (r["dataset"], r["category"], r["profile"]) == (dataset, category, args.profile)]
         if args.speed and not old:
             print(f"skipping {dataset}/{category}: no benchmark record to add speeds to")
-            return
+            return False
         if args.speed:  # the architecture must be the one the record was measured with
             cmd += [x for s in old[0].get("settings", []) for x in ("--set", s)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"failed: {dataset}/{category} seed {seed} (exit {proc.returncode})\n{proc.stdout[-2000:]}")
-            return
+            failed.append(job)
+            return False
         results.setdefault((dataset, category), []).append(json.loads(lines[-1][len("RESULT "):]))
+        return True
 
     lock = threading.Lock()
 
     def child_then_write(job: tuple[str, str, int]) -> None:
-        child(job)
+        if not child(job):  # nothing new: the files keep what they hold, and who wrote it
+            return
         with lock:  # every finished run is written at once: an interrupted benchmark keeps what it has
             nonlocal records
             records = merge_results(records, {k: v for k, v in results.items() if k == job[:2]}, args, command)
@@ -326,7 +343,9 @@ def main() -> int:
     jobs.sort(key=lambda j: (j[2], [c for _, c in CATEGORIES].index(j[1])))  # every category's first seed first
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(child_then_write, jobs))
-    return 0
+    if failed:
+        print(f"{len(failed)} of {len(jobs)} run(s) failed: " + ", ".join(f"{c} seed {s}" for _, c, s in failed))
+    return 1 if failed else 0
 
 
 def merge_results(records: list[dict], results: dict, args, command: str) -> list[dict]:
