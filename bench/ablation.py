@@ -82,8 +82,7 @@ VARIANTS: dict[str, dict] = {
     "faint_cracks": {"crack_contrast_min": 0.15},  # cracks from faint to black (default: from 40% of the way)
     "batch_8_faint_cracks": {"batch_size": 8, "crack_contrast_min": 0.15},  # batch_8 with faint_cracks
     "short_cracks": {"crack_points_max": 80, "crack_turn_min": 0.25},  # the cracks before: 20-80 points, all curly
-    "soft_cracks": {"crack_soft": True},  # cracks as photographed: soft edges, strength varying along them
-    "batch_8_soft_cracks": {"batch_size": 8, "crack_soft": True},
+    "hard_cracks": {"crack_soft": False},  # the cracks before: sharp edges, one strength along the whole crack
     "train_flips": {"train_augment_flip": True},  # mirror half the training images left-right
     "fewer_anomalies": {"anomaly_ratio": 0.3},  # 30% of each batch gets a synthetic anomaly (default 50%)
     "more_anomalies": {"anomaly_ratio": 0.7},  # 70%
@@ -114,10 +113,12 @@ VARIANTS: dict[str, dict] = {
     "long_cracks": LONG_CRACKS,
     "batch_8_long_cracks": {"batch_size": 8, **LONG_CRACKS},
     "long_soft_cracks": {**LONG_CRACKS, "crack_soft": True},
+    "soft_cracks": {"crack_soft": True},  # cracks as photographed: soft edges, strength varying along them
+    "batch_8_soft_cracks": {"batch_size": 8, "crack_soft": True},
 }
 # kept to label old rows; not in the default list of variants
 LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2", "long_cracks", "batch_8_long_cracks",
-          "long_soft_cracks")
+          "long_soft_cracks", "soft_cracks", "batch_8_soft_cracks")
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
@@ -150,8 +151,15 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
                              "points, all curly: crack_points_max 80, crack_turn_min 0.25): each variant changed "
                              "that profile (its own rows are the `bce_defect_2` rows measured against the "
                              "profile before the fifteenth session; today it is the variant `short_cracks`), and "
-                             "the variant `long_cracks` has today's default settings (`long_soft_cracks` is "
-                             "today's `soft_cracks`, `batch_8_long_cracks` today's `batch_8`)"}
+                             "the variant `long_cracks` has the settings of the profile from then to the "
+                             "twentieth session (today's variant `hard_cracks`); `long_soft_cracks` has today's "
+                             "default settings, `batch_8_long_cracks` those of today's `batch_8` with `hard_cracks`)",
+             "hard_cracks": "the fast profile before the twentieth session (2026-12-01; long synthetic cracks with "
+                            "sharp edges and one strength along each crack: crack_soft off): each variant changed "
+                            "that profile, so the profile itself is the `long_cracks` rows of the section measured "
+                            "against the short cracks, and the variant `soft_cracks` has today's default settings "
+                            "(its rows of seeds 0 and 1 are the models of bench/results.json since the twentieth "
+                            "session)"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 

@@ -335,7 +335,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                  resize_mode="aspect",
                  anomaly_families=("paste", "noise", "crack"), opacity_min=0.5, region_max=0.25, lambda_adv=0.0,
                  second_short_side=256, mask_texture_factor=3.0, seg_loss="bce", seg_defect_weight=2.0,
-                 crack_points_max=240, crack_turn_min=0.02),
+                 crack_points_max=240, crack_turn_min=0.02, crack_soft=True),
     # For tests and the demo: seconds, not minutes.
     "tiny": dict(image_size=64, base_channels=8, max_channels=32, seg_skips=True,
                  steps=200, batch_size=8, checkpoint_every=100, holdout_min=2, ema_decay=0.0),
