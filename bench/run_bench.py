@@ -219,6 +219,10 @@ def write_tables(records: list[dict], command: str) -> None:
             f"{f(r['best_iou'])} | {num(r['train_seconds'], 0)} | {num(r.get('peak_rss_mb'), 0)} | "
             f"{num(r.get('images_per_second'), 1)} | {num(r.get('images_per_second_single'), 1)} | "
             f"{r.get('onnx_images_per_second', 'n/a')} | {r.get('onnx_images_per_second_single', 'n/a')} |")
+    changed = [f"{r['category']} (`{' '.join('--set ' + x for x in r['settings'])}`)" for r in records
+               if r.get("settings")]
+    if changed:  # a row whose recipe is not the profile's as it stands
+        lines += ["", "Trained with settings other than the profile's: " + ", ".join(changed) + "."]
     lines += ["", "## Image-level scores (image AUROC)", "",
               "| dataset | category | max of map | top-k mean | detector | detector train s | img/s with detector |",
               "|---|---|---|---|---|---|---|"]

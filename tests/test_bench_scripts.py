@@ -72,3 +72,17 @@ def test_scripts_refuse_bad_arguments_before_running(script, argv, capsys, monke
         main()
     assert stop.value.code == 2
     assert f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_results_table_names_rows_trained_with_other_settings(run_bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_bench, "HERE", tmp_path)  # write the tables here, not over bench/results.*
+    base = {"dataset": "d", "profile": "fast", "seeds": [0, 1], "train_seconds": 1.0,
+            **{k: 0.5 for k in run_bench.KEYS}}
+    records = [{**base, "category": "plain", "settings": []},
+               {**base, "category": "older", "settings": ["crack_soft=false"]}]
+    run_bench.write_tables(records, "python bench/run_bench.py")
+    text = (tmp_path / "results.md").read_text()
+    assert "Trained with settings other than the profile's: older (`--set crack_soft=false`)." in text
+    assert "plain (" not in text
+    run_bench.write_tables(records[:1], "python bench/run_bench.py")
+    assert "other than the profile's" not in (tmp_path / "results.md").read_text()
