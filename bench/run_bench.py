@@ -365,7 +365,8 @@ def merge_results(records: list[dict], results: dict, args, command: str) -> lis
                 record["peak_rss_mb"] = max(record["peak_rss_mb"], old[0]["peak_rss_mb"])
         print(json.dumps({k: v for k, v in record.items() if k not in ("runs", "per_defect_type")}), flush=True)
         records = [r for r in records if (r["dataset"], r["category"], r["profile"]) != key] + [record]
-    return records
+    order = {c: i for i, c in enumerate(CATEGORIES)}  # the tables list the categories in one order, however run
+    return sorted(records, key=lambda r: (r["profile"], order.get((r["dataset"], r["category"]), len(order))))
 
 
 def merge_seeds(runs: list[dict]) -> dict:

@@ -86,3 +86,12 @@ def test_results_table_names_rows_trained_with_other_settings(run_bench, tmp_pat
     assert "plain (" not in text
     run_bench.write_tables(records[:1], "python bench/run_bench.py")
     assert "other than the profile's" not in (tmp_path / "results.md").read_text()
+
+
+def test_merged_records_keep_the_categories_order(run_bench):
+    rec = {"profile": "fast"}
+    records = [{**rec, "dataset": "magnetic_tile", "category": "magnetic_tile"},
+               {**rec, "dataset": "kolektorsdd", "category": "commutator"},
+               {**rec, "dataset": "mvtec_ad", "category": "bottle"}]
+    merged = run_bench.merge_results(records, {}, None, "python bench/run_bench.py")
+    assert [r["category"] for r in merged] == ["bottle", "commutator", "magnetic_tile"]
