@@ -114,11 +114,10 @@ VARIANTS: dict[str, dict] = {
     "batch_8_long_cracks": {"batch_size": 8, **LONG_CRACKS},
     "long_soft_cracks": {**LONG_CRACKS, "crack_soft": True},
     "soft_cracks": {"crack_soft": True},  # cracks as photographed: soft edges, strength varying along them
-    "batch_8_soft_cracks": {"batch_size": 8, "crack_soft": True},
 }
 # kept to label old rows; not in the default list of variants
 LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2", "long_cracks", "batch_8_long_cracks",
-          "long_soft_cracks", "soft_cracks", "batch_8_soft_cracks")
+          "long_soft_cracks", "soft_cracks")
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
