@@ -135,10 +135,14 @@ def test_family_sizes_span_thin_to_large():
     size, rng = 128, np.random.default_rng(0)
     flat = torch.full((3, size, size), 0.5)
     cfg = profile_config("fast", opacity_min=1.0)
-    area = {f: np.mean([synthesize(flat, flat, cfg.replace(anomaly_families=(f,)), rng)[1].mean().item()
-                        for _ in range(8)]) for f in ("crack", "shading")}
-    assert 0 < area["crack"] < 0.02  # thin lines (soft cracks, fast's, mark their anti-aliased rims too)
-    assert area["shading"] > 0.08  # large diffuse regions
+
+    def mean_area(family, **change):
+        c = cfg.replace(anomaly_families=(family,), **change)
+        return np.mean([synthesize(flat, flat, c, rng)[1].mean().item() for _ in range(8)])
+
+    assert 0 < mean_area("crack", crack_soft=False) < 0.01  # thin lines
+    assert 0 < mean_area("crack") < 0.02  # soft cracks (fast's) are thin too, and also mark their anti-aliased rims
+    assert mean_area("shading") > 0.08  # large diffuse regions
 
 
 def test_crack_contrast_min_bounds_how_far_a_crack_moves_the_surface():
