@@ -76,6 +76,7 @@ VARIANTS: dict[str, dict] = {
     # bce, defect pixels 2 or more pixels inside their region counted five times; thin cracks and rims once
     "bce_defect_5_inset_2": {"seg_loss": "bce", "seg_defect_weight": 5.0, "seg_defect_inset": 2},
     "batch_8": {"batch_size": 8},  # half the batch, so twice the steps (run_steps): the same images seen
+    "crop_overhang": {"crop_overhang": 0.5},  # training crops reach the image's sides far more often
     "batch_12": {"batch_size": 12},  # between batch_8 and the default: 4000 steps of 12, the same images seen
     "batch_8_lr_half": {"batch_size": 8, "lr": 1e-4},  # the same, at half the learning rate
     "batch_8_no_mask_texture": {"batch_size": 8, "mask_texture_factor": 0.0},  # batch_8, faint changes labelled defect

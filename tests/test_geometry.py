@@ -142,6 +142,32 @@ def test_crops_carry_their_place_in_the_whole_image():
         assert torch.allclose(c, whole[:, top:top + 64], atol=1e-6)
 
 
+def _first_column_share(cfg, draws: int = 2000) -> float:
+    """How often a 64 px crop of a 64 x 256 image holds the image's first column."""
+    im = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :], (3, 64, 256)).copy()
+    crops, coords = TrainingImages([im], cfg).crops(np.zeros(draws, dtype=int), np.random.default_rng(0))
+    left = crops[:, 0, 0, 0].numpy()
+    assert torch.allclose(coords[:, 0, 0, 0], torch.from_numpy(left * 2.0 / 255 - 1).float(), atol=1e-6)  # place kept
+    assert left.min() >= 0 and left.max() <= 256 - 64  # clamped: every crop lies inside the image
+    return float(np.mean(left == 0))
+
+
+def test_crop_overhang_moves_crops_onto_the_sides():
+    cfg = profile_config("tiny", resize_mode="aspect")
+    assert _first_column_share(cfg) < 0.02  # uniform offsets: 1 in 193
+    share = _first_column_share(cfg.replace(crop_overhang=0.5))  # 33 of 257 offsets clamp to 0
+    assert 0.09 < share < 0.17
+
+
+def test_crop_overhang_off_draws_the_crops_of_models_trained_before():
+    cfg = profile_config("tiny", resize_mode="aspect")
+    im = np.random.default_rng(0).integers(0, 256, (3, 64, 256), dtype=np.uint8)
+    crops, _ = TrainingImages([im], cfg).crops(np.zeros(50, dtype=int), np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    lefts = [(int(rng.integers(1)), int(rng.integers(193)))[1] for _ in range(50)]  # top's draw, then left's
+    assert torch.equal(crops, torch.from_numpy(np.stack([im[:, :, x:x + 64] for x in lefts])))
+
+
 def test_square_images_give_whole_images_and_no_coordinates():
     cfg = profile_config("tiny", resize_mode="aspect")
     im = np.zeros((3, 64, 64), dtype=np.uint8)

@@ -30,8 +30,8 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("ema_warmup",), lambda v: v >= 2, "must be at least 2 (at 1 the average would never move)"),
     (("crack_points_max",), lambda v: v >= 21, "must be at least 21 (a crack has 20 points or more)"),
     (("crack_turn_min",), lambda v: 0.0 < v <= 0.25, "must lie in (0, 0.25]"),
-    (("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction"), lambda v: 0.0 <= v <= 1.0,
-     "must lie in [0, 1]"),
+    (("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction", "crop_overhang"),
+     lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
     (("threshold_quantile", "map_threshold_quantile", "topk_fraction", "opacity_min", "crack_contrast_min"),
      lambda v: 0.0 < v <= 1.0,
      "must lie in (0, 1]"),
@@ -120,6 +120,7 @@ class Config:
     max_aspect: float = 4.0  # aspect mode: the long side is at most this many times the short side (longer is squashed)
     short_side: int = 0  # aspect mode: the short side inside the model (0 = image_size); crops stay image_size
     second_short_side: int = 0  # aspect mode: also train on and map each image at this short side; maps averaged
+    crop_overhang: float = 0.0  # aspect mode: crop offsets drawn this share of a crop beyond each side, then clamped
     # --- synthetic anomalies (hard augmentation) -----------------------------------
     anomaly_ratio: float = 0.5  # share of each batch that gets a synthetic anomaly
     anomaly_families: tuple[str, ...] = ("paste",)  # kinds per anomaly: paste (paper), noise, crack, shading, band

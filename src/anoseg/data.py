@@ -179,12 +179,23 @@ class TrainingImages:
             # one scale only draws nothing here, so its random stream is what it was before second scales
             im = self.second[i] if self.second is not None and rng.random() < 0.5 else self.images[i]
             h, w = im.shape[1:]
-            top, left = int(rng.integers(h - s + 1)), int(rng.integers(w - s + 1))
+            top, left = self._offset(h, rng), self._offset(w, rng)
             crops.append(im[:, top:top + s, left:left + s])
             ys = (np.arange(h, dtype=np.float32) * 2.0 / max(h - 1, 1) - 1.0)[top:top + s]  # as models.coord_channels
             xs = (np.arange(w, dtype=np.float32) * 2.0 / max(w - 1, 1) - 1.0)[left:left + s]
             coords.append(np.stack([np.broadcast_to(xs[None, :], (s, s)), np.broadcast_to(ys[:, None], (s, s))]))
         return torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(coords))
+
+    def _offset(self, length: int, rng: np.random.Generator) -> int:
+        """A crop's first row or column. Uniform offsets put a side's outermost pixels in a crop far less often
+        than the middle ones (1 in 193 crops against 2 in 3 for a 320 px side), so the map learns little about
+        them; ``crop_overhang`` draws the offset from a range that reaches that share of a crop beyond each
+        side and clamps it, which moves crops onto the sides."""
+        span = length - self.size + 1
+        over = round(self.cfg.crop_overhang * self.size)
+        if not over:
+            return int(rng.integers(span))  # the draws of models trained before the setting
+        return int(np.clip(rng.integers(-over, span + over), 0, span - 1))
 
 
 def _chw(image: np.ndarray) -> np.ndarray:
