@@ -13,10 +13,12 @@ anoseg.config.MAP_SHAPING) train nothing: after the training runs they are evalu
 model of the same category, seed and steps (kept in ABLATION_KEEP by an earlier run, else trained once for
 them), and their rows say "default's weights". A variant with another batch size trains proportionally more
 or fewer steps (`run_steps`), so it sees as many images as the others; its rows give the steps it trained.
-Runtime on 2 CPU cores with --jobs 2 (measured 2026-11-26, when the profile trained 2000 steps): a 600-step
-run takes 6-11 minutes and two run at once (21 runs took 88 minutes), a 2000-step run about 24 minutes; so
-every variant on all three categories takes about 4 hours with --quick, and without it about 10 hours at
-2000 steps (the profile's 3000 take about 1.5 times as long; not measured). On a lent GPU,
+Runtime on 2 CPU cores with --jobs 2: one 3000-step run takes 1,450-2,650 s of training while another
+shares the cores (measured 2026-11-28 to 2026-12-02; the machine's speed differs from one session to the
+next), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every variant on all three
+categories, one seed, is 58 trained variants, about 190 such runs once batch-size variants count their extra
+steps: 38-70 hours, estimated from those run times, never run in one go. --quick (600 steps) trains a fifth as long and evaluates the same
+(estimated; last measured 2026-11-26 at 600 steps: 21 runs in 88 minutes). On a lent GPU,
 bench/gpu_ablation.sh runs 16 at once (measured 2026-11-27: 2000 steps in about 3 minutes each).
 Variants change the `fast` profile's settings; `paper` is the paper's recipe at the fast profile's size
 (square resize, hard augmentation only, opaque pastes, no U-Net skips, no weight average).
