@@ -164,7 +164,10 @@ def test_crop_overhang_off_draws_the_crops_of_models_trained_before():
     im = np.random.default_rng(0).integers(0, 256, (3, 64, 256), dtype=np.uint8)
     crops, _ = TrainingImages([im], cfg).crops(np.zeros(50, dtype=int), np.random.default_rng(3))
     rng = np.random.default_rng(3)
-    lefts = [(int(rng.integers(1)), int(rng.integers(193)))[1] for _ in range(50)]  # top's draw, then left's
+    lefts = []
+    for _ in range(50):
+        rng.integers(1)  # the top offset's draw: the image is one crop high
+        lefts.append(int(rng.integers(193)))
     assert torch.equal(crops, torch.from_numpy(np.stack([im[:, :, x:x + 64] for x in lefts])))
 
 
