@@ -16,7 +16,7 @@ or fewer steps (`run_steps`), so it sees as many images as the others; its rows 
 Runtime on 2 CPU cores with --jobs 2: one 3000-step run takes 1,450-2,650 s of training while another
 shares the cores (measured 2026-11-28 to 2026-12-02; the machine's speed differs from one session to the
 next), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every variant on all three
-categories, one seed, is 58 trained variants, about 190 such runs once batch-size variants count their extra
+categories, one seed, is 60 trained variants, about 190 such runs once batch-size variants count their extra
 steps: 38-70 hours, estimated from those run times, never run in one go. --quick (600 steps) trains a fifth
 as long and evaluates the same (estimated; last measured 2026-11-26 at 600 steps: 21 runs in 88 minutes).
 On a lent GPU, bench/gpu_ablation.sh runs 16 at once (measured 2026-11-27: 2000 steps in about 3 minutes
@@ -62,6 +62,7 @@ VARIANTS: dict[str, dict] = {
     "no_crack": {"anomaly_families": "-crack"},
     "with_shading": {"anomaly_families": ["paste", "noise", "crack", "shading"]},  # + large shading changes
     "with_band": {"anomaly_families": ["paste", "noise", "crack", "band"]},  # + bands across the surface
+    "with_streak": {"anomaly_families": ["paste", "noise", "crack", "streak"]},  # + streakier texture regions
     "square_with_shading": {"resize_mode": "square", "second_short_side": 0,
                             "anomaly_families": ["paste", "noise", "crack", "shading"]},
     "no_smoothing": {"smoothing_sigma": 0.0},
@@ -80,6 +81,7 @@ VARIANTS: dict[str, dict] = {
     "bce_defect_5_inset_2": {"seg_loss": "bce", "seg_defect_weight": 5.0, "seg_defect_inset": 2},
     "batch_8": {"batch_size": 8},  # half the batch, so twice the steps (run_steps): the same images seen
     "crop_overhang": {"crop_overhang": 0.5},  # training crops reach the image's sides far more often
+    "crop_overhang_025": {"crop_overhang": 0.25},  # half that overhang: the sides trained on less often
     "batch_12": {"batch_size": 12},  # between batch_8 and the default: 4000 steps of 12, the same images seen
     "batch_8_lr_half": {"batch_size": 8, "lr": 1e-4},  # the same, at half the learning rate
     "batch_8_no_mask_texture": {"batch_size": 8, "mask_texture_factor": 0.0},  # batch_8, faint changes labelled defect

@@ -1,12 +1,24 @@
 """Hard augmentation and coordinate channels."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from anoseg import profile_config
-from anoseg.augment import color_jitter, grain, make_batch, min_visible_change, permute_patches, region_mask, synthesize
+from anoseg.augment import (
+    color_jitter,
+    grain,
+    grain_direction,
+    line_blur,
+    make_batch,
+    min_visible_change,
+    permute_patches,
+    region_mask,
+    synthesize,
+)
 from anoseg.config import Config
 from anoseg.errors import ConfigError
 from anoseg.models import coord_channels
@@ -263,3 +275,57 @@ def test_feathered_edges_blend_softly_and_label_the_inner_half():
     crack = sharp.replace(anomaly_families=("crack",), edge_feather=12)
     assert torch.equal(synthesize(target + 0.5, source, crack, np.random.default_rng(3))[1],
                        synthesize(target + 0.5, source, crack.replace(edge_feather=0), np.random.default_rng(3))[1])
+
+
+def _streaked(size=64, seed=0):
+    """Vertical grinding streaks: each column its own brightness, with faint noise along them."""
+    g = torch.Generator().manual_seed(seed)
+    columns = 0.5 + 0.05 * torch.randn(1, 1, size, generator=g)
+    return (columns + 0.01 * torch.randn(1, size, size, generator=g)).expand(3, size, size).clamp(0, 1).contiguous()
+
+
+def _directionality(img, sel):
+    """mean |d/dx| over mean |d/dy| inside `sel`: above 1 for vertical streaks."""
+    grey = img.mean(0)
+    dx = (grey[:, 1:] - grey[:, :-1]).abs()[sel[:, 1:]].mean()
+    dy = (grey[1:] - grey[:-1]).abs()[sel[1:]].mean()
+    return float(dx / dy)
+
+
+def test_line_blur_smooths_along_its_line_only():
+    img = _streaked()
+    along, across = line_blur(img, math.pi / 2, 9), line_blur(img, 0.0, 9)
+    flat = torch.full((3, 16, 16), 0.3)
+    assert torch.allclose(line_blur(flat, 1.0, 7), flat)
+    assert along.shape == img.shape
+    everywhere = torch.ones(64, 64, dtype=torch.bool)
+    assert _directionality(along, everywhere) > 2 * _directionality(img, everywhere)
+    assert (across[:, :, 10:-10].std(dim=2).mean() < 0.5 * img[:, :, 10:-10].std(dim=2).mean())  # columns evened out
+
+
+def test_grain_direction_runs_along_the_streaks():
+    assert abs(math.sin(grain_direction(_streaked()) - math.pi / 2)) < 0.1
+    assert abs(math.sin(grain_direction(_streaked().transpose(1, 2))) - 0.0) < 0.1
+
+
+def test_streak_family_makes_its_region_streakier_and_marks_it():
+    cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0, region_min=0.1, region_max=0.2)
+    img = _streaked()
+    raised = 0
+    for seed in range(8):
+        out, mask = synthesize(img, img, cfg, np.random.default_rng(seed))
+        m = mask[0].bool()
+        assert out.min() >= 0 and out.max() <= 1 and mask.shape == (1, 64, 64)
+        assert 0 < m.float().mean() < 0.5  # a region, not the whole image
+        change = (out - img).abs().amax(0)
+        assert change[~m].mean() < 0.5 * change[m].mean()  # the change lies in the marked region
+        raised += _directionality(out, m) > _directionality(img, m) * 1.2
+    assert raised >= 3  # about half the draws follow the surface's own grain, so its streaks grow
+
+
+def test_streak_family_marks_nothing_on_a_flat_surface():
+    cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0)
+    flat = torch.full((3, 64, 64), 0.5)
+    for seed in range(4):
+        out, mask = synthesize(flat, flat, cfg, np.random.default_rng(seed))
+        assert torch.allclose(out, flat) and mask.sum() == 0  # nothing to streak: no change, no label

@@ -4,7 +4,7 @@ The paper's hard augmentation (section 3.1, family ``paste``): an augmented copy
 (rotation, patch permutation, colour jitter, each with probability 0.5) is pasted into a random region
 of a normal image; that region is the mask. Other families (``anomaly_families``) add defect-like
 regions the paper does not have: noise-shaped foreign regions, thin cracks, large shading changes,
-bands across the surface.
+bands across the surface, regions whose texture runs more strongly along one direction.
 All functions take a NumPy ``Generator`` so that a run is repeatable from its seed.
 """
 
@@ -250,8 +250,49 @@ def band(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     return fill, mask
 
 
-FAMILIES = {"paste": paste, "noise": noise_region, "crack": crack, "shading": shading, "band": band}
-AREA_FAMILIES = ("band",)  # low-contrast changes of texture: many single pixels barely move
+def grain_direction(image: torch.Tensor) -> float:
+    """The angle (radians) along which a 3 x H x W image's texture runs: across its mean gradient's main
+    direction (the structure tensor's), so along grinding streaks or brush marks."""
+    grey = image.mean(dim=0)
+    gx, gy = grey[:, 1:] - grey[:, :-1], grey[1:, :] - grey[:-1, :]
+    jxx, jyy = float((gx**2).mean()), float((gy**2).mean())
+    jxy = float((gx[1:, :] * gy[:, 1:]).mean())
+    return 0.5 * math.atan2(2 * jxy, jxx - jyy) + math.pi / 2
+
+
+def line_blur(image: torch.Tensor, angle: float, length: int) -> torch.Tensor:
+    """A 3 x H x W image averaged along a line of `length` pixels at `angle` (a motion blur; edges reflected)."""
+    t = np.arange(length) - (length - 1) / 2
+    offsets = sorted({(round(v * math.sin(angle)), round(v * math.cos(angle))) for v in t})  # (dy, dx)
+    r = (length + 1) // 2
+    padded = F.pad(image[None], (r, r, r, r), mode="reflect")[0]
+    h, w = image.shape[-2:]
+    return sum(padded[:, r + dy:r + dy + h, r + dx:r + dx + w] for dy, dx in offsets) / len(offsets)
+
+
+def streak(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: ARG001
+           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A region whose texture runs more strongly along one direction: ground deeper, brushed or smeared.
+
+    The surface is averaged along a line (half the time along its own grain, else at any angle) and
+    that streaked texture's contrast raised. Real `uneven` grinding (magnetic tile) is such a region:
+    its streaks are more directional than any normal tile's, at the same brightness.
+    """
+    size = target.shape[-1]
+    region = _blob(size, region_area(cfg, rng), int(rng.integers(2, 8)), rng)
+    angle = grain_direction(target) if rng.random() < 0.5 else float(rng.uniform(0, math.pi))
+    length = int(rng.integers(5, 16))
+    streaked = line_blur(target, angle, length)
+    local = box_blur(target, length // 2)
+    gain = float(rng.uniform(2.0, 4.0))
+    return (local + gain * (streaked - local)).clamp(0, 1), region
+
+
+FAMILIES = {"paste": paste, "noise": noise_region, "crack": crack, "shading": shading, "band": band,
+            "streak": streak}
+AREA_FAMILIES = ("band", "streak")  # low-contrast changes of texture: many single pixels barely move
+# changes of the texture itself: visible once they are large against the surface's own grain, however faint
+TEXTURE_FAMILIES = ("streak",)
 FEATHERED_FAMILIES = ("paste", "noise")  # cracks are too thin to soften; shading and band have soft edges already
 
 
@@ -271,14 +312,18 @@ def grain(image: torch.Tensor) -> float:
     return float((image - box_blur(image, 2)).abs().amax(dim=0).median())
 
 
-def min_visible_change(target: torch.Tensor, cfg: Config, averaged: bool = False) -> float:
+def min_visible_change(target: torch.Tensor, cfg: Config, averaged: bool = False, family: str = "") -> float:
     """The least change of a pixel that the mask calls a defect.
 
     ``mask_min_diff`` everywhere; with ``mask_texture_factor`` also that many times the target's own
     grain, so a change no larger than the surface's normal pixel-to-pixel variation is not called a defect
     on a grainy surface, while a smooth one keeps the fixed floor. A change `averaged` over a neighbourhood
-    (the area families) has the grain evened out already, so it keeps the fixed floor too.
+    (the area families) has the grain evened out already, so it keeps the fixed floor too. A change of the
+    texture itself (`family` in TEXTURE_FAMILIES) counts from half the grain: on a faint texture, made
+    stronger or streakier, no pixel moves far, yet the region looks different.
     """
+    if family in TEXTURE_FAMILIES:
+        return max(cfg.mask_min_diff / 4, grain(target) / 2)
     if cfg.mask_texture_factor <= 0 or averaged:
         return cfg.mask_min_diff
     return max(cfg.mask_min_diff, cfg.mask_texture_factor * grain(target))
@@ -304,7 +349,7 @@ def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     averaged = family in AREA_FAMILIES
     if averaged:  # a large region counts where it changed on average, not pixel by pixel
         change = box_blur(change, 4)
-    changed = change > min_visible_change(target, cfg, averaged)
+    changed = change > min_visible_change(target, cfg, averaged, family)
     return out, ((alpha >= 0.5) & changed).float()[None]  # a soft edge counts where it is at least half in
 
 

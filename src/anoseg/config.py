@@ -17,7 +17,7 @@ CONFIG_VERSION = 1
 SEG_LOSSES = ("focal", "bce", "l1", "asymmetric")
 TTA_FLIPS = {"none": [()], "h": [(), (3,)], "v": [(), (2,)], "hv": [(), (3,), (2,), (2, 3)]}  # flipped dims
 REGION_SHAPES = ("rect", "ellipse", "scar")
-ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading", "band")
+ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading", "band", "streak")
 RESIZE_MODES = ("square", "aspect")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
@@ -123,7 +123,7 @@ class Config:
     crop_overhang: float = 0.0  # aspect mode: crop offsets drawn this share of a crop beyond each side, then clamped
     # --- synthetic anomalies (hard augmentation) -----------------------------------
     anomaly_ratio: float = 0.5  # share of each batch that gets a synthetic anomaly
-    anomaly_families: tuple[str, ...] = ("paste",)  # kinds per anomaly: paste (paper), noise, crack, shading, band
+    anomaly_families: tuple[str, ...] = ("paste",)  # kinds: paste (paper), noise, crack, shading, band, streak
     opacity_min: float = 1.0  # each anomaly is blended in with an opacity drawn from [opacity_min, 1] (1 = opaque)
     crack_contrast_min: float = 0.4  # a crack darkens or brightens the surface by a share drawn from [this, 1]
     crack_points_max: int = 80  # a crack's random walk has 20 to this many points (0.3-1.5 px apart)
