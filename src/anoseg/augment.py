@@ -274,13 +274,13 @@ def streak(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: ARG
            rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A region whose texture runs more strongly along one direction: ground deeper, brushed or smeared.
 
-    The surface is averaged along a line (half the time along its own grain, else at any angle) and
-    that streaked texture's contrast raised. Real `uneven` grinding (magnetic tile) is such a region:
-    its streaks are more directional than any normal tile's, at the same brightness.
+    The surface is averaged along a line (along its own grain for a share ``cfg.streak_own_grain`` of
+    them, else at any angle) and that streaked texture's contrast raised. Real `uneven` grinding (magnetic
+    tile) is such a region: its streaks are more directional than any normal tile's, at the same brightness.
     """
     size = target.shape[-1]
     region = _blob(size, region_area(cfg, rng), int(rng.integers(2, 8)), rng)
-    angle = grain_direction(target) if rng.random() < 0.5 else float(rng.uniform(0, math.pi))
+    angle = grain_direction(target) if rng.random() < cfg.streak_own_grain else float(rng.uniform(0, math.pi))
     length = int(rng.integers(5, 16))
     streaked = line_blur(target, angle, length)
     local = box_blur(target, length // 2)
