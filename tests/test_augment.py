@@ -321,6 +321,10 @@ def test_streak_family_makes_its_region_streakier_and_marks_it():
         assert change[~m].mean() < 0.5 * change[m].mean()  # the change lies in the marked region
         raised += _directionality(out, m) > _directionality(img, m) * 1.2
     assert raised >= 3  # about half the draws follow the surface's own grain, so its streaks grow
+    along = cfg.replace(streak_own_grain=1.0)
+    for seed in range(4):  # every draw along the grain: the streaks grow each time
+        out, mask = synthesize(img, img, along, np.random.default_rng(seed))
+        assert _directionality(out, mask[0].bool()) > 1.2 * _directionality(img, mask[0].bool())
 
 
 def test_streak_family_marks_nothing_on_a_flat_surface():
