@@ -16,8 +16,8 @@ or fewer steps (`run_steps`), so it sees as many images as the others; its rows 
 Runtime on 2 CPU cores with --jobs 2: one 3000-step run takes 1,450-2,650 s of training while another
 shares the cores (measured 2026-11-28 to 2026-12-02; the machine's speed differs from one session to the
 next), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every variant on all three
-categories, one seed, is 61 trained variants, about 190 such runs once batch-size variants count their extra
-steps: 38-70 hours, estimated from those run times, never run in one go. --quick (600 steps) trains a fifth
+categories, one seed, is 61 trained variants, about 200 such runs once batch-size variants count their extra
+steps: 40-74 hours, estimated from those run times, never run in one go. --quick (600 steps) trains a fifth
 as long and evaluates the same (estimated; last measured 2026-11-26 at 600 steps: 21 runs in 88 minutes).
 On a lent GPU, bench/gpu_ablation.sh runs 16 at once (measured 2026-11-27: 2000 steps in about 3 minutes
 each).

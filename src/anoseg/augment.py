@@ -312,19 +312,19 @@ def grain(image: torch.Tensor) -> float:
     return float((image - box_blur(image, 2)).abs().amax(dim=0).median())
 
 
-def min_visible_change(target: torch.Tensor, cfg: Config, averaged: bool = False, family: str = "") -> float:
+def min_visible_change(target: torch.Tensor, cfg: Config, family: str = "") -> float:
     """The least change of a pixel that the mask calls a defect.
 
     ``mask_min_diff`` everywhere; with ``mask_texture_factor`` also that many times the target's own
     grain, so a change no larger than the surface's normal pixel-to-pixel variation is not called a defect
-    on a grainy surface, while a smooth one keeps the fixed floor. A change `averaged` over a neighbourhood
-    (the area families) has the grain evened out already, so it keeps the fixed floor too. A change of the
-    texture itself (`family` in TEXTURE_FAMILIES) counts from half the grain: on a faint texture, made
+    on a grainy surface, while a smooth one keeps the fixed floor. The change of a `family` in AREA_FAMILIES
+    is averaged over a neighbourhood, which evens out the grain already, so it keeps the fixed floor too. A
+    change of the texture itself (TEXTURE_FAMILIES) counts from half the grain: on a faint texture, made
     stronger or streakier, no pixel moves far, yet the region looks different.
     """
     if family in TEXTURE_FAMILIES:
         return max(cfg.mask_min_diff / 4, grain(target) / 2)
-    if cfg.mask_texture_factor <= 0 or averaged:
+    if cfg.mask_texture_factor <= 0 or family in AREA_FAMILIES:
         return cfg.mask_min_diff
     return max(cfg.mask_min_diff, cfg.mask_texture_factor * grain(target))
 
@@ -346,10 +346,9 @@ def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     opacity = 1.0 if cfg.opacity_min >= 1.0 else float(rng.uniform(cfg.opacity_min, 1.0))
     out = target + opacity * alpha[None] * (src - target)
     change = (out - target).abs().amax(dim=0)
-    averaged = family in AREA_FAMILIES
-    if averaged:  # a large region counts where it changed on average, not pixel by pixel
+    if family in AREA_FAMILIES:  # a large region counts where it changed on average, not pixel by pixel
         change = box_blur(change, 4)
-    changed = change > min_visible_change(target, cfg, averaged, family)
+    changed = change > min_visible_change(target, cfg, family)
     return out, ((alpha >= 0.5) & changed).float()[None]  # a soft edge counts where it is at least half in
 
 
