@@ -62,9 +62,9 @@ VARIANTS: dict[str, dict] = {
     "no_crack": {"anomaly_families": "-crack"},
     "with_shading": {"anomaly_families": ["paste", "noise", "crack", "shading"]},  # + large shading changes
     "with_band": {"anomaly_families": ["paste", "noise", "crack", "band"]},  # + bands across the surface
-    "with_streak": {"anomaly_families": ["paste", "noise", "crack", "streak"]},  # + streakier texture regions
-    # the same, every streak along the surface's own grain (none at a random angle)
-    "with_streak_own": {"anomaly_families": ["paste", "noise", "crack", "streak"], "streak_own_grain": 1.0},
+    "no_streak": {"anomaly_families": "-streak"},  # the default before the twenty-sixth session
+    # half the streaks at a random angle, not along the surface's own grain
+    "streak_any_angle": {"streak_own_grain": 0.5},
     "square_with_shading": {"resize_mode": "square", "second_short_side": 0,
                             "anomaly_families": ["paste", "noise", "crack", "shading"]},
     "no_smoothing": {"smoothing_sigma": 0.0},
@@ -123,10 +123,12 @@ VARIANTS: dict[str, dict] = {
     "batch_8_long_cracks": {"batch_size": 8, **LONG_CRACKS},
     "long_soft_cracks": {**LONG_CRACKS, "crack_soft": True},
     "soft_cracks": {"crack_soft": True},  # cracks as photographed: soft edges, strength varying along them
+    # + streakier texture regions, half of them at a random angle (measured against the profile without streak)
+    "with_streak": {"anomaly_families": ["paste", "noise", "crack", "streak"], "streak_own_grain": 0.5},
 }
 # kept to label old rows; not in the default list of variants
 LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2", "long_cracks", "batch_8_long_cracks",
-          "long_soft_cracks", "soft_cracks")
+          "long_soft_cracks", "soft_cracks", "with_streak")
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
@@ -160,14 +162,21 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
                              "that profile (its own rows are the `bce_defect_2` rows measured against the "
                              "profile before the fifteenth session; today it is the variant `short_cracks`), and "
                              "the variant `long_cracks` has the settings of the profile from then to the "
-                             "twentieth session (today's variant `hard_cracks`); `long_soft_cracks` has today's "
-                             "default settings, `batch_8_long_cracks` those of today's `batch_8` with `hard_cracks`)",
+                             "twentieth session (today's variant `hard_cracks`); `long_soft_cracks` has the "
+                             "default settings of the twentieth to twenty-fifth sessions, `batch_8_long_cracks` "
+                             "those of `batch_8` with `hard_cracks`)",
              "hard_cracks": "the fast profile before the twentieth session (2026-12-01; long synthetic cracks with "
                             "sharp edges and one strength along each crack: crack_soft off): each variant changed "
                             "that profile, so the profile itself is the `long_cracks` rows of the section measured "
-                            "against the short cracks, and the variant `soft_cracks` has today's default settings "
-                            "(its rows of seeds 0 and 1 are the models of bench/results.json since the twentieth "
-                            "session)"}
+                            "against the short cracks, and the variant `soft_cracks` has the default settings of the "
+                            "twentieth to twenty-fifth sessions "
+                            "(its rows of seeds 0 and 1 are the models of bench/results.json from the twentieth "
+                            "to the twenty-sixth session)",
+             "no_streak": "the fast profile before the twenty-sixth session (2026-12-02; anomaly families paste, "
+                          "noise and crack, without streak): each variant changed that profile, so `default` here "
+                          "is today's variant `no_streak`, and the variant then named `with_streak_own` (streak "
+                          "added, every streak along the surface's own grain) is today's default: its rows are "
+                          "listed as `default` under the current fast profile"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 

@@ -230,6 +230,10 @@ def write_tables(records: list[dict], command: str) -> None:
         lines.append(f"| {r['dataset']} | {r['category']} | {f(r.get('image_auroc_max'))} | "
                      f"{f(r.get('image_auroc_topk'))} | {f(r.get('image_auroc_detector'))} | "
                      f"{r.get('detector_train_seconds', 'n/a')} | {r.get('images_per_second_with_detector', 'n/a')} |")
+    pending = [r["category"] for r in records if r.get("image_auroc_detector") is None]
+    if pending:  # say so, rather than leave a bare n/a: the detector is trained by a separate pass
+        lines += ["", f"No detector trained on these models yet: {', '.join(pending)} (`python bench/run_bench.py "
+                  "--reuse --detector` trains and scores it on the models in --work)."]
     lines += ["", "## Per defect type (each type's images and all normal images; mean over seeds)", "",
               "| category | defect type | images | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC |",
               "|---|---|---|---|---|---|---|"]

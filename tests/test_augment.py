@@ -249,7 +249,7 @@ def test_paper_profile_keeps_the_papers_augmentation():
     cfg = profile_config("paper")
     assert cfg.anomaly_families == ("paste",) and cfg.opacity_min == 1.0 and cfg.resize_mode == "square"
     assert cfg.mask_texture_factor == 0.0 < profile_config("fast").mask_texture_factor  # the grain rule is ours
-    assert set(profile_config("fast").anomaly_families) == {"paste", "noise", "crack"}
+    assert set(profile_config("fast").anomaly_families) == {"paste", "noise", "crack", "streak"}
 
 
 def test_fast_profile_draws_soft_cracks_and_older_configs_keep_hard_ones():
@@ -309,7 +309,8 @@ def test_grain_direction_runs_along_the_streaks():
 
 
 def test_streak_family_makes_its_region_streakier_and_marks_it():
-    cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0, region_min=0.1, region_max=0.2)
+    cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0, region_min=0.1, region_max=0.2,
+                         streak_own_grain=0.5)
     img = _streaked()
     raised = 0
     for seed in range(8):

@@ -137,7 +137,7 @@ class Config:
     p_jitter: float = 0.5  # probability of colour jitter
     permute_grid: int = 4  # the augmented copy is cut into grid x grid patches and shuffled
     jitter_strength: float = 0.4  # brightness/contrast/saturation range, hue is a quarter of it
-    streak_own_grain: float = 0.5  # share of streak anomalies that run along the surface's own grain (else any angle)
+    streak_own_grain: float = 1.0  # share of streak anomalies that run along the surface's own grain (else any angle)
     edge_feather: int = 0  # paste and noise regions blend in over a soft edge up to this many pixels wide (0 = sharp)
     mask_min_diff: float = 0.02  # pasted pixels that changed less than this are not marked as defect
     mask_texture_factor: float = 0.0  # ... nor less than this times the image grain (median gap to a 5 px mean); 0: off
@@ -334,8 +334,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Sized to train one category on 2 CPU cores in well under 30 minutes (about 17).
     "fast": dict(image_size=128, base_channels=16, max_channels=256, seg_skips=True,
                  steps=3000, lr_schedule="cosine", batch_size=16, smoothing_sigma=2.0, peak_boost=2.0,
-                 resize_mode="aspect",
-                 anomaly_families=("paste", "noise", "crack"), opacity_min=0.5, region_max=0.25, lambda_adv=0.0,
+                 resize_mode="aspect", anomaly_families=("paste", "noise", "crack", "streak"),
+                 opacity_min=0.5, region_max=0.25, lambda_adv=0.0,
                  second_short_side=256, mask_texture_factor=3.0, seg_loss="bce", seg_defect_weight=2.0,
                  crack_points_max=240, crack_turn_min=0.02, crack_soft=True),
     # For tests and the demo: seconds, not minutes.
