@@ -65,6 +65,8 @@ VARIANTS: dict[str, dict] = {
     "no_streak": {"anomaly_families": "-streak"},  # the default before the twenty-sixth session
     # half the streaks at a random angle, not along the surface's own grain
     "streak_any_angle": {"streak_own_grain": 0.5},
+    # half the streak regions a band across the image (10-50% of it), as `uneven` grinding crosses a tile
+    "streak_bands": {"streak_band": 0.5},
     "square_with_shading": {"resize_mode": "square", "second_short_side": 0,
                             "anomaly_families": ["paste", "noise", "crack", "shading"]},
     "no_smoothing": {"smoothing_sigma": 0.0},

@@ -328,6 +328,30 @@ def test_streak_family_makes_its_region_streakier_and_marks_it():
         assert _directionality(out, mask[0].bool()) > 1.2 * _directionality(img, mask[0].bool())
 
 
+def _spans_the_image(mask):
+    """True where a mask is a band across the image: every row, or every column, holds a marked pixel."""
+    return bool(mask.any(dim=1).all()) or bool(mask.any(dim=0).all())
+
+
+def test_streak_bands_cross_the_whole_image_and_leave_the_default_draws_alone():
+    cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0, region_min=0.01, region_max=0.05)
+    img = _streaked()
+    bands = cfg.replace(streak_band=1.0)
+    for seed in range(6):
+        out, mask = synthesize(img, img, bands, np.random.default_rng(seed))
+        m = mask[0].bool()
+        assert _spans_the_image(m) and 0.05 < m.float().mean() < 0.6  # a band, 10-50% of the image
+        assert _directionality(out, m) > 1.2 * _directionality(img, m)
+    # blobs of at most 5% never span the image; streak_band 0 draws exactly what the setting's absence drew
+    assert not any(_spans_the_image(synthesize(img, img, cfg, np.random.default_rng(s))[1][0].bool())
+                   for s in range(6))
+    half = [_spans_the_image(synthesize(img, img, cfg.replace(streak_band=0.5), np.random.default_rng(s))[1][0].bool())
+            for s in range(40)]
+    assert 8 <= sum(half) <= 32
+    with pytest.raises(ConfigError, match="streak_band"):
+        cfg.replace(streak_band=1.5)
+
+
 def test_streak_family_marks_nothing_on_a_flat_surface():
     cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0)
     flat = torch.full((3, 64, 64), 0.5)

@@ -276,10 +276,14 @@ def streak(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: ARG
 
     The surface is averaged along a line (along its own grain for a share ``cfg.streak_own_grain`` of
     them, else at any angle) and that streaked texture's contrast raised. Real `uneven` grinding (magnetic
-    tile) is such a region: its streaks are more directional than any normal tile's, at the same brightness.
+    tile) is such a region: its streaks are more directional than any normal tile's, at the same brightness,
+    over a band across the whole tile; a share ``cfg.streak_band`` of the regions are such bands.
     """
     size = target.shape[-1]
-    region = _blob(size, region_area(cfg, rng), int(rng.integers(2, 8)), rng)
+    if cfg.streak_band and rng.random() < cfg.streak_band:  # at 0 nothing is drawn: earlier runs stay as they were
+        region = _band_mask(size, rng)
+    else:
+        region = _blob(size, region_area(cfg, rng), int(rng.integers(2, 8)), rng)
     angle = grain_direction(target) if rng.random() < cfg.streak_own_grain else float(rng.uniform(0, math.pi))
     length = int(rng.integers(5, 16))
     streaked = line_blur(target, angle, length)

@@ -30,7 +30,8 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("ema_warmup",), lambda v: v >= 2, "must be at least 2 (at 1 the average would never move)"),
     (("crack_points_max",), lambda v: v >= 21, "must be at least 21 (a crack has 20 points or more)"),
     (("crack_turn_min",), lambda v: 0.0 < v <= 0.25, "must lie in (0, 0.25]"),
-    (("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction", "crop_overhang", "streak_own_grain"),
+    (("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction", "crop_overhang", "streak_own_grain",
+      "streak_band"),
      lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
     (("threshold_quantile", "map_threshold_quantile", "topk_fraction", "opacity_min", "crack_contrast_min"),
      lambda v: 0.0 < v <= 1.0,
@@ -138,6 +139,7 @@ class Config:
     permute_grid: int = 4  # the augmented copy is cut into grid x grid patches and shuffled
     jitter_strength: float = 0.4  # brightness/contrast/saturation range, hue is a quarter of it
     streak_own_grain: float = 1.0  # share of streak anomalies that run along the surface's own grain (else any angle)
+    streak_band: float = 0.0  # share of streak anomalies whose region is a band across the image (else a blob)
     edge_feather: int = 0  # paste and noise regions blend in over a soft edge up to this many pixels wide (0 = sharp)
     mask_min_diff: float = 0.02  # pasted pixels that changed less than this are not marked as defect
     mask_texture_factor: float = 0.0  # ... nor less than this times the image grain (median gap to a 5 px mean); 0: off
