@@ -1,7 +1,7 @@
 """Ablation: the default recipe against the paper's and with each part switched off, on the real categories.
 
-    python bench/ablation.py                 # every variant x category, fast profile length (3,000 steps)
-    python bench/ablation.py --quick         # 600 steps: a smaller run with the same variants
+    python bench/ablation.py                 # every variant x category, fast profile length (6,000 steps of 8)
+    python bench/ablation.py --quick         # 1,200 steps: a smaller run with the same variants
     python bench/ablation.py --only commutator --variants default,paper --jobs 2
 
 Each run trains in its own process (`--jobs` at a time, CPU threads split between them) and is written
@@ -13,12 +13,14 @@ anoseg.config.MAP_SHAPING) train nothing: after the training runs they are evalu
 model of the same category, seed and steps (kept in ABLATION_KEEP by an earlier run, else trained once for
 them), and their rows say "default's weights". A variant with another batch size trains proportionally more
 or fewer steps (`run_steps`), so it sees as many images as the others; its rows give the steps it trained.
-Runtime on 2 CPU cores with --jobs 2: one 3000-step run takes 1,450-2,650 s of training while another
-shares the cores (measured 2026-11-28 to 2026-12-02; the machine's speed differs from one session to the
-next), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every variant on all three
-categories, one seed, is 61 trained variants, about 200 such runs once batch-size variants count their extra
-steps: 40-74 hours, estimated from those run times, never run in one go. --quick (600 steps) trains a fifth
-as long and evaluates the same (estimated; last measured 2026-11-26 at 600 steps: 21 runs in 88 minutes).
+Runtime on 2 CPU cores with --jobs 2: one run of the profile (6000 steps of 8) takes 2,780-2,820 s of
+training while another shares the cores (measured 2026-12-03; 3000 steps of 16 took 1,450-2,650 s from
+2026-11-28 to 2026-12-02; the machine's speed differs from one session to the next), plus about 2 (bottle)
+to 7 (magnetic tile) minutes of evaluation. Every variant on all three
+categories, one seed, is 62 trained variants, about 190 such runs (batch-size variants take proportionally
+longer or shorter): about 80 hours with two at a time, estimated from those run times, never run in one go.
+--quick trains a fifth of the profile's steps (1,200) and evaluates the same (estimated; last measured
+2026-11-26 at 600 steps of 16: 21 runs in 88 minutes).
 On a lent GPU, bench/gpu_ablation.sh runs 16 at once (measured 2026-11-27: 2000 steps in about 3 minutes
 each).
 Variants change the `fast` profile's settings; `paper` is the paper's recipe at the fast profile's size
@@ -83,10 +85,12 @@ VARIANTS: dict[str, dict] = {
     "with_dice": {"seg_dice_weight": 1.0},  # plus a soft Dice loss per image: small defects weigh as large ones
     # bce, defect pixels 2 or more pixels inside their region counted five times; thin cracks and rims once
     "bce_defect_5_inset_2": {"seg_loss": "bce", "seg_defect_weight": 5.0, "seg_defect_inset": 2},
+    # the profile's batch since the twenty-seventh session (was 16): its rows before then name it
     "batch_8": {"batch_size": 8},  # half the batch, so twice the steps (run_steps): the same images seen
+    "batch_16": {"batch_size": 16},  # the default before the twenty-seventh session: 3000 steps of 16
     "crop_overhang": {"crop_overhang": 0.5},  # training crops reach the image's sides far more often
     "crop_overhang_025": {"crop_overhang": 0.25},  # half that overhang: the sides trained on less often
-    "batch_12": {"batch_size": 12},  # between batch_8 and the default: 4000 steps of 12, the same images seen
+    "batch_12": {"batch_size": 12},  # between batch 8 and 16: 4000 steps of 12, the same images seen
     "batch_8_lr_half": {"batch_size": 8, "lr": 1e-4},  # the same, at half the learning rate
     "batch_8_no_mask_texture": {"batch_size": 8, "mask_texture_factor": 0.0},  # batch_8, faint changes labelled defect
     "batch_8_label_smoothing": {"batch_size": 8, "seg_label_smoothing": 0.1},  # batch_8, map targets 0.05 and 0.95
@@ -130,7 +134,7 @@ VARIANTS: dict[str, dict] = {
 }
 # kept to label old rows; not in the default list of variants
 LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2", "long_cracks", "batch_8_long_cracks",
-          "long_soft_cracks", "soft_cracks", "with_streak")
+          "long_soft_cracks", "soft_cracks", "with_streak", "batch_8")
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
@@ -178,7 +182,11 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
                           "noise and crack, without streak): each variant changed that profile, so `default` here "
                           "is today's variant `no_streak`, and the variant then named `with_streak_own` (streak "
                           "added, every streak along the surface's own grain) is today's default: its rows are "
-                          "listed as `default` under the current fast profile"}
+                          "listed as `default` under the profile measured against batch 16",
+             "batch_16": "the fast profile before the twenty-seventh session (2026-12-03; batch 16 for 3000 steps): "
+                         "each variant changed that profile, so `default` here is today's variant `batch_16`, and "
+                         "the variant `batch_8` (the same images in 6000 steps of 8) is today's default: its rows "
+                         "are listed as `default` under the current fast profile"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
@@ -325,7 +333,7 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="600 steps instead of the profile's")
+    ap.add_argument("--quick", action="store_true", help="a fifth of the profile's steps")
     ap.add_argument("--steps", type=positive_int, help="training steps per run (overrides --quick)")
     ap.add_argument("--only", default=",".join(CATEGORIES), type=lambda t: name_list(t, list(CATEGORIES), "category"),
                     help="comma-separated categories")
@@ -349,7 +357,8 @@ def main() -> None:
         return
     from anoseg.config import profile_config
 
-    steps = args.steps if args.steps is not None else (600 if args.quick else profile_config("fast").steps)
+    profile_steps = profile_config("fast").steps
+    steps = args.steps if args.steps is not None else (profile_steps // 5 if args.quick else profile_steps)
     variants, categories = args.variants, args.only
     if not data.is_dir():
         raise SystemExit(f"{data}: the real data is not here; nothing to run")
