@@ -133,6 +133,25 @@ def test_an_interrupted_detector_resumes_to_the_same_weights(tiny_model_dir, tmp
         torch.set_num_threads(threads)
 
 
+def test_detector_batch_size_sets_the_detector_batch_alone(tiny_model_dir, tmp_path, monkeypatch):
+    """The fast profile trains AnoSeg in batches of 8 and its detector, as measured, in batches of 16."""
+    import anoseg.detector_training as dt
+    from anoseg import train_detector
+
+    seen = []
+    step = dt._detector_step
+    monkeypatch.setattr(dt, "_detector_step", lambda det, amap, x01, *rest: (seen.append(len(x01)),
+                                                                              step(det, amap, x01, *rest)))
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    batch = load(folder).config.batch_size
+    train_detector(folder, overrides={"detector_steps": 2}, progress=False)
+    train_detector(folder, overrides={"detector_steps": 2, "detector_batch_size": 3}, progress=False, overwrite=True)
+    assert seen == [batch, batch, 3, 3] and batch != 3
+    fast = profile_config("fast")
+    assert (fast.batch_size, fast.detector_batch_size) == (8, 16)
+
+
 def test_resume_without_a_detector_checkpoint_says_so(tiny_model_dir, tmp_path):
     from anoseg import AnosegError, train_detector
 

@@ -33,7 +33,7 @@ from .modelfolder import DETECTOR_CKPT_STATE, DETECTOR_CKPT_STEM
 from .progress import bar
 
 # settings a resumed detector run must share with its checkpoint (detector_steps may grow: train longer)
-RESUME_KEYS = ("seed", "batch_size", "detector_lr", "detector_lambda_adv", "detector_lambda_rec",
+RESUME_KEYS = ("seed", "batch_size", "detector_batch_size", "detector_lr", "detector_lambda_adv", "detector_lambda_rec",
                "detector_lambda_cls", "detector_lambda_fm", "beta1", "beta2")
 SAVED_KEYS = (*RESUME_KEYS, "detector_steps")  # what a checkpoint records; a resumed run starts from these
 
@@ -71,7 +71,8 @@ def fit_detector(det: Detector, anoseg_map: Callable[[torch.Tensor], torch.Tenso
     with deferred_interrupt() as interrupted:
         for step in progress_bar:
             rng = np.random.default_rng([cfg.seed, step, 2])
-            idx = rng.choice(len(images), cfg.batch_size, replace=len(images) < cfg.batch_size)
+            batch = cfg.detector_batch_size or cfg.batch_size
+            idx = rng.choice(len(images), batch, replace=len(images) < batch)
             x01 = images[torch.from_numpy(idx)].float() / 255.0
             # synthetic anomalies only feed the auxiliary classifier, never the "real" class
             syn01, syn_mask = make_batch(x01, cfg.replace(anomaly_ratio=1.0), rng)
