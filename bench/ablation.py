@@ -233,10 +233,12 @@ def evaluation_only(variant: str) -> bool:
 
 
 def trained_model(cfg, root: Path, folder: Path, keep: bool):
-    """`cfg` trained on `root` in `folder`; a model kept there by an earlier run with the same settings is
-    loaded instead of trained again (ABLATION_KEEP); one with other settings is moved aside to NAME.oldN."""
+    """`cfg` trained on `root` in `folder`; a model kept there by an earlier run with the same training settings
+    is loaded instead of trained again (ABLATION_KEEP; settings used only after training, anoseg.train.LATER,
+    may differ); one with other settings is moved aside to NAME.oldN."""
     import anoseg
     from anoseg.modelfolder import WEIGHTS_FILE
+    from anoseg.train import LATER
 
     if keep and (folder / WEIGHTS_FILE).exists():  # written last: a finished model
         try:
@@ -244,7 +246,7 @@ def trained_model(cfg, root: Path, folder: Path, keep: bool):
         except anoseg.AnosegError as e:
             print(f"{folder}: not reused ({e})", file=sys.stderr)
         else:
-            if model.config == cfg and "train_seconds" in model.meta:
+            if model.config.replace(**{k: getattr(cfg, k) for k in LATER}) == cfg and "train_seconds" in model.meta:
                 return model
             aside = next(folder.with_name(f"{folder.name}.old{i}") for i in range(1, 1000)
                          if not folder.with_name(f"{folder.name}.old{i}").exists())
