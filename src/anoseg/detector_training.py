@@ -68,10 +68,10 @@ def fit_detector(det: Detector, anoseg_map: Callable[[torch.Tensor], torch.Tenso
     step, before = load_checkpoint(folder, det, opt_g, opt_d) if resume and folder is not None else (0, 0.0)
     start = time.perf_counter()
     progress_bar = bar(range(step, cfg.detector_steps), desc="training detector", disable=not progress)
+    batch = cfg.detector_batch_size or cfg.batch_size
     with deferred_interrupt() as interrupted:
         for step in progress_bar:
             rng = np.random.default_rng([cfg.seed, step, 2])
-            batch = cfg.detector_batch_size or cfg.batch_size
             idx = rng.choice(len(images), batch, replace=len(images) < batch)
             x01 = images[torch.from_numpy(idx)].float() / 255.0
             # synthetic anomalies only feed the auxiliary classifier, never the "real" class
