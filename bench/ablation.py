@@ -7,7 +7,8 @@
 Each run trains in its own process (`--jobs` at a time, CPU threads split between them) and is written
 to bench/ablation.json as soon as it ends, so an interrupted ablation continues where it stopped
 (`--fresh` starts again). bench/ablation.md is rewritten from the JSON after every run. With the
-environment variable ABLATION_KEEP=DIR the trained models and their evaluations are kept in DIR.
+environment variable ABLATION_KEEP=DIR the trained models and their evaluations are kept in DIR, and a
+run stopped part-way there goes on from its last checkpoint.
 Variants that change only how maps are shaped (`no_peak_boost`, `no_smoothing`, `smoothing_4`: settings in
 anoseg.config.MAP_SHAPING) train nothing: after the training runs they are evaluated on the `default`
 model of the same category, seed and steps (kept in ABLATION_KEEP by an earlier run, else trained once for
@@ -253,7 +254,26 @@ def trained_model(cfg, root: Path, folder: Path, keep: bool):
             folder.rename(aside)  # a model of an earlier profile: kept, not overwritten
             print(f"{folder}: not reused (its settings differ; moved to {aside.name}); training again",
                   file=sys.stderr)
+    if keep and resumable(cfg, folder):  # a run stopped part-way (killed, or out of session time) goes on from there
+        print(f"{folder}: resuming its checkpoint", file=sys.stderr)
+        return anoseg.train(cfg, root, folder, resume=True, progress=False)
     return anoseg.train(cfg, root, folder, overwrite=True, progress=False)
+
+
+def resumable(cfg, folder: Path) -> bool:
+    """Whether `folder` holds an unfinished run of `cfg`'s training settings (its checkpoint, no model yet)."""
+    from anoseg.config import Config
+    from anoseg.modelfolder import CONFIG_FILE, has_checkpoint, is_finished
+    from anoseg.train import LATER
+
+    if not has_checkpoint(folder) or is_finished(folder):
+        return False
+    try:
+        saved = Config.load(folder / CONFIG_FILE)
+    except Exception as e:  # noqa: BLE001 - an unreadable folder is trained again, and says why
+        print(f"{folder}: not resumed ({e})", file=sys.stderr)
+        return False
+    return saved.replace(**{k: getattr(cfg, k) for k in LATER}) == cfg
 
 
 def run_one(variants: list[str], category: str, seed: int, steps: int, threads: int, data: Path = DATA) -> list[dict]:

@@ -95,3 +95,21 @@ def test_merged_records_keep_the_categories_order(run_bench):
                {**rec, "dataset": "mvtec_ad", "category": "bottle"}]
     merged = run_bench.merge_results(records, {}, None, "python bench/run_bench.py")
     assert [r["category"] for r in merged] == ["bottle", "commutator", "magnetic_tile"]
+
+
+def test_ablation_resumes_a_kept_run_that_stopped_part_way(tiny_model_copy, monkeypatch):
+    from anoseg.config import Config
+    from anoseg.modelfolder import CONFIG_FILE, WEIGHTS_FILE
+
+    ablation = load("ablation")
+    (tiny_model_copy / WEIGHTS_FILE).unlink()  # a checkpoint, no model: as when the session ended mid-run
+    cfg = Config.load(tiny_model_copy / CONFIG_FILE)
+    calls = []
+    monkeypatch.setattr("anoseg.train", lambda *a, **kw: calls.append(kw) or "model")
+    assert ablation.trained_model(cfg, Path("data"), tiny_model_copy, keep=True) == "model"
+    assert calls[-1].get("resume") is True
+    other = cfg.replace(seed=cfg.seed + 1)  # another run's settings: trained from scratch, not resumed
+    assert not ablation.resumable(other, tiny_model_copy)
+    ablation.trained_model(other, Path("data"), tiny_model_copy, keep=True)
+    assert calls[-1].get("overwrite") is True and not calls[-1].get("resume")
+    assert not ablation.resumable(cfg, tiny_model_copy.parent / "absent")
