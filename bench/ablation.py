@@ -9,11 +9,12 @@ to bench/ablation.json as soon as it ends, so an interrupted ablation continues 
 (`--fresh` starts again). bench/ablation.md is rewritten from the JSON after every run. With the
 environment variable ABLATION_KEEP=DIR the trained models and their evaluations are kept in DIR, and a
 run stopped part-way there goes on from its last checkpoint.
-Variants that change only how maps are shaped (`no_peak_boost`, `no_smoothing`, `smoothing_4`: settings in
-anoseg.config.MAP_SHAPING) train nothing: after the training runs they are evaluated on the `default`
-model of the same category, seed and steps (kept in ABLATION_KEEP by an earlier run, else trained once for
-them), and their rows say "default's weights". A variant with another batch size trains proportionally more
-or fewer steps (`run_steps`), so it sees as many images as the others; its rows give the steps it trained.
+Variants that change only how maps are shaped or scored (`no_peak_boost`, `no_smoothing`, `smoothing_4`,
+`image_score_max`: settings in anoseg.config.MAP_SHAPING and IMAGE_SCORING) train nothing: after the training
+runs they are evaluated on the `default` model of the same category, seed and steps (kept in ABLATION_KEEP by
+an earlier run, else trained once for them), and their rows say "default's weights". A variant with another
+batch size trains proportionally more or fewer steps (`run_steps`), so it sees as many images as the others;
+its rows give the steps it trained.
 Runtime on 2 CPU cores with --jobs 2: one run of the profile (6000 steps of 8) takes 2,780-2,820 s of
 training while another shares the cores (measured 2026-12-03; 3000 steps of 16 took 1,450-2,650 s from
 2026-11-28 to 2026-12-02; the machine's speed differs from one session to the next), plus about 2 (bottle)
@@ -120,6 +121,7 @@ VARIANTS: dict[str, dict] = {
     "cosine_lr_high": {"lr_schedule": "cosine", "lr": 5e-4},  # higher peak rate (2.5x), then down to 0
     "feather_8": {"edge_feather": 8},  # paste and noise regions blend in over a soft edge up to 8 px wide
     "no_peak_boost": {"peak_boost": 0.0},  # maps as averaged, narrow peaks not raised (weights as `default`'s)
+    "image_score_max": {"image_score_topk_weight": 0.0},  # the image score is the map maximum alone (as before)
     "previous_default": {"lambda_adv": 0.1, "region_max": 0.08, "second_short_side": 0},  # fast before 2026-11-26
     # names of the rows measured against the previous default (see BASELINES); not run any more
     "large_regions": {"region_max": 0.25},
@@ -226,11 +228,11 @@ def other_sigmas(model, root: Path) -> dict[str, dict]:
 
 
 def evaluation_only(variant: str) -> bool:
-    """True for a variant that changes only how maps are shaped (:data:`anoseg.config.MAP_SHAPING`): it has the
+    """True for a variant that changes only how maps are shaped or scored (MAP_SHAPING, IMAGE_SCORING): it has the
     `default` variant's weights, so it is measured on that model instead of training the same weights again."""
-    from anoseg.config import MAP_SHAPING
+    from anoseg.config import IMAGE_SCORING, MAP_SHAPING
 
-    return bool(VARIANTS[variant]) and set(VARIANTS[variant]) <= set(MAP_SHAPING)
+    return bool(VARIANTS[variant]) and set(VARIANTS[variant]) <= {*MAP_SHAPING, *IMAGE_SCORING}
 
 
 def trained_model(cfg, root: Path, folder: Path, keep: bool):
@@ -248,7 +250,7 @@ def trained_model(cfg, root: Path, folder: Path, keep: bool):
             print(f"{folder}: not reused ({e})", file=sys.stderr)
         else:
             if model.config.replace(**{k: getattr(cfg, k) for k in LATER}) == cfg and "train_seconds" in model.meta:
-                return model
+                return rescored(model, cfg, folder)
             aside = next(folder.with_name(f"{folder.name}.old{i}") for i in range(1, 1000)
                          if not folder.with_name(f"{folder.name}.old{i}").exists())
             folder.rename(aside)  # a model of an earlier profile: kept, not overwritten
@@ -258,6 +260,16 @@ def trained_model(cfg, root: Path, folder: Path, keep: bool):
         print(f"{folder}: resuming its checkpoint", file=sys.stderr)
         return anoseg.train(cfg, root, folder, resume=True, progress=False)
     return anoseg.train(cfg, root, folder, overwrite=True, progress=False)
+
+
+def rescored(model, cfg, folder: Path):
+    """`model` with `cfg`'s map and score settings (e.g. a default changed since it was trained): its thresholds
+    chosen again for them, as `anoseg calibrate` does."""
+    import anoseg
+    from anoseg.train import CALIBRATION
+
+    changed = {k: getattr(cfg, k) for k in CALIBRATION if getattr(model.config, k) != getattr(cfg, k)}
+    return anoseg.calibrate(folder, overrides=changed) if changed else model
 
 
 def resumable(cfg, folder: Path) -> bool:

@@ -3,10 +3,11 @@
     python bench/eval_settings.py --set tta_flips=none,h,hv MODEL=DATA [MODEL=DATA ...]
 
 MODEL is a trained model folder, DATA its MVTec-layout category folder. For each value of the one
-setting (`tta_flips`, `smoothing_sigma`, `peak_boost`, `peak_sigma` or `topk_fraction`: the ones that
-change maps or scores, not weights) the model is evaluated on DATA's test split; one line per value is
-printed and appended to bench/eval_settings.json. Image AUROC: the map maximum and the top-k mean (the
-detector, if any, is not used).
+setting (`tta_flips`, `smoothing_sigma`, `peak_boost`, `peak_sigma`, `topk_fraction` or
+`image_score_topk_weight`: the ones that change maps or scores, not weights) the model is evaluated on
+DATA's test split; one line per value is
+printed and appended to bench/eval_settings.json. Image AUROC: the map's image score, the map maximum and the
+top-k mean (the detector, if any, is not used).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from anoseg.config import MAP_SHAPING
+from anoseg.config import IMAGE_SCORING, MAP_SHAPING
 
 HERE = Path(__file__).resolve().parent
-EVAL_ONLY = (*MAP_SHAPING, "topk_fraction")
-KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc_max", "image_auroc_topk")
+EVAL_ONLY = (*MAP_SHAPING, *IMAGE_SCORING)
+KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc_map", "image_auroc_max", "image_auroc_topk")
 
 
 def evaluations(model, data: str | Path, key: str, values: list[Any]) -> Iterator[tuple[Any, dict, float]]:

@@ -112,6 +112,7 @@ def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[st
 
     import anoseg
     from anoseg.cli import parse_sets
+    from anoseg.train import CALIBRATION
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     root = DATA / dataset / category
@@ -120,6 +121,9 @@ def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[st
     if reuse and (out / "model.safetensors").exists():
         model = anoseg.load(out)
         check_reused(model.config, cfg, out)
+        changed = {k: getattr(cfg, k) for k in CALIBRATION if getattr(model.config, k) != getattr(cfg, k)}
+        if changed:  # map and score settings of the profile (or --set) as asked: thresholds chosen again for them
+            model = anoseg.calibrate(out, overrides=changed)
     else:
         model = anoseg.train(cfg, root, out, overwrite=True, progress=sys.stderr.isatty())
     train_seconds = model.meta["train_seconds"]
@@ -157,7 +161,8 @@ def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[st
         "batch_size_infer": model.config.batch_size_infer,
         "ema_decay": model.config.ema_decay,
         "settings": sets,
-        **{k: result["metrics"][k] for k in ("image_auroc_max", "image_auroc_topk", "image_auroc_detector")},
+        **{k: result["metrics"].get(k) for k in ("image_auroc_map", "image_auroc_max", "image_auroc_topk",
+                                                 "image_auroc_detector")},
         **extra,
     }
 
@@ -224,10 +229,11 @@ def write_tables(records: list[dict], command: str) -> None:
     if changed:  # a row whose recipe is not the profile's as it stands
         lines += ["", "Trained with settings other than the profile's: " + ", ".join(changed) + "."]
     lines += ["", "## Image-level scores (image AUROC)", "",
-              "| dataset | category | max of map | top-k mean | detector | detector train s | img/s with detector |",
-              "|---|---|---|---|---|---|---|"]
+              "| dataset | category | map score | max of map | top-k mean | detector | detector train s "
+              "| img/s with detector |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['dataset']} | {r['category']} | {f(r.get('image_auroc_max'))} | "
+        lines.append(f"| {r['dataset']} | {r['category']} | {f(r.get('image_auroc_map'))} | "
+                     f"{f(r.get('image_auroc_max'))} | "
                      f"{f(r.get('image_auroc_topk'))} | {f(r.get('image_auroc_detector'))} | "
                      f"{r.get('detector_train_seconds', 'n/a')} | {r.get('images_per_second_with_detector', 'n/a')} |")
     pending = [r["category"] for r in records if r.get("image_auroc_detector") is None]
@@ -248,8 +254,10 @@ def write_tables(records: list[dict], command: str) -> None:
             size = "x".join(map(str, r["full_size"]))
             lines.append(f"| {r['category']} | {size} | {r['images_per_second_full_size']} |")
     lines += target_lines(records)
-    lines += ["", "Image score in the first table: the maximum of the smoothed anomaly map (the model as `train` "
-              "makes it, without a detector); the detector's image AUROC is in the second table. "
+    lines += ["", "Image score in the first table: the map's image score, (1 - w) x the maximum of the smoothed "
+              "anomaly map + w x the mean of its top 1% pixels (w = `image_score_topk_weight`: 0.5 in `fast` since "
+              "2026-12-03, 0 before), the model as `train` makes it, without a detector; the second table gives "
+              "the image AUROC of each score. "
               "IoU@thr uses the model's map threshold, chosen from held-out normal "
               "training images only (the 0.999 quantile of their map pixels, `map_threshold_quantile`); "
               "best IoU picks the threshold with the labels (upper bound). "
@@ -379,7 +387,7 @@ def merge_seeds(runs: list[dict]) -> dict:
 
     out = {k: v for k, v in runs[0].items() if k != "seed"}
     out["seeds"] = [r["seed"] for r in runs]
-    for k in [*KEYS, "image_auroc_max", "image_auroc_topk", "image_auroc_detector", "train_seconds",
+    for k in [*KEYS, "image_auroc_map", "image_auroc_max", "image_auroc_topk", "image_auroc_detector", "train_seconds",
               "images_per_second", "images_per_second_single"]:
         values = [r.get(k) for r in runs]
         out[k] = None if any(v is None for v in values) else round(float(np.mean(values)), 4)

@@ -113,3 +113,17 @@ def test_ablation_resumes_a_kept_run_that_stopped_part_way(tiny_model_copy, monk
     ablation.trained_model(other, Path("data"), tiny_model_copy, keep=True)
     assert calls[-1].get("overwrite") is True and not calls[-1].get("resume")
     assert not ablation.resumable(cfg, tiny_model_copy.parent / "absent")
+
+
+def test_ablation_scores_a_kept_model_with_the_settings_asked(tiny_model_copy):
+    from anoseg import load as load_model
+    from anoseg.config import Config
+    from anoseg.modelfolder import CONFIG_FILE
+
+    ablation = load("ablation")
+    saved = Config.load(tiny_model_copy / CONFIG_FILE)
+    before = load_model(tiny_model_copy)
+    asked = saved.replace(image_score_topk_weight=0.5)  # a scoring default changed after the model was kept
+    model = ablation.trained_model(asked, Path("data"), tiny_model_copy, keep=True)
+    assert model.config == asked and load_model(tiny_model_copy).config == asked  # reused, not trained again
+    assert model.image_threshold < before.image_threshold  # chosen again for the blended score

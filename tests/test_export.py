@@ -95,3 +95,23 @@ def test_sidecar_records_the_opset_the_file_has(tiny_model_dir, tmp_path):
     export_onnx(load(tiny_model_dir, device="cpu"), tmp_path, opset=20)
     declared = {o.domain: o.version for o in onnx.load(str(tmp_path / ONNX_FILE)).opset_import}
     assert json.loads((tmp_path / ONNX_META).read_text())["opset"] == declared[""] == 20
+
+
+def test_blended_image_score_exports_like_pytorch(tiny_model_copy, tmp_path):
+    from anoseg import calibrate
+
+    calibrate(tiny_model_copy, overrides={"image_score_topk_weight": 0.5})
+    model = load(tiny_model_copy, device="cpu")
+    export_onnx(model, tmp_path)
+    assert json.loads((tmp_path / ONNX_META).read_text())["image_score_topk_weight"] == 0.5
+    runner = OnnxModel(tmp_path)
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(64, 64), (41, 150)]]
+    for a, b in zip(model.maps_for_batch(images), runner.maps_for_batch(images)):
+        assert abs(a.score - b.score) <= 1e-4 and a.score == a.map_score
+        assert a.map_score == pytest.approx(0.5 * (a.max_score + a.topk_score), abs=1e-6)
+    raw = runner.run(np.asarray(images[0], np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)
+    flat = raw["map"].reshape(1, -1)
+    k = max(1, round(0.01 * flat.shape[1]))
+    want = 0.5 * flat.max(1) + 0.5 * np.sort(flat, 1)[:, ::-1][:, :k].mean(1)
+    assert np.abs(raw["map_score"] - want).max() <= 1e-5  # the graph's own output, for runtimes other than ours

@@ -173,3 +173,33 @@ def test_calibrate_keeps_the_detector_and_writes_no_weights(detector_model, tmp_
     assert model.detector.image_threshold == pytest.approx(before.detector.image_threshold)
     assert load(folder).detector.image_threshold == model.detector.image_threshold
     assert {name: (folder / name).stat().st_mtime_ns for name in weights} == weights  # not written again
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_map_image_score_blends_maximum_and_top_k_mean(weight):
+    import torch
+
+    from anoseg.inference import map_image_scores
+
+    maps = torch.rand(3, 1, 17, 23)
+    score, peak, top = map_image_scores(maps, 0.05, weight)
+    flat = maps.flatten(1)
+    k = round(0.05 * flat.shape[1])  # 20 of 391 pixels
+    assert torch.allclose(peak, flat.amax(1)) and torch.allclose(top, flat.topk(k, 1).values.mean(1))
+    assert torch.allclose(score, (1 - weight) * peak + weight * top)
+    assert torch.allclose(map_image_scores(maps, 1e-6, 0.5)[2], peak)  # k is at least one pixel
+
+
+def test_blended_image_score_decides_the_verdict_and_its_threshold(tiny_model_copy):
+    from anoseg import calibrate
+
+    before = load(tiny_model_copy)
+    model = calibrate(tiny_model_copy, overrides={"image_score_topk_weight": 0.5})
+    meta = json.loads((tiny_model_copy / "model.json").read_text())
+    preds = list(model.iter_predict_files(meta["holdout_files"]))
+    scores = [p.map_score for p in preds]
+    assert all(p.score == p.map_score == pytest.approx(0.5 * (p.max_score + p.topk_score)) for p in preds)
+    assert model.image_threshold == pytest.approx(np.quantile(scores, model.config.threshold_quantile), abs=1e-6)
+    assert model.image_threshold < before.image_threshold  # a mean of the top pixels lies below their maximum
+    assert model.map_threshold == pytest.approx(before.map_threshold)  # pixels are scored as before
+    assert load(tiny_model_copy).config.image_score_topk_weight == 0.5

@@ -51,7 +51,7 @@ def _threshold_options(p: argparse.ArgumentParser) -> None:
                    help="override the map threshold (map pixels above it are outlined as defect)")
     p.add_argument("--image-threshold", "--detector-threshold", dest="image_threshold", type=float,
                    help="override the image threshold (the verdict on the image score: the detector's, "
-                        "else the map maximum)")
+                        "else the map's image score)")
 
 
 def _training_options(t: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("crack_points_max",), lambda v: v >= 21, "must be at least 21 (a crack has 20 points or more)"),
     (("crack_turn_min",), lambda v: 0.0 < v <= 0.25, "must lie in (0, 0.25]"),
     (("anomaly_ratio", "p_rotate", "p_permute", "p_jitter", "holdout_fraction", "crop_overhang", "streak_own_grain",
-      "streak_band"),
+      "streak_band", "image_score_topk_weight"),
      lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
     (("threshold_quantile", "map_threshold_quantile", "topk_fraction", "opacity_min", "crack_contrast_min"),
      lambda v: 0.0 < v <= 1.0,
@@ -51,6 +51,8 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
 # Settings that shape the maps after the networks, not the weights: a trained model takes new values of them
 # on resume, in `calibrate` (which chooses its thresholds again) and in bench/eval_settings.py.
 MAP_SHAPING = ("smoothing_sigma", "peak_boost", "peak_sigma", "tta_flips")
+# Settings that turn a map into the image score: like MAP_SHAPING, a trained model takes new values of them.
+IMAGE_SCORING = ("topk_fraction", "image_score_topk_weight")
 CHOICES: dict[str, tuple[str, ...]] = {
     "region_shapes": REGION_SHAPES, "anomaly_families": ANOMALY_FAMILIES, "resize_mode": RESIZE_MODES,
     "seg_loss": SEG_LOSSES, "lr_schedule": LR_SCHEDULES, "tta_flips": tuple(TTA_FLIPS), "precision": PRECISIONS,
@@ -186,6 +188,7 @@ class Config:
     map_threshold_quantile: float = 0.999  # quantile of held-out normal map pixels used as the map threshold (outlines)
     batch_size_infer: int = 16  # images per forward pass in predict and evaluate
     topk_fraction: float = 0.01  # the top-k image score averages this share of the highest map pixels
+    image_score_topk_weight: float = 0.0  # w: the map's image score is (1 - w) x its maximum + w x its top-k mean
     # --- anomaly detector (paper section 3.4; trained with train --detector) -----------
     detector_steps: int = 400  # detector training iterations
     detector_batch_size: int = 0  # images per detector training batch (0 = batch_size)
@@ -343,7 +346,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                  resize_mode="aspect", anomaly_families=("paste", "noise", "crack", "streak"),
                  opacity_min=0.5, region_max=0.25, lambda_adv=0.0,
                  second_short_side=256, mask_texture_factor=3.0, seg_loss="bce", seg_defect_weight=2.0,
-                 crack_points_max=240, crack_turn_min=0.02, crack_soft=True),
+                 crack_points_max=240, crack_turn_min=0.02, crack_soft=True, image_score_topk_weight=0.5),
     # For tests and the demo: seconds, not minutes.
     "tiny": dict(image_size=64, base_channels=8, max_channels=32, seg_skips=True,
                  steps=200, batch_size=8, checkpoint_every=100, holdout_min=2, ema_decay=0.0),

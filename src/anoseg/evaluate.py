@@ -31,6 +31,7 @@ METRIC_NAMES = {
     "iou": "IoU at the map threshold",
     "best_iou": "best IoU (upper bound)",
     "image_accuracy": "image accuracy at the image threshold",
+    "image_auroc_map": "image AUROC, score = the map's image score (image_score_topk_weight)",
     "image_auroc_max": "image AUROC, score = max of the map",
     "image_auroc_topk": "image AUROC, score = mean of the top-k map pixels",
     "image_auroc_detector": "image AUROC, score = detector",
@@ -71,7 +72,8 @@ def compute_metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.
         out["image_ap"] = image.average_precision()
         out["image_f1_max"] = image.f1_max()[0]
         curves["image"] = image
-        out["image_auroc_max"] = metrics.auroc(labels, [p.map_score for p in preds])
+        out["image_auroc_map"] = metrics.auroc(labels, [p.map_score for p in preds])
+        out["image_auroc_max"] = metrics.auroc(labels, [p.max_score for p in preds])
         out["image_auroc_topk"] = metrics.auroc(labels, [p.topk_score for p in preds])
         if preds and preds[0].detector_score is not None:
             out["image_auroc_detector"] = metrics.auroc(labels, [p.detector_score for p in preds])
@@ -147,7 +149,7 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
         "metrics": compute_metrics(maps, masks, labels, preds, t_map, t_img, curves),
         "map_threshold": t_map,
         "image_threshold": t_img,
-        "image_score": "detector" if model.detector is not None else "map maximum",
+        "image_score": "detector" if model.detector is not None else map_score_name(model.config),
         "n_images": len(samples),
         "n_defect": int(labels.sum()),
         "per_defect_type": per_defect_type(samples, maps, masks, preds),
@@ -163,15 +165,21 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
     return result
 
 
+def map_score_name(cfg) -> str:
+    """What the map's image score is, in words (metrics.json's `image_score`)."""
+    w = cfg.image_score_topk_weight
+    return "map maximum" if w == 0 else f"map: {1 - w:g} x maximum + {w:g} x top-{cfg.topk_fraction:g} mean"
+
+
 def _scores_csv(samples: list[Sample], preds: list[Prediction], threshold: float | None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "defect_type", "label", "score", "verdict", "map_score", "topk_score", "detector_score"])
+    w.writerow(["path", "defect_type", "label", "score", "verdict", "map_score", "max_score", "topk_score",
+                "detector_score"])
     for s, p in zip(samples, preds):
         det = "" if p.detector_score is None else f"{p.detector_score:.6f}"
         w.writerow([s.path, s.defect_type, s.label, f"{p.score:.6f}", verdict(p.score, threshold) or "",
-                    f"{p.map_score:.6f}",
-                    f"{p.topk_score:.6f}", det])
+                    f"{p.map_score:.6f}", f"{p.max_score:.6f}", f"{p.topk_score:.6f}", det])
     return buf.getvalue()
 
 

@@ -22,7 +22,7 @@ from .checkpoint import load_json
 from .config import Config
 from .errors import AnosegError, ModelFileError
 from .fileio import _write_atomic, make_output_dir, write_text_atomic
-from .inference import AnoSegModel, Prediction, by_working_shape, model_input, predictions_from_maps
+from .inference import AnoSegModel, Prediction, by_working_shape, map_image_scores, model_input, predictions_from_maps
 
 RESIZE_DOC = {
     "square": "square, bilinear, to image_size x image_size (aspect ratio not kept)",
@@ -38,8 +38,8 @@ EXPORT_FORMAT = 1
 
 
 class ExportGraph(nn.Module):
-    """What the ONNX file computes: image in [-1, 1] (and image2, the second scale) -> (smoothed map, max of the
-    map[, detector score])."""
+    """What the ONNX file computes: image in [-1, 1] (and image2, the second scale) -> (smoothed map, the map's
+    image score[, detector score])."""
 
     def __init__(self, model: AnoSegModel) -> None:
         super().__init__()
@@ -51,7 +51,10 @@ class ExportGraph(nn.Module):
     def forward(self, image: torch.Tensor, image2: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         raw, maps = self.model.fused_maps([image] if image2 is None else [image, image2])
         maps = maps.clamp(0.0, 1.0)
-        outputs = (maps, maps.flatten(1).amax(1))
+        cfg = self.model.config
+        weight = cfg.image_score_topk_weight
+        score = map_image_scores(maps, cfg.topk_fraction, weight)[0] if weight else maps.flatten(1).amax(1)
+        outputs = (maps, score)
         if self.model.detector is not None:
             outputs += (self.model.detector.score(image, raw),)
         return outputs
@@ -148,7 +151,8 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
                   "offset": -1.0},
         "outputs": {"map": "B x 1 x H x W smoothed anomaly map in [0, 1], 1 = defect; resize (bilinear) to "
                            "the image's own size",
-                    "map_score": "B: maximum of the map",
+                    "map_score": "B: the map's image score, (1 - w) * its maximum + w * the mean of its k highest "
+                                 "pixels (w = image_score_topk_weight, k = round(topk_fraction * H * W), at least 1)",
                     **({"detector_score": "B: the anomaly detector's score (decides the verdict)"}
                        if model.detector is not None else {})},
         "image_size": cfg.image_size,
@@ -163,6 +167,7 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
         "score_output": "detector_score" if model.detector is not None else "map_score",
         "image_threshold": t_img,
         "topk_fraction": cfg.topk_fraction,
+        "image_score_topk_weight": cfg.image_score_topk_weight,
         "opset": file_opset(out / ONNX_FILE),  # what the file holds, not what was asked
         "torch": torch.__version__,
     }
@@ -216,7 +221,7 @@ class OnnxModel:
     def _maps_same_shape(self, images: list[np.ndarray], shapes: tuple[tuple[int, int], ...]) -> list[Prediction]:
         res = self.run(*(model_input(images, shape) for shape in shapes))
         return predictions_from_maps(torch.from_numpy(res["map"]), images, self.meta["topk_fraction"],
-                                     res.get("detector_score"))
+                                     res.get("detector_score"), self.meta.get("image_score_topk_weight", 0.0))
 
 
 def check_export(model: AnoSegModel, folder: str | Path, n: int = 2, seed: int = 0) -> float:

@@ -145,20 +145,32 @@ def fuse_scales(maps: list[torch.Tensor]) -> torch.Tensor:
     return total / len(maps)
 
 
-def predictions_from_maps(maps: torch.Tensor, images: list[np.ndarray], topk_fraction: float,
-                          det_scores: np.ndarray | None = None) -> list[Prediction]:
-    """Scores of smoothed B x 1 x S x S maps, and each map resized back to its image's size."""
+def map_image_scores(maps: torch.Tensor, topk_fraction: float, topk_weight: float) -> tuple[torch.Tensor, ...]:
+    """(image score, maximum, top-k mean) of each of B maps: the score is (1 - w) max + w top-k mean.
+
+    The top-k mean is written with a sort and a mask, not ``topk``, so that the ONNX export keeps k a function of
+    the map's (dynamic) size."""
     flat = maps.flatten(1)
-    k = max(1, round(topk_fraction * flat.shape[1]))
-    map_scores = flat.amax(1).cpu().numpy()
-    topk_scores = flat.topk(k, dim=1).values.mean(1).cpu().numpy()
+    k = torch.clamp(torch.round(torch.tensor(topk_fraction, dtype=torch.float64) * flat.shape[1]), min=1)
+    k = k.to(device=flat.device, dtype=flat.dtype)  # rounded in double precision, as Python's round
+    ranked = torch.sort(flat, dim=1, descending=True).values
+    top = (ranked * (torch.arange(flat.shape[1], device=flat.device) < k)).sum(1) / k
+    peak = flat.amax(1)
+    return (1 - topk_weight) * peak + topk_weight * top, peak, top
+
+
+def predictions_from_maps(maps: torch.Tensor, images: list[np.ndarray], topk_fraction: float,
+                          det_scores: np.ndarray | None = None, topk_weight: float = 0.0) -> list[Prediction]:
+    """Scores of smoothed B x 1 x S x S maps, and each map resized back to its image's size."""
+    map_scores, max_scores, topk_scores = (t.cpu().numpy() for t in map_image_scores(maps, topk_fraction, topk_weight))
     out = []
     for i, (m, im) in enumerate(zip(maps, images)):
         h, w = im.shape[:2]
         full = F.interpolate(m[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp_(0, 1)
         d = None if det_scores is None else float(det_scores[i])
         s = float(map_scores[i])
-        out.append(Prediction(None, full.cpu().numpy(), s if d is None else d, s, float(topk_scores[i]), d))
+        out.append(Prediction(None, full.cpu().numpy(), s if d is None else d, s, float(max_scores[i]),
+                              float(topk_scores[i]), d))
     return out
 
 
@@ -167,13 +179,15 @@ class Prediction:
     """One image's result: the map at the image's own size (1 = defect) and its image-level scores.
 
     `score` is the one that decides the verdict: the detector's when the model has a detector,
-    else `map_score` (maximum of the smoothed map).
+    else `map_score`, the map's image score: its maximum (`max_score`) blended with the mean of its highest
+    pixels (`topk_score`) by the setting ``image_score_topk_weight`` (0: the maximum alone).
     """
 
     path: Path | None
     anomaly_map: np.ndarray  # float32 H x W in [0, 1]
     score: float
     map_score: float
+    max_score: float
     topk_score: float
     detector_score: float | None = None
 
@@ -184,7 +198,8 @@ class Prediction:
 
         h, w = self.anomaly_map.shape[:2]
         return {"score": r(self.score), "verdict": verdict(self.score, thresholds.image),
-                "image_threshold": thresholds.image, "map_score": r(self.map_score), "topk_score": r(self.topk_score),
+                "image_threshold": thresholds.image, "map_score": r(self.map_score), "max_score": r(self.max_score),
+                "topk_score": r(self.topk_score),
                 "detector_score": r(self.detector_score), "map_threshold": thresholds.map, "width": w, "height": h}
 
 
@@ -197,7 +212,7 @@ class AnoSegModel:
         self.device = resolve_device(device or config.device)
         self.generator = (generator or Generator(config)).to(self.device).eval()
         self.map_threshold = map_threshold  # map pixels above it are defect (outlined)
-        # the map maximum above it makes the verdict "defect" (without a detector); models saved before the
+        # the map's image score above it makes the verdict "defect" (without a detector); models saved before the
         # two had their own values used the map threshold for both
         self.map_score_threshold = map_threshold if map_score_threshold is None else map_score_threshold
         self.meta = dict(meta or {})
@@ -205,7 +220,7 @@ class AnoSegModel:
 
     @property
     def image_threshold(self) -> float | None:
-        """The threshold of `Prediction.score`: the detector's when there is one, else the map maximum's."""
+        """The threshold of `Prediction.score`: the detector's when there is one, else the map image score's."""
         return self.detector.image_threshold if self.detector is not None else self.map_score_threshold
 
     # --- persistence -------------------------------------------------------------------
@@ -252,7 +267,8 @@ class AnoSegModel:
         inputs = [torch.from_numpy(model_input(images, shape)).to(self.device) for shape in shapes]
         raw, maps = self.fused_maps(inputs)
         det_scores = self.detector.score(inputs[0], raw).cpu().numpy() if self.detector is not None else None
-        return predictions_from_maps(maps, images, self.config.topk_fraction, det_scores)
+        return predictions_from_maps(maps, images, self.config.topk_fraction, det_scores,
+                                     self.config.image_score_topk_weight)
 
     def fused_maps(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw and smoothed maps of one normalised batch per scale, averaged at the first scale's shape.

@@ -36,9 +36,9 @@ def has_checkpoint(folder: Path) -> bool:
 class Thresholds:
     """The two decision thresholds of a model; one name, one meaning.
 
-    `map` outlines defect pixels (map values above it) and, without a detector, also decides the image;
-    `image` decides the verdict on the image score (the detector's score when there is a detector, else
-    the map maximum, in which case it equals `map`).
+    `map` outlines defect pixels (map values above it); `image` decides the verdict on the image score (the
+    detector's score when there is a detector, else the map's image score; models saved before the two had
+    their own values use `map` for both).
     """
 
     map: float | None

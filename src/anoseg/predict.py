@@ -37,8 +37,8 @@ from .modelfolder import Thresholds
 from .progress import bar as progress_bar
 from .visualize import save_map_png16, save_overlay
 
-RESULT_FIELDS = ["path", "score", "verdict", "image_threshold", "map_score", "topk_score", "detector_score",
-                 "map_threshold", "width", "height", "overlay", "map"]
+RESULT_FIELDS = ["path", "score", "verdict", "image_threshold", "map_score", "max_score", "topk_score",
+                 "detector_score", "map_threshold", "width", "height", "overlay", "map"]
 
 
 def _check_inputs(inputs: list[str | Path]) -> list[str]:

@@ -31,7 +31,7 @@ from .checkpoint import (
     resume_weights,
     save_resume_point,
 )
-from .config import MAP_SHAPING, Config
+from .config import IMAGE_SCORING, MAP_SHAPING, Config
 from .data import TrainingImages, train_images
 from .detector_training import checkpoint_settings, fit_detector, new_detector, remove_checkpoint
 from .distributed import (
@@ -69,7 +69,7 @@ RESUMABLE = ("steps", "device", "precision", "compile",
              "num_threads", "max_minutes", "checkpoint_every", "batch_size_infer", "max_rollbacks",
              "rollback_lr_factor", "collapse_d_loss", "collapse_patience")
 # Settings that only matter after AnoSeg training (scoring, detector): taken from the user on resume too.
-LATER = ("topk_fraction", *MAP_SHAPING, "threshold_quantile", "map_threshold_quantile") + tuple(
+LATER = (*IMAGE_SCORING, *MAP_SHAPING, "threshold_quantile", "map_threshold_quantile") + tuple(
     f.name for f in dataclasses.fields(Config) if f.name.startswith("detector_"))
 
 
@@ -549,14 +549,15 @@ def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
     return info
 
 
-CALIBRATION = ("threshold_quantile", "map_threshold_quantile") + MAP_SHAPING  # what recalibrate may change
+CALIBRATION = ("threshold_quantile", "map_threshold_quantile", *MAP_SHAPING, *IMAGE_SCORING)  # recalibrate may change
 
 
 def recalibrate(folder: str | Path, overrides: dict | None = None) -> AnoSegModel:
     """Choose a trained model's thresholds again from its held-out normal images (no training).
 
-    `overrides` may change the quantiles (``threshold_quantile``, ``map_threshold_quantile``) and the settings
-    that shape the maps without touching the weights (:data:`anoseg.config.MAP_SHAPING`); a model saved
+    `overrides` may change the quantiles (``threshold_quantile``, ``map_threshold_quantile``), the settings
+    that shape the maps without touching the weights (:data:`anoseg.config.MAP_SHAPING`) and those that make
+    the image score from the map (:data:`anoseg.config.IMAGE_SCORING`); a model saved
     before the map had its own threshold gets one this way. The detector, if any, is kept (it reads the
     unsmoothed maps).
     """
