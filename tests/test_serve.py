@@ -58,6 +58,7 @@ def test_predict_multipart_and_raw_body_agree_with_the_model(client, model, imag
     assert a["score"] == pytest.approx(expected.score, abs=1e-6) and a["score"] == b["score"]
     assert a["verdict"] == ("defect" if expected.score > model.image_threshold else "normal")
     assert a["image_threshold"] == model.image_threshold and a["map_threshold"] == model.map_threshold
+    assert a["score_kind"] == "map_max" and a["map_score"] == a["max_score"]  # tiny: the maximum alone
     w, h = Image.open(io.BytesIO(image)).size
     assert a["map_size"] == [w, h] and "overlay_png" not in a
     overlay = Image.open(io.BytesIO(base64.b64decode(b["overlay_png"])))
@@ -247,3 +248,15 @@ def test_requests_that_wait_too_long_get_a_json_503(model, image, monkeypatch):
     assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
     busy = next(a.json() for a in answers if a.status_code == 503)
     assert busy["error"] == "busy" and "try again" in busy["detail"]
+
+
+def test_blended_map_score_is_named_and_judged(tiny_model_copy, image):
+    from anoseg import calibrate
+
+    calibrate(tiny_model_copy, overrides={"image_score_topk_weight": 0.5})
+    blended = load(tiny_model_copy, device="cpu")
+    answer = TestClient(create_app(blended, ServeSettings())).post("/predict", content=image).json()
+    assert answer["score_kind"] == "map_blend" and answer["score"] == answer["map_score"]
+    assert answer["map_score"] == pytest.approx(0.5 * (answer["max_score"] + answer["topk_score"]), abs=2e-6)
+    assert answer["verdict"] == ("defect" if answer["score"] > blended.image_threshold else "normal")
+    assert answer["image_threshold"] == blended.image_threshold

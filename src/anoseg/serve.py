@@ -84,6 +84,8 @@ class Inspector:
         # decoding a small file can take gigabytes (a solid 6000 x 6000 PNG is 120 KB): only a few at a time
         self.slots = threading.BoundedSemaphore(settings.max_concurrent)
         self.map_threshold, self.image_threshold = model.thresholds()
+        # the map's image score: its maximum, or that blended with its top-k mean (image_score_topk_weight)
+        self.map_score_kind = "map_max" if model.config.image_score_topk_weight == 0 else "map_blend"
         if settings.save_uploads:
             check_writable(Path(settings.save_uploads))
 
@@ -109,7 +111,7 @@ class Inspector:
         h, w = image.shape[:2]
         result: dict[str, Any] = {
             **pred.to_record(Thresholds(self.map_threshold, self.image_threshold)),
-            "score_kind": "detector" if pred.detector_score is not None else "map_max", "map_size": [w, h],
+            "score_kind": "detector" if pred.detector_score is not None else self.map_score_kind, "map_size": [w, h],
             "defect_fraction": None if self.map_threshold is None else
             round(float((pred.anomaly_map > self.map_threshold).mean()), 6), **saved,
         }
