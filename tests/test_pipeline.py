@@ -188,6 +188,9 @@ def test_map_image_score_blends_maximum_and_top_k_mean(weight):
     assert torch.allclose(peak, flat.amax(1)) and torch.allclose(top, flat.topk(k, 1).values.mean(1))
     assert torch.allclose(score, (1 - weight) * peak + weight * top)
     assert torch.allclose(map_image_scores(maps, 1e-6, 0.5)[2], peak)  # k is at least one pixel
+    for fraction in (0.05, 1e-6, 0.5):  # the form the ONNX graph uses gives the same scores
+        for a, b in zip(map_image_scores(maps, fraction, weight), map_image_scores(maps, fraction, weight, True)):
+            assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_blended_image_score_decides_the_verdict_and_its_threshold(tiny_model_copy):

@@ -53,7 +53,8 @@ class ExportGraph(nn.Module):
         maps = maps.clamp(0.0, 1.0)
         cfg = self.model.config
         weight = cfg.image_score_topk_weight
-        score = map_image_scores(maps, cfg.topk_fraction, weight)[0] if weight else maps.flatten(1).amax(1)
+        score = (map_image_scores(maps, cfg.topk_fraction, weight, exportable=True)[0] if weight
+                 else maps.flatten(1).amax(1))
         outputs = (maps, score)
         if self.model.detector is not None:
             outputs += (self.model.detector.score(image, raw),)
