@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from arguments import name_list, positive_int, seed_list
+from run_bench import rescored
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
@@ -241,7 +242,6 @@ def trained_model(cfg, root: Path, folder: Path, keep: bool):
     may differ); one with other settings is moved aside to NAME.oldN."""
     import anoseg
     from anoseg.modelfolder import WEIGHTS_FILE
-    from anoseg.train import LATER
 
     if keep and (folder / WEIGHTS_FILE).exists():  # written last: a finished model
         try:
@@ -249,7 +249,7 @@ def trained_model(cfg, root: Path, folder: Path, keep: bool):
         except anoseg.AnosegError as e:
             print(f"{folder}: not reused ({e})", file=sys.stderr)
         else:
-            if model.config.replace(**{k: getattr(cfg, k) for k in LATER}) == cfg and "train_seconds" in model.meta:
+            if same_training(model.config, cfg) and "train_seconds" in model.meta:
                 return rescored(model, cfg, folder)
             aside = next(folder.with_name(f"{folder.name}.old{i}") for i in range(1, 1000)
                          if not folder.with_name(f"{folder.name}.old{i}").exists())
@@ -262,21 +262,18 @@ def trained_model(cfg, root: Path, folder: Path, keep: bool):
     return anoseg.train(cfg, root, folder, overwrite=True, progress=False)
 
 
-def rescored(model, cfg, folder: Path):
-    """`model` with `cfg`'s map and score settings (e.g. a default changed since it was trained): its thresholds
-    chosen again for them, as `anoseg calibrate` does."""
-    import anoseg
-    from anoseg.train import CALIBRATION
+def same_training(saved, cfg) -> bool:
+    """Whether a kept model's settings `saved` train as `cfg` does: those used only after training
+    (anoseg.train.LATER: maps, scores, thresholds, the detector) may differ."""
+    from anoseg.train import LATER
 
-    changed = {k: getattr(cfg, k) for k in CALIBRATION if getattr(model.config, k) != getattr(cfg, k)}
-    return anoseg.calibrate(folder, overrides=changed) if changed else model
+    return saved.replace(**{k: getattr(cfg, k) for k in LATER}) == cfg
 
 
 def resumable(cfg, folder: Path) -> bool:
     """Whether `folder` holds an unfinished run of `cfg`'s training settings (its checkpoint, no model yet)."""
     from anoseg.config import Config
     from anoseg.modelfolder import CONFIG_FILE, has_checkpoint, is_finished
-    from anoseg.train import LATER
 
     if not has_checkpoint(folder) or is_finished(folder):
         return False
@@ -285,7 +282,7 @@ def resumable(cfg, folder: Path) -> bool:
     except Exception as e:  # noqa: BLE001 - an unreadable folder is trained again, and says why
         print(f"{folder}: not resumed ({e})", file=sys.stderr)
         return False
-    return saved.replace(**{k: getattr(cfg, k) for k in LATER}) == cfg
+    return same_training(saved, cfg)
 
 
 def run_one(variants: list[str], category: str, seed: int, steps: int, threads: int, data: Path = DATA) -> list[dict]:

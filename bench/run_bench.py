@@ -104,6 +104,16 @@ def check_reused(saved, wanted, folder: Path) -> None:
                          "Train it again (leave out --reuse), or name its settings with --set")
 
 
+def rescored(model, cfg, folder: Path):
+    """A reused `model` with `cfg`'s map and score settings (the profile's as it stands, or --set), its thresholds
+    chosen again for them as `anoseg calibrate` does; unchanged where they already match (also bench/ablation.py)."""
+    import anoseg
+    from anoseg.train import CALIBRATION
+
+    changed = {k: getattr(cfg, k) for k in CALIBRATION if getattr(model.config, k) != getattr(cfg, k)}
+    return anoseg.calibrate(folder, overrides=changed) if changed else model
+
+
 def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[str], reuse: bool,
             detector: bool, seed: int = 0, threads: int = 0) -> dict:
     """Train + evaluate + time one category with one seed (runs inside the child process)."""
@@ -112,7 +122,6 @@ def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[st
 
     import anoseg
     from anoseg.cli import parse_sets
-    from anoseg.train import CALIBRATION
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     root = DATA / dataset / category
@@ -121,9 +130,7 @@ def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[st
     if reuse and (out / "model.safetensors").exists():
         model = anoseg.load(out)
         check_reused(model.config, cfg, out)
-        changed = {k: getattr(cfg, k) for k in CALIBRATION if getattr(model.config, k) != getattr(cfg, k)}
-        if changed:  # map and score settings of the profile (or --set) as asked: thresholds chosen again for them
-            model = anoseg.calibrate(out, overrides=changed)
+        model = rescored(model, cfg, out)
     else:
         model = anoseg.train(cfg, root, out, overwrite=True, progress=sys.stderr.isatty())
     train_seconds = model.meta["train_seconds"]
@@ -161,8 +168,8 @@ def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[st
         "batch_size_infer": model.config.batch_size_infer,
         "ema_decay": model.config.ema_decay,
         "settings": sets,
-        **{k: result["metrics"].get(k) for k in ("image_auroc_map", "image_auroc_max", "image_auroc_topk",
-                                                 "image_auroc_detector")},
+        **{k: result["metrics"][k] for k in ("image_auroc_map", "image_auroc_max", "image_auroc_topk",
+                                             "image_auroc_detector")},
         **extra,
     }
 

@@ -153,13 +153,13 @@ def map_image_scores(maps: torch.Tensor, topk_fraction: float, topk_weight: floa
     function of the map's dynamic size, which ``topk`` does not export."""
     flat = maps.flatten(1)
     peak = flat.amax(1)
-    if not exportable:
+    if exportable:
+        k = torch.clamp(torch.round(torch.tensor(topk_fraction, dtype=torch.float64) * flat.shape[1]), min=1)
+        k = k.to(device=flat.device, dtype=flat.dtype)  # rounded in double precision, as Python's round
+        ranked = torch.sort(flat, dim=1, descending=True).values
+        top = (ranked * (torch.arange(flat.shape[1], device=flat.device) < k)).sum(1) / k
+    else:
         top = flat.topk(max(1, round(topk_fraction * flat.shape[1])), dim=1).values.mean(1)
-        return (1 - topk_weight) * peak + topk_weight * top, peak, top
-    k = torch.clamp(torch.round(torch.tensor(topk_fraction, dtype=torch.float64) * flat.shape[1]), min=1)
-    k = k.to(device=flat.device, dtype=flat.dtype)  # rounded in double precision, as Python's round
-    ranked = torch.sort(flat, dim=1, descending=True).values
-    top = (ranked * (torch.arange(flat.shape[1], device=flat.device) < k)).sum(1) / k
     return (1 - topk_weight) * peak + topk_weight * top, peak, top
 
 
