@@ -9,7 +9,7 @@ to bench/ablation.json as soon as it ends, so an interrupted ablation continues 
 (`--fresh` starts again). bench/ablation.md is rewritten from the JSON after every run. With the
 environment variable ABLATION_KEEP=DIR the trained models and their evaluations are kept in DIR, and a
 run stopped part-way there goes on from its last checkpoint.
-Variants that change only how maps are shaped or scored (`no_peak_boost`, `no_smoothing`, `smoothing_4`,
+Variants that change only how maps are shaped or scored (`no_peak_boost`, `no_broad`, `no_smoothing`, `smoothing_4`,
 `image_score_max`: settings in anoseg.config.MAP_SHAPING and IMAGE_SCORING) train nothing: after the training
 runs they are evaluated on the `default` model of the same category, seed and steps (kept in ABLATION_KEEP by
 an earlier run, else trained once for them), and their rows say "default's weights". A variant with another
@@ -122,7 +122,9 @@ VARIANTS: dict[str, dict] = {
     "cosine_lr_high": {"lr_schedule": "cosine", "lr": 5e-4},  # higher peak rate (2.5x), then down to 0
     "feather_8": {"edge_feather": 8},  # paste and noise regions blend in over a soft edge up to 8 px wide
     "no_peak_boost": {"peak_boost": 0.0},  # maps as averaged, narrow peaks not raised (weights as `default`'s)
+    "no_broad": {"broad_weight": 0.0},  # no broad share of the map (the default before the twenty-ninth session)
     "image_score_max": {"image_score_topk_weight": 0.0},  # the image score is the map maximum alone (as before)
+    "bf16": {"precision": "bf16"},  # networks under bfloat16 autocast, in training and inference
     "previous_default": {"lambda_adv": 0.1, "region_max": 0.08, "second_short_side": 0},  # fast before 2026-11-26
     # names of the rows measured against the previous default (see BASELINES); not run any more
     "large_regions": {"region_max": 0.25},

@@ -1,12 +1,14 @@
 """Evaluate trained models again with other map settings (evaluation only, no training).
 
     python bench/eval_settings.py --set tta_flips=none,h,hv MODEL=DATA [MODEL=DATA ...]
+    python bench/eval_settings.py --set broad_weight=0,0.25 --fix broad_sigma=12 MODEL=DATA
 
 MODEL is a trained model folder, DATA its MVTec-layout category folder. For each value of the one
-setting (`tta_flips`, `smoothing_sigma`, `peak_boost`, `peak_sigma`, `topk_fraction` or
+setting (`tta_flips`, `smoothing_sigma`, `broad_weight`, `broad_sigma`, `peak_boost`, `peak_sigma`, `topk_fraction` or
 `image_score_topk_weight`: the ones that change maps or scores, not weights) the model is evaluated on
 DATA's test split; one line per value is
-printed and appended to bench/eval_settings.json. Image AUROC: the map's image score, the map maximum and the
+printed and appended to bench/eval_settings.json. `--fix KEY=VALUE` (repeatable) sets another such setting
+for every evaluation of the sweep. Image AUROC: the map's image score, the map maximum and the
 top-k mean (the detector, if any, is not used).
 """
 
@@ -65,10 +67,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", nargs="+", metavar="MODEL=DATA")
     ap.add_argument("--set", required=True, metavar="KEY=V1,V2,...", help=f"one of {', '.join(EVAL_ONLY)}")
+    ap.add_argument("--fix", action="append", default=[], metavar="KEY=VALUE",
+                    help="another of those settings, the same in every evaluation (repeatable)")
     ap.add_argument("--out", default=str(HERE / "eval_settings.json"))
     args = ap.parse_args()
     key, _, texts = args.set.partition("=")
     values = parse_values(key, texts)
+    fixed = {}
+    for text in args.fix:
+        name, _, value = text.partition("=")
+        fixed[name] = parse_values(name, value)[0]
     bad = [p for p in args.pairs if "=" not in p]
     if bad:
         raise SystemExit(f"{bad[0]}: expected MODEL=DATA")
@@ -84,11 +92,13 @@ def main() -> None:
         except anoseg.AnosegError as e:
             raise SystemExit(str(e)) from None
         model.detector = None  # the map's own image score
+        model.config = model.config.replace(**fixed)
         for value, m, seconds in evaluations(model, data, key, values):
-            records.append({"model": folder, "data": data, key: value, **{k: m[k] for k in KEYS},
+            records.append({"model": folder, "data": data, **fixed, key: value, **{k: m[k] for k in KEYS},
                             "seconds": round(seconds, 1)})
             out.write_text(json.dumps({"results": records}, indent=1) + "\n")
-            print(f"{folder} {key}={value}: " + " ".join(f"{k} {m[k]:.3f}" for k in KEYS), flush=True)
+            shown = " ".join(f"{k}={v}" for k, v in {**fixed, key: value}.items())
+            print(f"{folder} {shown}: " + " ".join(f"{k} {m[k]:.3f}" for k in KEYS), flush=True)
 
 
 if __name__ == "__main__":

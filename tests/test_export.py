@@ -115,3 +115,16 @@ def test_blended_image_score_exports_like_pytorch(tiny_model_copy, tmp_path):
     k = max(1, round(0.01 * flat.shape[1]))
     want = 0.5 * flat.max(1) + 0.5 * np.sort(flat, 1)[:, ::-1][:, :k].mean(1)
     assert np.abs(raw["map_score"] - want).max() <= 1e-5  # the graph's own output, for runtimes other than ours
+
+
+def test_broad_share_exports_like_pytorch(tiny_model_copy, tmp_path):
+    from anoseg import calibrate
+
+    calibrate(tiny_model_copy, overrides={"broad_weight": 0.5, "broad_sigma": 16.0})
+    model = load(tiny_model_copy, device="cpu")
+    export_onnx(model, tmp_path)
+    runner = OnnxModel(tmp_path)
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(64, 64), (41, 150)]]
+    for a, b in zip(model.maps_for_batch(images), runner.maps_for_batch(images)):
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-4 and abs(a.score - b.score) <= 1e-4

@@ -111,7 +111,8 @@ def test_two_scale_model_exports_to_onnx_with_the_same_maps(tmp_path):
     from anoseg.detector import Detector
     from anoseg.export import OnnxModel, check_export, export_onnx
 
-    cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128, max_aspect=3.0, peak_boost=2.0)
+    cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128, max_aspect=3.0, peak_boost=2.0,
+                         broad_weight=0.5, broad_sigma=16.0)
     model = AnoSegModel(cfg, map_threshold=0.5, device="cpu")
     model.detector = Detector(cfg, torch.device("cpu"))  # scores the first scale's input with the fused map
     export_onnx(model, tmp_path / "onnx")

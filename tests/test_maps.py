@@ -1,4 +1,4 @@
-"""Map post-processing: peaks boosted above their surroundings, as a setting that calibrate can change."""
+"""Map post-processing: a broad share added, peaks boosted above their surroundings; settings calibrate can change."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 
 from anoseg import AnoSegModel, ConfigError, calibrate, load, profile_config
 from anoseg.config import Config
-from anoseg.inference import boost_peaks
+from anoseg.inference import add_broad, boost_peaks
 
 
 def _spot_and_plateau() -> torch.Tensor:
@@ -38,8 +38,26 @@ def test_a_flat_map_is_only_scaled():
     torch.testing.assert_close(boost_peaks(flat, 3.0, 2.0), flat / 3)
 
 
+def test_broad_weight_zero_changes_nothing():
+    m = _spot_and_plateau()
+    assert torch.equal(add_broad(m, 8.0, 0.0), m)
+
+
+def test_the_broad_share_raises_a_large_region_more_than_a_small_spot():
+    m = _spot_and_plateau()
+    out = add_broad(m, 8.0, 1.0)
+    spot, plateau_centre, background = out[0, 0, 10, 10], out[0, 0, 42, 42], out[0, 0, 0, 63]
+    assert plateau_centre > spot > background  # before, spot and plateau were equal
+    # the plateau keeps most of its height (0.54 of 0.6), the 2 px spot about half of it
+    assert float(plateau_centre) > 0.5 and float(spot) < 0.4
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    torch.testing.assert_close(add_broad(torch.full((1, 1, 20, 30), 0.4), 8.0, 1.0), torch.full((1, 1, 20, 30), 0.4))
+
+
 @pytest.mark.parametrize(("settings", "problem"), [({"peak_boost": -1.0}, "peak_boost"),
-                                                   ({"peak_sigma": 0.0}, "peak_sigma")])
+                                                   ({"peak_sigma": 0.0}, "peak_sigma"),
+                                                   ({"broad_weight": -0.5}, "broad_weight"),
+                                                   ({"broad_sigma": 0.0}, "broad_sigma")])
 def test_bad_peak_settings_are_refused_by_name(settings, problem):
     with pytest.raises(ConfigError, match=problem):
         profile_config("tiny", **settings)
@@ -51,6 +69,12 @@ def test_a_config_saved_before_peak_boost_loads_with_it_off():
     assert Config.from_dict(data).peak_boost == 0.0  # old models keep the maps their thresholds came from
 
 
+def test_a_config_saved_before_broad_weight_loads_with_it_off():
+    data = profile_config("fast").to_dict()
+    del data["broad_weight"], data["broad_sigma"]
+    assert Config.from_dict(data).broad_weight == 0.0
+
+
 def test_maps_follow_the_setting():
     cfg = profile_config("tiny")
     model = AnoSegModel(cfg, map_threshold=0.5, device="cpu")
@@ -59,6 +83,9 @@ def test_maps_follow_the_setting():
     model.config = cfg.replace(peak_boost=2.0)
     boosted = model.maps_for_batch([image])[0].anomaly_map
     assert boosted.shape == plain.shape and not np.allclose(boosted, plain)
+    model.config = cfg.replace(broad_weight=1.0, broad_sigma=8.0)
+    broad = model.maps_for_batch([image])[0].anomaly_map
+    assert broad.shape == plain.shape and not np.allclose(broad, plain)
 
 
 def test_calibrate_applies_a_map_setting_and_chooses_thresholds_for_it(tiny_model_copy):

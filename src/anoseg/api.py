@@ -43,7 +43,8 @@ def calibrate(folder: str | Path, *, overrides: dict[str, Any] | None = None) ->
     """Choose a trained model's map and image thresholds again from its held-out normal images.
 
     No training: `overrides` may change ``threshold_quantile``, ``map_threshold_quantile`` and the settings
-    that shape the maps (``smoothing_sigma``, ``peak_boost``, ``peak_sigma``, ``tta_flips``).
+    that shape the maps (``smoothing_sigma``, ``broad_weight``, ``broad_sigma``, ``peak_boost``, ``peak_sigma``,
+    ``tta_flips``).
     """
     return _train.recalibrate(folder, overrides)
 

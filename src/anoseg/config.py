@@ -40,17 +40,18 @@ RANGE_RULES: list[tuple[tuple[str, ...], Any, str]] = [
     (("ema_decay", "seg_label_smoothing"), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
     (("mask_min_diff",), lambda v: 0.0 <= v < 1.0, "must lie in [0, 1) (pixels lie in [0, 1]: at 1 nothing is marked)"),
     (("rollback_lr_factor",), lambda v: 0.0 < v < 1.0, "must lie in (0, 1)"),
-    (("lr", "lr_d", "detector_lr", "peak_sigma", "seg_defect_weight"), lambda v: v > 0, "must be positive"),
+    (("lr", "lr_d", "detector_lr", "peak_sigma", "broad_sigma", "seg_defect_weight"), lambda v: v > 0,
+     "must be positive"),
     (("lambda_seg", "lambda_rec", "lambda_adv", "smoothing_sigma", "max_minutes", "jitter_strength",
       "mask_texture_factor", "collapse_d_loss", "detector_lambda_adv", "detector_lambda_rec", "detector_lambda_cls",
       "detector_lambda_fm", "detector_w_mse", "detector_w_feat", "max_rollbacks", "collapse_patience", "edge_feather",
-      "peak_boost", "focal_gamma", "seg_defect_inset", "seg_dice_weight", "detector_batch_size"),
+      "peak_boost", "broad_weight", "focal_gamma", "seg_defect_inset", "seg_dice_weight", "detector_batch_size"),
      lambda v: v >= 0,
      "must not be negative"),
 ]
 # Settings that shape the maps after the networks, not the weights: a trained model takes new values of them
 # on resume, in `calibrate` (which chooses its thresholds again) and in bench/eval_settings.py.
-MAP_SHAPING = ("smoothing_sigma", "peak_boost", "peak_sigma", "tta_flips")
+MAP_SHAPING = ("smoothing_sigma", "broad_weight", "broad_sigma", "peak_boost", "peak_sigma", "tta_flips")
 # Settings that turn a map into the image score: like MAP_SHAPING, a trained model takes new values of them.
 IMAGE_SCORING = ("topk_fraction", "image_score_topk_weight")
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -181,6 +182,8 @@ class Config:
     smoothing_sigma: float = 4.0  # Gaussian smoothing of the map before scoring, in model-input pixels
     peak_boost: float = 0.0  # raise the map where it stands above its surroundings, by this times the excess (0 = off)
     peak_sigma: float = 2.0  # the surroundings for peak_boost: a Gaussian of this sigma, in pixels of the first scale
+    broad_weight: float = 0.0  # c: the map becomes (m + c x blur(m, broad_sigma)) / (1 + c) before peak_boost (0 = off)
+    broad_sigma: float = 12.0  # the Gaussian of broad_weight, in pixels of the first scale (large defects rise whole)
     tta_flips: str = "none"  # test-time augmentation: average the maps of flipped inputs (none, h, v, hv)
     holdout_fraction: float = 0.1  # share of normal training images kept out to choose the threshold
     holdout_min: int = 2  # at least this many held-out images (when holdout_fraction > 0)
@@ -342,7 +345,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The detector keeps the batch of 16 it was measured with.
     "fast": dict(image_size=128, base_channels=16, max_channels=256, seg_skips=True,
                  steps=6000, lr_schedule="cosine", batch_size=8, detector_batch_size=16,
-                 smoothing_sigma=2.0, peak_boost=2.0,
+                 smoothing_sigma=2.0, broad_weight=0.25, peak_boost=2.0,
                  resize_mode="aspect", anomaly_families=("paste", "noise", "crack", "streak"),
                  opacity_min=0.5, region_max=0.25, lambda_adv=0.0,
                  second_short_side=256, mask_texture_factor=3.0, seg_loss="bce", seg_defect_weight=2.0,

@@ -85,6 +85,18 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, k.view(1, 1, -1, 1))
 
 
+def add_broad(maps: torch.Tensor, sigma: float, weight: float) -> torch.Tensor:
+    """(m + weight * blur(m, sigma)) / (1 + weight): the map plus a broad share of itself, kept in [0, 1].
+
+    A large defect (a band of uneven grinding, a stain) answers over its whole area, not only where its
+    texture is strongest: the broad share raises the region as one. A small defect's peak keeps most of its
+    height, and peak_boost (applied after) raises it again.
+    """
+    if weight <= 0:
+        return maps
+    return (maps + weight * gaussian_blur(maps, sigma)) / (1 + weight)
+
+
 def boost_peaks(maps: torch.Tensor, sigma: float, boost: float) -> torch.Tensor:
     """Maps raised where they stand above their Gaussian surroundings, kept in [0, 1].
 
@@ -277,11 +289,13 @@ class AnoSegModel:
     def fused_maps(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw and smoothed maps of one normalised batch per scale, averaged at the first scale's shape.
 
-        Each scale is smoothed in its own pixels, as the model was trained; peaks are boosted after fusing.
+        Each scale is smoothed in its own pixels, as the model was trained; the broad share is added and peaks
+        are boosted after fusing, in pixels of the first scale.
         """
         cfg = self.config
         raw = [self.raw_maps(x) for x in inputs]
         smooth = fuse_scales([gaussian_blur(r, cfg.smoothing_sigma) for r in raw])
+        smooth = add_broad(smooth, cfg.broad_sigma, cfg.broad_weight)
         return fuse_scales(raw), boost_peaks(smooth, cfg.peak_sigma, cfg.peak_boost)
 
     def crop_raw_maps(self, x: torch.Tensor) -> torch.Tensor:
