@@ -4,11 +4,10 @@
     python bench/eval_settings.py --set broad_weight=0,0.25 --fix broad_sigma=12 MODEL=DATA
 
 MODEL is a trained model folder, DATA its MVTec-layout category folder. For each value of the one
-setting (`tta_flips`, `smoothing_sigma`, `broad_weight`, `broad_sigma`, `peak_boost`, `peak_sigma`, `topk_fraction` or
-`image_score_topk_weight`: the ones that change maps or scores, not weights) the model is evaluated on
-DATA's test split; one line per value is
-printed and appended to bench/eval_settings.json. `--fix KEY=VALUE` (repeatable) sets another such setting
-for every evaluation of the sweep. Image AUROC: the map's image score, the map maximum and the
+setting (one of anoseg.config.MAP_SHAPING and IMAGE_SCORING, listed by --help: the ones that change maps or
+scores, not weights) the model is evaluated on DATA's test split; one line per value is printed and appended
+to bench/eval_settings.json. `--fix KEY=VALUE` (repeatable) sets another such setting, one value, for every
+evaluation of the sweep. Image AUROC: the map's image score, the map maximum and the
 top-k mean (the detector, if any, is not used).
 """
 
@@ -76,7 +75,12 @@ def main() -> None:
     fixed = {}
     for text in args.fix:
         name, _, value = text.partition("=")
-        fixed[name] = parse_values(name, value)[0]
+        if name == key or name in fixed:
+            raise SystemExit(f"--fix {text}: {name} is already set (by --set or another --fix)")
+        one = parse_values(name, value)
+        if len(one) != 1:
+            raise SystemExit(f"--fix {text}: one value only (a sweep over values is --set's)")
+        fixed[name] = one[0]
     bad = [p for p in args.pairs if "=" not in p]
     if bad:
         raise SystemExit(f"{bad[0]}: expected MODEL=DATA")

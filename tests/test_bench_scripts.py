@@ -127,3 +127,15 @@ def test_ablation_scores_a_kept_model_with_the_settings_asked(tiny_model_copy):
     model = ablation.trained_model(asked, Path("data"), tiny_model_copy, keep=True)
     assert model.config == asked and load_model(tiny_model_copy).config == asked  # reused, not trained again
     assert model.image_threshold < before.image_threshold  # chosen again for the blended score
+
+
+@pytest.mark.parametrize("fix, says", [("broad_sigma=12,16", "one value only"), ("broad_weight=0.5", "already set"),
+                                       ("steps=10", "only"), ("broad_sigma=-1", "broad_sigma")])
+def test_eval_settings_refuses_a_bad_fix_before_loading_a_model(monkeypatch, tmp_path, fix, says):
+    eval_settings = load("eval_settings")
+    out = tmp_path / "out.json"
+    argv = ["eval_settings.py", "--set", "broad_weight=0,0.25", "--fix", fix, "--out", str(out), "absent=absent"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=says):
+        eval_settings.main()
+    assert not out.exists()  # nothing written

@@ -42,9 +42,9 @@ def train_detector(folder: str | Path, data: str | Path | None = None, *, overri
 def calibrate(folder: str | Path, *, overrides: dict[str, Any] | None = None) -> AnoSegModel:
     """Choose a trained model's map and image thresholds again from its held-out normal images.
 
-    No training: `overrides` may change ``threshold_quantile``, ``map_threshold_quantile`` and the settings
-    that shape the maps (``smoothing_sigma``, ``broad_weight``, ``broad_sigma``, ``peak_boost``, ``peak_sigma``,
-    ``tta_flips``).
+    No training: `overrides` may change ``threshold_quantile``, ``map_threshold_quantile``, the settings
+    that shape the maps (:data:`anoseg.config.MAP_SHAPING`) and those that make the image score from them
+    (:data:`anoseg.config.IMAGE_SCORING`).
     """
     return _train.recalibrate(folder, overrides)
 
