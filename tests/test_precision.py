@@ -41,3 +41,28 @@ def test_bad_precision_is_refused():
 
     with pytest.raises(ConfigError, match="precision"):
         AnoSegModel(profile_config("tiny", precision="fp16"))
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, want",
+                         [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")])
+def test_auto_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, want):
+    from anoseg.inference import autocast, resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == want
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"  # as asked
+    conv = torch.nn.Conv2d(1, 1, 1)
+    with autocast("auto", cpu):
+        out = conv(torch.ones(1, 1, 2, 2))
+    assert out.dtype == (torch.bfloat16 if want == "bf16" else torch.float32)
+
+
+def test_auto_precision_trains_and_records_what_it_ran_in(demo_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    model = train(profile_config("tiny", steps=2, batch_size=4, precision="auto"), demo_root, tmp_path / "m",
+                  progress=False)
+    assert model.config.precision == "auto" and model.meta["precision"] == "fp32"
+    assert load(tmp_path / "m").meta["precision"] == "fp32"

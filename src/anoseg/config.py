@@ -20,7 +20,7 @@ REGION_SHAPES = ("rect", "ellipse", "scar")
 ANOMALY_FAMILIES = ("paste", "noise", "crack", "shading", "band", "streak")
 RESIZE_MODES = ("square", "aspect")
 LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 # Value rules: (settings, test, what a failing value must be). The first broken rule is reported.
@@ -175,7 +175,8 @@ class Config:
     max_minutes: float = 0.0  # stop training after this wall time (0 = no limit); makes runs non-repeatable
     seed: int = 0  # the same seed and settings reproduce a run (on the same device)
     device: str = "auto"  # "auto" picks CUDA when available, else CPU
-    precision: str = "fp32"  # bf16: networks run under bfloat16 autocast (losses, EMA, optimiser state stay fp32)
+    # auto: bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX)
+    precision: str = "fp32"  # bf16: networks in bfloat16 autocast (losses, EMA, Adam in fp32); auto: bf16 where native
     compile: bool = False  # torch.compile the networks (falls back to eager, with a warning, where it fails)
     num_threads: int = 0  # CPU threads for torch (0 = torch's default)
     # --- maps, scores and thresholds -------------------------------------------------

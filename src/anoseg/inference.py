@@ -33,12 +33,32 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX.
+
+    Elsewhere bf16 is emulated, slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision the networks run in: `precision` itself, or for "auto" bf16 where native, else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast(precision: str, device: torch.device):
-    """bfloat16 autocast for the networks when `precision` is bf16 (on CUDA, and on CPU where asked).
+    """bfloat16 autocast for the networks when `precision` is (or resolves to) bf16.
 
     In fp32 no autocast region is entered at all, so traced graphs (ONNX export) stay as they were.
     """
-    if precision != "bf16":
+    if resolve_precision(precision, device) != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 

@@ -46,7 +46,7 @@ from .distributed import (
 )
 from .errors import AnosegError, ConfigError, DataError, ModelFileError
 from .fileio import make_output_dir, write_text_atomic
-from .inference import AnoSegModel, autocast, maybe_compile, resolve_device
+from .inference import AnoSegModel, autocast, maybe_compile, resolve_device, resolve_precision
 from .modelfolder import (
     CKPT_STATE,
     CKPT_STEM,
@@ -496,7 +496,8 @@ def _finish(run: TrainingRun, stopped_early: bool) -> AnoSegModel:
     model = AnoSegModel(run.cfg, trainer.final_generator, meta={
         "steps_done": trainer.step_done, "stopped_early": stopped_early, "train_seconds": round(run.seconds(), 2),
         "n_train": len(run.train_idx), "data": str(run.data), "rollbacks": trainer.rollbacks,
-        "lr_scale": trainer.lr_scale, "world_size": run.ctx.world})
+        "lr_scale": trainer.lr_scale, "world_size": run.ctx.world,
+        "precision": resolve_precision(run.cfg.precision, trainer.device)})
     model.generator.eval()
     if run.ctx.is_main:
         calibrate(model, [run.files[i] for i in run.hold_idx] or [run.files[i] for i in run.train_idx])
