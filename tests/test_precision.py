@@ -66,3 +66,14 @@ def test_auto_precision_trains_and_records_what_it_ran_in(demo_root, tmp_path, m
                   progress=False)
     assert model.config.precision == "auto" and model.meta["precision"] == "fp32"
     assert load(tmp_path / "m").meta["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("major, want", [(7, "fp32"), (8, "bf16"), (9, "bf16")])
+def test_auto_precision_on_cuda_needs_ampere_or_later(monkeypatch, major, want):
+    from types import SimpleNamespace
+
+    from anoseg.inference import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))
+    assert resolve_precision("auto", torch.device("cuda")) == want  # a V100 emulates bf16: slower than fp32

@@ -38,8 +38,8 @@ def native_bf16(device: torch.device) -> bool:
 
     Elsewhere bf16 is emulated, slower than fp32.
     """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # emulated bf16 (GPUs before Ampere) counts as not native
+        return torch.cuda.is_available() and torch.cuda.get_device_properties(device).major >= 8
     if device.type != "cpu":
         return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
