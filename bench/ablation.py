@@ -125,6 +125,7 @@ VARIANTS: dict[str, dict] = {
     "no_broad": {"broad_weight": 0.0},  # no broad share of the map (the default before the twenty-ninth session)
     "image_score_max": {"image_score_topk_weight": 0.0},  # the image score is the map maximum alone (as before)
     "bf16": {"precision": "bf16"},  # networks under bfloat16 autocast, in training and inference
+    "fp32": {"precision": "fp32"},  # fp32 on any hardware: with --steps 6000, the default before 2026-12-03
     "previous_default": {"lambda_adv": 0.1, "region_max": 0.08, "second_short_side": 0},  # fast before 2026-11-26
     # names of the rows measured against the previous default (see BASELINES); not run any more
     "large_regions": {"region_max": 0.25},
@@ -140,7 +141,7 @@ VARIANTS: dict[str, dict] = {
 }
 # kept to label old rows; not in the default list of variants
 LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2", "long_cracks", "batch_8_long_cracks",
-          "long_soft_cracks", "soft_cracks", "with_streak", "batch_8")
+          "long_soft_cracks", "soft_cracks", "with_streak", "batch_8", "bf16")
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
@@ -192,7 +193,12 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
              "batch_16": "the fast profile before the twenty-seventh session (2026-12-03; batch 16 for 3000 steps): "
                          "each variant changed that profile, so `default` here is today's variant `batch_16`, and "
                          "the variant `batch_8` (the same images in 6000 steps of 8) is today's default: its rows "
-                         "are listed as `default` under the current fast profile"}
+                         "are listed as `default` under the fp32 profile of 6000 steps",
+             "fp32_6000": "the fast profile before the thirty-first session (2026-12-03; fp32 for 6000 steps): "
+                          "each variant changed that profile, so `default` here is today's variant `fp32` at "
+                          "--steps 6000, and the variant `bf16` at 8000 steps (bf16 is what `precision` auto "
+                          "gives on this CPU) is today's default: its rows are listed as `default` under the "
+                          "current fast profile"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
