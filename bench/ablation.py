@@ -1,7 +1,7 @@
 """Ablation: the default recipe against the paper's and with each part switched off, on the real categories.
 
-    python bench/ablation.py                 # every variant x category, fast profile length (6,000 steps of 8)
-    python bench/ablation.py --quick         # 1,200 steps: a smaller run with the same variants
+    python bench/ablation.py                 # every variant x category, fast profile length (8,000 steps of 8)
+    python bench/ablation.py --quick         # 1,600 steps: a smaller run with the same variants
     python bench/ablation.py --only commutator --variants default,paper --jobs 2
 
 Each run trains in its own process (`--jobs` at a time, CPU threads split between them) and is written
@@ -15,13 +15,13 @@ runs they are evaluated on the `default` model of the same category, seed and st
 an earlier run, else trained once for them), and their rows say "default's weights". A variant with another
 batch size trains proportionally more or fewer steps (`run_steps`), so it sees as many images as the others;
 its rows give the steps it trained.
-Runtime on 2 CPU cores with --jobs 2: one run of the profile (6000 steps of 8) takes 2,780-2,820 s of
-training while another shares the cores (measured 2026-12-03; 3000 steps of 16 took 1,450-2,650 s from
-2026-11-28 to 2026-12-02; the machine's speed differs from one session to the next), plus about 2 (bottle)
-to 7 (magnetic tile) minutes of evaluation. Every variant on all three
+Runtime on 2 CPU cores: one run of the profile (8000 steps of 8, bf16 by `precision` auto on a CPU with
+AVX512-BF16) takes 1,340 s of training alone with 2 threads, 2,028-3,304 s while one or two others share the
+cores (measured 2026-12-03; in fp32, 6000 steps took 2,780-2,820 s with two sharing; the machine's speed differs
+from one session to the next), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every variant on all three
 categories, one seed, is 62 trained variants, about 190 such runs (batch-size variants take proportionally
-longer or shorter): about 80 hours with two at a time, estimated from those run times, never run in one go.
---quick trains a fifth of the profile's steps (1,200) and evaluates the same (estimated; last measured
+longer or shorter): about 75 hours with two at a time, estimated from those run times, never run in one go.
+--quick trains a fifth of the profile's steps (1,600) and evaluates the same (estimated; last measured
 2026-11-26 at 600 steps of 16: 21 runs in 88 minutes).
 On a lent GPU, bench/gpu_ablation.sh runs 16 at once (measured 2026-11-27: 2000 steps in about 3 minutes
 each).
