@@ -17,12 +17,12 @@ batch size trains proportionally more or fewer steps (`run_steps`), so it sees a
 its rows give the steps it trained.
 Runtime on 2 CPU cores: one run of the profile (8000 steps of 8, bf16 by `precision` auto on a CPU with
 AVX512-BF16) takes 1,340 s of training alone with 2 threads, 2,028-3,304 s while one or two others share the
-cores (measured 2026-12-03; in fp32, 6000 steps took 2,780-2,820 s with two sharing; the machine's speed differs
-from one session to the next), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every
-variant on all three categories, one seed, is 62 trained variants, about 190 such runs (batch-size variants take proportionally
-longer or shorter): about 75 hours with two at a time, estimated from those run times, never run in one go.
---quick trains a fifth of the profile's steps (1,600) and evaluates the same (estimated; last measured
-2026-11-26 at 600 steps of 16: 21 runs in 88 minutes).
+cores (measured 2026-12-03; in fp32, 6000 steps took 2,780-2,820 s with two sharing; the machine's speed
+differs from one session to the next), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every
+variant on all three categories, one seed, is 62 trained variants, about 190 such runs (batch-size variants
+take proportionally longer or shorter): about 75 hours with two at a time, estimated from those run times,
+never run in one go. --quick trains a fifth of the profile's steps (1,600) and evaluates the same (estimated;
+last measured 2026-11-26 at 600 steps of 16: 21 runs in 88 minutes).
 On a lent GPU, bench/gpu_ablation.sh runs 16 at once (measured 2026-11-27: 2000 steps in about 3 minutes
 each).
 Variants change the `fast` profile's settings; `paper` is the paper's recipe at the fast profile's size
