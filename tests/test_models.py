@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from anoseg import Config, ConfigError, profile_config
+from anoseg.detector import DetectorGenerator
 from anoseg.models import Discriminator, Generator
 
 
@@ -253,3 +254,22 @@ def test_dice_weight_adds_that_many_dice_losses_to_the_map_loss():
     seg = [Trainer(cfg.replace(seg_dice_weight=w), resolve_device("cpu")).step(images)["seg"] for w in (0.0, 1.0, 2.0)]
     assert seg[1] > seg[0] + 0.01  # the first step's map is far from the masks: the Dice loss is large
     assert seg[2] - seg[0] == pytest.approx(2 * (seg[1] - seg[0]), rel=1e-4)  # the same batch and map each time
+
+
+@pytest.mark.parametrize("build", [Generator, Discriminator, DetectorGenerator])
+def test_channels_last_changes_the_memory_order_not_the_outputs(build):
+    torch.manual_seed(0)
+    last = build(profile_config("tiny", channels_last=True)).eval()
+    plain = build(profile_config("tiny", channels_last=False)).eval()
+    plain.load_state_dict(last.state_dict())
+    convs = [p for p in last.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # 1 x 1 kernels are both orders at once
+    assert all(p.is_contiguous() for p in plain.parameters())
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    second = torch.rand(2, 1, 64, 64) if build is not Generator else None
+    with torch.no_grad():
+        out_last = last(x, second) if second is not None else last(x)
+        out_plain = plain(x, second) if second is not None else plain(x)
+    for a, b in zip(out_last, out_plain):
+        assert torch.allclose(a, b, atol=1e-5)

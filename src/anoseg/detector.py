@@ -20,7 +20,7 @@ import torch.nn as nn
 from .checkpoint import load_json, load_module, load_tensors, module_state, pop_threshold, save_json, save_tensors
 from .config import Config
 from .modelfolder import DETECTOR_META, DETECTOR_WEIGHTS
-from .models import Decoder, Discriminator, Encoder, stage_channels
+from .models import Decoder, Discriminator, Encoder, stage_channels, use_memory_format
 
 
 class DetectorGenerator(nn.Module):
@@ -31,6 +31,7 @@ class DetectorGenerator(nn.Module):
         widths = stage_channels(cfg)
         self.encoder = Encoder(4, widths)
         self.decoder = Decoder(widths, 3, 4, skips=False)
+        use_memory_format(self, cfg)
 
     def forward(self, image: torch.Tensor, amap: torch.Tensor) -> torch.Tensor:
         x = torch.cat([image, amap * 2.0 - 1.0], dim=1)
