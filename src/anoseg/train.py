@@ -65,7 +65,7 @@ from .models import Discriminator, Generator
 from .progress import bar as progress_bar
 
 # Settings that may change when a run is resumed; the rest must match the saved run.
-RESUMABLE = ("steps", "device", "precision", "compile",
+RESUMABLE = ("steps", "device", "precision", "compile", "channels_last",
              "num_threads", "max_minutes", "checkpoint_every", "batch_size_infer", "max_rollbacks",
              "rollback_lr_factor", "collapse_d_loss", "collapse_patience")
 # Settings that only matter after AnoSeg training (scoring, detector): taken from the user on resume too.
