@@ -16,9 +16,10 @@ an earlier run, else trained once for them), and their rows say "default's weigh
 batch size trains proportionally more or fewer steps (`run_steps`), so it sees as many images as the others;
 its rows give the steps it trained.
 Runtime on 2 CPU cores: one run of the profile (8000 steps of 8, bf16 by `precision` auto on a CPU with
-AVX512-BF16) takes 1,340 s of training alone with 2 threads, 2,028-3,304 s while one or two others share the
-cores (measured 2026-12-03; in fp32, 6000 steps took 2,780-2,820 s with two sharing; the machine's speed
-differs from one session to the next), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every
+AVX512-BF16) took 1,340 s of training alone with 2 threads before `channels_last`, 2,028-3,304 s while one or
+two others shared the cores (measured 2026-12-03; the machine's speed differs from one session to the next);
+with `channels_last`, 10,000 steps took 1,461 s alone and about 2,100 s two at a time (so 8000 about 1,170 s
+alone, estimated), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every
 variant on all three categories, one seed, is 62 trained variants, about 190 such runs (batch-size variants
 take proportionally longer or shorter): about 75 hours with two at a time, estimated from those run times,
 never run in one go. --quick trains a fifth of the profile's steps (1,600) and evaluates the same (estimated;
