@@ -178,7 +178,7 @@ class Config:
     # auto: bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX)
     precision: str = "fp32"  # bf16: networks in bfloat16 autocast (losses, EMA, Adam in fp32); auto: bf16 where native
     compile: bool = False  # torch.compile the networks (falls back to eager, with a warning, where it fails)
-    channels_last: bool = True  # convolutions in channels-last memory order: same maths, 1.4-1.9x faster on CPU
+    channels_last: bool = True  # weights in channels-last memory order: same maths, CPU training steps ~1.3x faster
     num_threads: int = 0  # CPU threads for torch (0 = torch's default)
     # --- maps, scores and thresholds -------------------------------------------------
     smoothing_sigma: float = 4.0  # Gaussian smoothing of the map before scoring, in model-input pixels
