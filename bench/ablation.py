@@ -1,7 +1,7 @@
 """Ablation: the default recipe against the paper's and with each part switched off, on the real categories.
 
-    python bench/ablation.py                 # every variant x category, fast profile length (8,000 steps of 8)
-    python bench/ablation.py --quick         # 1,600 steps: a smaller run with the same variants
+    python bench/ablation.py                 # every variant x category, fast profile length (10,000 steps of 8)
+    python bench/ablation.py --quick         # 2,000 steps: a smaller run with the same variants
     python bench/ablation.py --only commutator --variants default,paper --jobs 2
 
 Each run trains in its own process (`--jobs` at a time, CPU threads split between them) and is written
@@ -15,15 +15,14 @@ runs they are evaluated on the `default` model of the same category, seed and st
 an earlier run, else trained once for them), and their rows say "default's weights". A variant with another
 batch size trains proportionally more or fewer steps (`run_steps`), so it sees as many images as the others;
 its rows give the steps it trained.
-Runtime on 2 CPU cores: one run of the profile (8000 steps of 8, bf16 by `precision` auto on a CPU with
-AVX512-BF16) took 1,340 s of training alone with 2 threads before `channels_last`, 2,028-3,304 s while one or
-two others shared the cores (measured 2026-12-03; the machine's speed differs from one session to the next);
-with `channels_last`, 10,000 steps took 1,461 s alone and about 2,100 s two at a time (so 8000 about 1,170 s
-alone, estimated), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every
-variant on all three categories, one seed, is 62 trained variants, about 190 such runs (batch-size variants
-take proportionally longer or shorter): about 75 hours with two at a time, estimated from those run times,
-never run in one go. --quick trains a fifth of the profile's steps (1,600) and evaluates the same (estimated;
-last measured 2026-11-26 at 600 steps of 16: 21 runs in 88 minutes).
+Runtime on 2 CPU cores: one run of the profile (10,000 steps of 8, bf16 by `precision` auto on a CPU with
+AVX512-BF16, `channels_last`) took 1,461 s of training alone with 2 threads and about 2,100 s two at a time
+(measured 2026-12-03; the machine's speed differs from one session to the next), plus about 2 (bottle) to 7
+(magnetic tile) minutes of evaluation. Every variant on all three categories, one seed, is 62 trained
+variants, about 190 such runs (batch-size variants take proportionally longer or shorter): about 60 hours
+with two at a time, estimated from those run times, never run in one go. --quick trains a fifth of the
+profile's steps (2,000) and evaluates the same (estimated; last measured 2026-11-26 at 600 steps of 16: 21
+runs in 88 minutes).
 On a lent GPU, bench/gpu_ablation.sh runs 16 at once (measured 2026-11-27: 2000 steps in about 3 minutes
 each).
 Variants change the `fast` profile's settings; `paper` is the paper's recipe at the fast profile's size
@@ -198,8 +197,11 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
              "fp32_6000": "the fast profile before the thirty-first session (2026-12-03; fp32 for 6000 steps): "
                           "each variant changed that profile, so `default` here is today's variant `fp32` at "
                           "--steps 6000, and the variant `bf16` at 8000 steps (bf16 is what `precision` auto "
-                          "gives on this CPU) is today's default: its rows are listed as `default` under the "
-                          "current fast profile"}
+                          "gives on this CPU) was the default of the thirty-first and thirty-second sessions: "
+                          "its rows are listed as `default` under the profile of 8000 steps",
+             "steps_8000": "the fast profile before the thirty-third session (2026-12-04; 8000 steps): `default` "
+                           "here is that profile, which `--variants default --steps 8000` trains today; the same "
+                           "recipe at 10000 steps is today's default, its rows under the current fast profile"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
