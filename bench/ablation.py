@@ -18,7 +18,7 @@ its rows give the steps it trained.
 Runtime on 2 CPU cores: one run of the profile (10,000 steps of 8, bf16 by `precision` auto on a CPU with
 AVX512-BF16, `channels_last`) took 1,461 s of training alone with 2 threads and about 2,100 s two at a time
 (measured 2026-12-03; the machine's speed differs from one session to the next), plus about 2 (bottle) to 7
-(magnetic tile) minutes of evaluation. Every variant on all three categories, one seed, is 62 trained
+(magnetic tile) minutes of evaluation. Every variant on all three categories, one seed, is 63 trained
 variants, about 190 such runs (batch-size variants take proportionally longer or shorter): about 60 hours
 with two at a time, estimated from those run times, never run in one go. --quick trains a fifth of the
 profile's steps (2,000) and evaluates the same (estimated; last measured 2026-11-26 at 600 steps of 16: 21
@@ -120,6 +120,7 @@ VARIANTS: dict[str, dict] = {
     "ema_window_500": {"ema_warmup": 5},  # decay 0.998 at step 2000: about the last 500 steps
     "constant_lr": {"lr_schedule": "constant"},  # no cosine: the same rate to the last step
     "cosine_lr_high": {"lr_schedule": "cosine", "lr": 5e-4},  # higher peak rate (2.5x), then down to 0
+    "lr_3e4": {"lr": 3e-4},  # a 1.5x higher peak rate along the cosine (more training in the same steps)
     "feather_8": {"edge_feather": 8},  # paste and noise regions blend in over a soft edge up to 8 px wide
     "no_peak_boost": {"peak_boost": 0.0},  # maps as averaged, narrow peaks not raised (weights as `default`'s)
     "no_broad": {"broad_weight": 0.0},  # no broad share of the map (the default before the twenty-ninth session)

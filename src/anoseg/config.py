@@ -342,11 +342,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     # As close to the paper as its text allows: 256 px, 8x8x512 code, decoders of the same shape.
     "paper": dict(image_size=256, base_channels=64, max_channels=512, seg_skips=False,
                   steps=20000, batch_size=16, ema_decay=0.0),
-    # Sized to train one category on 2 CPU cores in under 30 minutes. Batch 8: twice the updates of batch 16
-    # for the same images (better on all three real categories since streaks, docs/design.md). bf16 where the
-    # hardware computes it natively makes a step about a third cheaper, and channels-last weights another
-    # quarter: spent on 10000 steps instead of 6000 (each step up better on all three, docs/design.md);
-    # elsewhere `auto` trains in fp32. The detector keeps batch 16.
+    # Sized to train one category on 2 CPU cores within 30 minutes: 24 measured in bf16, about 30 in fp32.
+    # Batch 8: twice the updates of batch 16 for the same images (better on all three real categories since
+    # streaks, docs/design.md). bf16 where the hardware computes it natively makes a step about a third cheaper,
+    # and channels-last weights another quarter: spent on 10000 steps instead of 6000 (each step up better on
+    # all three, docs/design.md); elsewhere `auto` trains in fp32. The detector keeps batch 16.
     "fast": dict(image_size=128, base_channels=16, max_channels=256, seg_skips=True,
                  steps=10000, precision="auto", lr_schedule="cosine", batch_size=8, detector_batch_size=16,
                  smoothing_sigma=2.0, broad_weight=0.25, peak_boost=2.0,
