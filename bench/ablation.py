@@ -120,7 +120,8 @@ VARIANTS: dict[str, dict] = {
     "ema_window_500": {"ema_warmup": 5},  # decay 0.998 at step 2000: about the last 500 steps
     "constant_lr": {"lr_schedule": "constant"},  # no cosine: the same rate to the last step
     "cosine_lr_high": {"lr_schedule": "cosine", "lr": 5e-4},  # higher peak rate (2.5x), then down to 0
-    "lr_3e4": {"lr": 3e-4},  # a 1.5x higher peak rate along the cosine (more training in the same steps)
+    "lr_2e4": {"lr": 2e-4},  # the peak rate before the thirty-fourth session (2026-12-04; now 3e-4)
+    "lr_4e4": {"lr": 4e-4},  # a higher peak rate still (4e-4 against 3e-4) along the same cosine
     "feather_8": {"edge_feather": 8},  # paste and noise regions blend in over a soft edge up to 8 px wide
     "no_peak_boost": {"peak_boost": 0.0},  # maps as averaged, narrow peaks not raised (weights as `default`'s)
     "no_broad": {"broad_weight": 0.0},  # no broad share of the map (the default before the twenty-ninth session)
@@ -201,8 +202,13 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
                           "gives on this CPU) was the default of the thirty-first and thirty-second sessions: "
                           "its rows are listed as `default` under the profile of 8000 steps",
              "steps_8000": "the fast profile before the thirty-third session (2026-12-04; 8000 steps): `default` "
-                           "here is that profile, which `--variants default --steps 8000` trains today; the same "
-                           "recipe at 10000 steps is today's default, its rows under the current fast profile"}
+                           "here is that profile, which `--variants lr_2e4 --steps 8000` trains today; the same "
+                           "recipe at 10000 steps was the default of the thirty-third session, its rows under "
+                           "the profile with lr 2e-4",
+             "lr_2e4": "the fast profile before the thirty-fourth session (2026-12-04; generator learning rate 2e-4): "
+                       "each variant changed that profile, so `default` here is today's variant `lr_2e4`, and the "
+                       "variant `lr_3e4` (a 1.5x higher peak rate) is today's default: its rows are listed as "
+                       "`default` under the current fast profile"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
