@@ -348,7 +348,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # and channels-last weights another quarter: spent on 10000 steps instead of 6000 (each step up better on
     # all three, docs/design.md); elsewhere `auto` trains in fp32. The detector keeps batch 16. Peak learning
     # rate 3e-4, not 2e-4: more learned in the same steps (magnetic tile and commutator gain on two seeds,
-    # bottle's mean pixel AUROC falls 0.005; docs/design.md, thirty-fourth session).
+    # bottle gains on two seeds of three; docs/design.md, thirty-fourth session).
     "fast": dict(image_size=128, base_channels=16, max_channels=256, seg_skips=True,
                  steps=10000, precision="auto", lr=3e-4, lr_schedule="cosine", batch_size=8, detector_batch_size=16,
                  smoothing_sigma=2.0, broad_weight=0.25, peak_boost=2.0,
