@@ -110,7 +110,8 @@ VARIANTS: dict[str, dict] = {
     "mask_diff_004": {"mask_min_diff": 0.04},  # ... by 0.04 (default 0.02)
     "no_mask_texture": {"mask_texture_factor": 0.0},  # a synthetic pixel counts as defect where it changed by 0.02
     "mask_texture_4": {"mask_texture_factor": 4.0},  # ... by 0.02 and by 4 times the image's own grain (default 3)
-    "no_reconstruction_loss": {"lambda_rec": 0.0},  # the encoder serves the map alone (the image decoder idles)
+    # the encoder serves the map alone; training skips the image decoder, a step about a quarter cheaper
+    "no_reconstruction_loss": {"lambda_rec": 0.0},
     "with_adversarial_loss": {"lambda_adv": 0.1},  # the paper's adversarial loss on (image, map) pairs
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
     "regions_half": {"region_max": 0.5},  # synthetic anomalies up to half the image (large defects: uneven, fray)

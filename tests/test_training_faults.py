@@ -220,6 +220,27 @@ def test_without_the_adversarial_loss_the_discriminator_is_not_trained():
     assert not all(torch.equal(a, b) for a, b in zip(g_before, trainer.generator.parameters()))
 
 
+def test_without_a_reconstruction_loss_the_image_decoder_is_skipped_and_the_map_trains_the_same(monkeypatch):
+    # lambda_rec = lambda_adv = 0: nothing reads the reconstruction, so the step skips the image decoder
+    cfg = profile_config("tiny", lambda_adv=0.0, lambda_rec=0.0, ema_decay=0.0, anomaly_ratio=1.0)
+    images = torch.randint(0, 256, (4, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    calls = []
+    skipped, full = Trainer(cfg, resolve_device("cpu")), Trainer(cfg, resolve_device("cpu"))
+    decoder_before = [p.detach().clone() for p in skipped.generator.image_decoder.parameters()]
+    monkeypatch.setattr(full, "_needs_reconstruction", lambda: True)
+    skipped.generator.image_decoder.register_forward_hook(lambda *_: calls.append(1))
+    for _ in range(2):
+        loss_skipped, loss_full = skipped.step(images), full.step(images)
+    assert calls == []
+    assert loss_skipped["rec"] == 0.0 and loss_full["rec"] > 0.0
+    assert loss_skipped["seg"] == pytest.approx(loss_full["seg"], rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(decoder_before, skipped.generator.image_decoder.parameters()))
+    for name, value in full.generator.map_decoder.state_dict().items():
+        assert torch.allclose(skipped.generator.map_decoder.state_dict()[name], value, atol=1e-5), name
+    assert Trainer(cfg.replace(lambda_rec=0.5), resolve_device("cpu"))._needs_reconstruction()
+
+
 def test_cosine_schedule_sets_the_rates_and_resumes_on_the_same_curve(tmp_path):
     from anoseg.train import schedule_factor
 

@@ -121,15 +121,19 @@ class Generator(nn.Module):
             return x
         return coord_channels(x) if coords is None else torch.cat([x, coords.to(x.dtype)], dim=1)
 
-    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None,
+                reconstruct: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """x in [-1, 1], B x 3 x H x W -> (reconstruction in [-1, 1], anomaly map in [0, 1]).
 
         `coords` (B x 2 x H x W) places a crop in its whole image; by default x is a whole image.
+        With ``reconstruct=False`` the reconstruction is None and the image decoder runs only if the map
+        sees the residual (training without reconstruction or adversarial loss needs no reconstruction).
         """
         x_in = self._input(x, coords)
         feats = self.encoder(x_in)
-        recon = torch.tanh(self.image_decoder(feats, x_in))
-        return recon, torch.sigmoid(self.map_decoder(feats, x_in, self._residual(x, recon)))
+        recon = torch.tanh(self.image_decoder(feats, x_in)) if reconstruct or self.residual else None
+        amap = torch.sigmoid(self.map_decoder(feats, x_in, None if recon is None else self._residual(x, recon)))
+        return (recon if reconstruct else None), amap
 
     def _residual(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
         """|input - reconstruction| (mean over colours) for the map head, when the map sees it.

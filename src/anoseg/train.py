@@ -214,14 +214,17 @@ class Trainer:
             coords = None if coords is None else coords[mine]
         x, mask = x.to(self.device) * 2.0 - 1.0, mask.to(self.device)
         with autocast(cfg.precision, self.device):  # losses below are computed in fp32
-            recon, amap = self.g_step(x, None if coords is None else coords.to(self.device))
-        recon, amap = recon.float(), amap.float()
+            recon, amap = self.g_step(x, None if coords is None else coords.to(self.device),
+                                      reconstruct=self._needs_reconstruction())
+        amap = amap.float()
+        recon = None if recon is None else recon.float()
         d_value, loss_adv = self._adversarial(x, mask, recon, amap)
         loss_seg = segmentation_loss(amap, mask, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight,
                                       cfg.seg_defect_inset, cfg.seg_label_smoothing)
         if cfg.seg_dice_weight:
             loss_seg = loss_seg + cfg.seg_dice_weight * dice_loss(amap, mask)
-        loss_rec = masked_reconstruction_loss(recon, x, mask, self.dist)
+        loss_rec = torch.zeros((), device=x.device) if recon is None else \
+            masked_reconstruction_loss(recon, x, mask, self.dist)
         loss_g = cfg.lambda_seg * loss_seg + cfg.lambda_rec * loss_rec + cfg.lambda_adv * loss_adv
         g_values = self._check_finite({"seg": loss_seg, "rec": loss_rec, "adv": loss_adv})
         self.opt_g.zero_grad(set_to_none=True)
@@ -239,7 +242,13 @@ class Trainer:
                                    f"{self.d_low_steps} steps, at step {self.step_done})")
         return losses
 
-    def _adversarial(self, x: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor,
+    def _needs_reconstruction(self) -> bool:
+        """Whether a loss reads the reconstruction. Without one the image decoder is skipped, which makes a
+        step about a quarter cheaper. Under several processes it always runs: DistributedDataParallel expects
+        every parameter to get a gradient (zero here) on every step."""
+        return self.cfg.lambda_rec > 0 or self.cfg.lambda_adv > 0 or self.dist.enabled
+
+    def _adversarial(self, x: torch.Tensor, mask: torch.Tensor, recon: torch.Tensor | None,
                      amap: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
         """Train the discriminator one step; return its loss and the generator's adversarial loss.
 
