@@ -1,7 +1,7 @@
 """Ablation: the default recipe against the paper's and with each part switched off, on the real categories.
 
-    python bench/ablation.py                 # every variant x category, fast profile length (10,000 steps of 8)
-    python bench/ablation.py --quick         # 2,000 steps: a smaller run with the same variants
+    python bench/ablation.py                 # every variant x category, fast profile length (13,000 steps of 8)
+    python bench/ablation.py --quick         # 2,600 steps: a smaller run with the same variants
     python bench/ablation.py --only commutator --variants default,paper --jobs 2
 
 Each run trains in its own process (`--jobs` at a time, CPU threads split between them) and is written
@@ -15,14 +15,15 @@ runs they are evaluated on the `default` model of the same category, seed and st
 an earlier run, else trained once for them), and their rows say "default's weights". A variant with another
 batch size trains proportionally more or fewer steps (`run_steps`), so it sees as many images as the others;
 its rows give the steps it trained.
-Runtime on 2 CPU cores: one run of the profile (10,000 steps of 8, bf16 by `precision` auto on a CPU with
-AVX512-BF16, `channels_last`) took 1,461 s of training alone with 2 threads and about 2,100 s two at a time
-(measured 2026-12-03; the machine's speed differs from one session to the next), plus about 2 (bottle) to 7
-(magnetic tile) minutes of evaluation. Every variant on all three categories, one seed, is 63 trained
-variants, about 190 such runs (batch-size variants take proportionally longer or shorter): about 60 hours
-with two at a time, estimated from those run times, never run in one go. --quick trains a fifth of the
-profile's steps (2,000) and evaluates the same (estimated; last measured 2026-11-26 at 600 steps of 16: 21
-runs in 88 minutes).
+Runtime on 2 CPU cores: one run of the profile (13,000 steps of 8 without the reconstruction loss, so without
+the image decoder; bf16 by `precision` auto on a CPU with AVX512-BF16, `channels_last`) took 1,888-2,007 s of
+training two at a time (measured 2026-12-04, the same as the 10,000 steps with the image decoder before it; alone
+with 2 threads those took 1,461 s; the machine's speed differs from one session to the next), plus about 2
+(bottle) to 7 (magnetic tile) minutes of evaluation. Every variant on all three categories, one seed, is 77
+trained variants, about 230 such runs (batch-size variants take proportionally longer or shorter, variants with
+the reconstruction loss a third longer): about 70 hours with two at a time, estimated from those run times, never
+run in one go. --quick trains a fifth of the profile's steps (2,600) and evaluates the same (estimated; last
+measured 2026-11-26 at 600 steps of 16: 21 runs in 88 minutes).
 On a lent GPU, bench/gpu_ablation.sh runs 16 at once (measured 2026-11-27: 2000 steps in about 3 minutes
 each).
 Variants change the `fast` profile's settings; `paper` is the paper's recipe at the fast profile's size
@@ -110,8 +111,11 @@ VARIANTS: dict[str, dict] = {
     "mask_diff_004": {"mask_min_diff": 0.04},  # ... by 0.04 (default 0.02)
     "no_mask_texture": {"mask_texture_factor": 0.0},  # a synthetic pixel counts as defect where it changed by 0.02
     "mask_texture_4": {"mask_texture_factor": 4.0},  # ... by 0.02 and by 4 times the image's own grain (default 3)
-    # the encoder serves the map alone; training skips the image decoder, a step about a quarter cheaper
+    # the encoder serves the map alone; training skips the image decoder, a step about a quarter cheaper (the same
+    # as default since the fast profile dropped the loss, thirty-fifth session)
     "no_reconstruction_loss": {"lambda_rec": 0.0},
+    # the paper's masked reconstruction loss (the fast profile's before the thirty-fifth session, at 10000 steps)
+    "with_reconstruction_loss": {"lambda_rec": 1.0},
     "with_adversarial_loss": {"lambda_adv": 0.1},  # the paper's adversarial loss on (image, map) pairs
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
     "regions_half": {"region_max": 0.5},  # synthetic anomalies up to half the image (large defects: uneven, fray)
@@ -209,7 +213,13 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
              "lr_2e4": "the fast profile before the thirty-fourth session (2026-12-04; generator learning rate 2e-4): "
                        "each variant changed that profile, so `default` here is today's variant `lr_2e4`, and the "
                        "variant `lr_3e4` (a 1.5x higher peak rate) is today's default: its rows are listed as "
-                       "`default` under the current fast profile"}
+                       "`default` under the current fast profile",
+             "rec_10000": "the fast profile before the thirty-fifth session (2026-12-04; 10000 steps with the masked "
+                          "reconstruction loss): each variant changed that profile, so `default` here is today's "
+                          "variant `with_reconstruction_loss` at --steps 10000, and the variant "
+                          "`no_reconstruction_loss` at 13000 steps (the image decoder skipped, so the same training "
+                          "time) is today's default: its rows are listed as `default` under the current fast "
+                          "profile"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
