@@ -342,7 +342,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # As close to the paper as its text allows: 256 px, 8x8x512 code, decoders of the same shape.
     "paper": dict(image_size=256, base_channels=64, max_channels=512, seg_skips=False,
                   steps=20000, batch_size=16, ema_decay=0.0),
-    # Sized to train one category on 2 CPU cores within 30 minutes: 24 measured in bf16, about 30 in fp32.
+    # Sized to train one category on 2 CPU cores within 30 minutes: about 19 in bf16 (2000 steps alone took 174 s,
+    # thirty-fifth session), about 25 in fp32.
     # Batch 8: twice the updates of batch 16 for the same images (better on all three real categories since
     # streaks, docs/design.md). bf16 where the hardware computes it natively makes a step about a third cheaper,
     # and channels-last weights another quarter: spent on 10000 steps instead of 6000 (each step up better on
