@@ -132,8 +132,8 @@ class Generator(nn.Module):
         x_in = self._input(x, coords)
         feats = self.encoder(x_in)
         recon = torch.tanh(self.image_decoder(feats, x_in)) if reconstruct or self.residual else None
-        amap = torch.sigmoid(self.map_decoder(feats, x_in, None if recon is None else self._residual(x, recon)))
-        return (recon if reconstruct else None), amap
+        residual = self._residual(x, recon) if recon is not None else None
+        return (recon if reconstruct else None), torch.sigmoid(self.map_decoder(feats, x_in, residual))
 
     def _residual(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
         """|input - reconstruction| (mean over colours) for the map head, when the map sees it.
@@ -145,10 +145,7 @@ class Generator(nn.Module):
 
     def anomaly_map(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
         """Only the map (skips the image decoder unless the map sees the residual: faster inference)."""
-        x_in = self._input(x, coords)
-        feats = self.encoder(x_in)
-        residual = self._residual(x, torch.tanh(self.image_decoder(feats, x_in))) if self.residual else None
-        return torch.sigmoid(self.map_decoder(feats, x_in, residual))
+        return self.forward(x, coords, reconstruct=False)[1]
 
 
 class Discriminator(nn.Module):
