@@ -1,7 +1,7 @@
 """Ablation: the default recipe against the paper's and with each part switched off, on the real categories.
 
-    python bench/ablation.py                 # every variant x category, fast profile length (13,000 steps of 8)
-    python bench/ablation.py --quick         # 2,600 steps: a smaller run with the same variants
+    python bench/ablation.py                 # every variant x category, fast profile length (15,000 steps of 8)
+    python bench/ablation.py --quick         # 3,000 steps: a smaller run with the same variants
     python bench/ablation.py --only commutator --variants default,paper --jobs 2
 
 Each run trains in its own process (`--jobs` at a time, CPU threads split between them) and is written
@@ -15,15 +15,16 @@ runs they are evaluated on the `default` model of the same category, seed and st
 an earlier run, else trained once for them), and their rows say "default's weights". A variant with another
 batch size trains proportionally more or fewer steps (`run_steps`), so it sees as many images as the others;
 its rows give the steps it trained.
-Runtime on 2 CPU cores: one run of the profile (13,000 steps of 8 without the reconstruction loss, so without
-the image decoder; bf16 by `precision` auto on a CPU with AVX512-BF16, `channels_last`) took 1,888-2,007 s of
-training two at a time (measured 2026-12-04, the same as the 10,000 steps with the image decoder before it; alone
-with 2 threads those took 1,461 s; the machine's speed differs from one session to the next), plus about 2
-(bottle) to 7 (magnetic tile) minutes of evaluation. Every variant on all three categories, one seed, is 77
-trained variants, about 230 such runs (batch-size variants take proportionally longer or shorter, variants with
-the reconstruction loss a third longer): about 70 hours with two at a time, estimated from those run times, never
-run in one go. --quick trains a fifth of the profile's steps (2,600) and evaluates the same (estimated; last
-measured 2026-11-26 at 600 steps of 16: 21 runs in 88 minutes).
+Runtime on 2 CPU cores: one run of the profile (15,000 steps of 8 without the reconstruction loss, so without
+the image decoder; bf16 by `precision` auto on a CPU with AVX512-BF16, `channels_last`) took 1,111-1,874 s of
+training two at a time (measured 2026-12-04 on a day when the machine was fast, the longer ones with evaluations
+running beside them; the day before, 13,000 steps two at a time took 1,888-2,007 s: the machine's speed differs
+from one session to the next), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every variant on
+all three categories, one seed, is 77 trained variants, about 230 such runs (batch-size variants take
+proportionally longer or shorter, variants with the reconstruction loss a third longer): about 80 hours with two
+at a time, estimated from the slower day's run times, never run in one go. --quick trains a fifth of the
+profile's steps (3,000) and evaluates the same (estimated; last measured 2026-11-26 at 600 steps of 16: 21 runs
+in 88 minutes).
 On a lent GPU, bench/gpu_ablation.sh runs 16 at once (measured 2026-11-27: 2000 steps in about 3 minutes
 each).
 Variants change the `fast` profile's settings; `paper` is the paper's recipe at the fast profile's size
@@ -218,8 +219,11 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
                           "reconstruction loss): each variant changed that profile, so `default` here is today's "
                           "variant `with_reconstruction_loss` at --steps 10000, and the variant "
                           "`no_reconstruction_loss` at 13000 steps (the image decoder skipped, so the same training "
-                          "time) is today's default: its rows are listed as `default` under the current fast "
-                          "profile"}
+                          "time) was the default of the thirty-fifth session: its rows are listed as `default` "
+                          "under the profile of 13000 steps",
+             "steps_13000": "the fast profile before the thirty-sixth session (2026-12-04; 13000 steps): `default` "
+                            "here is that profile, which `--steps 13000` trains today; the same recipe at 15000 "
+                            "steps is today's default, its rows under the current fast profile"}
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
 
 
