@@ -16,7 +16,7 @@ an earlier run, else trained once for them), and their rows say "default's weigh
 batch size trains proportionally more or fewer steps (`run_steps`), so it sees as many images as the others;
 its rows give the steps it trained.
 Runtime on 2 CPU cores: one run of the profile (15,000 steps of 8 without the reconstruction loss, so without
-the image decoder; bf16 by `precision` auto on a CPU with AVX512-BF16, `channels_last`) took 1,111-1,874 s of
+the image decoder; bf16 by `precision` auto on a CPU with AVX512-BF16, `channels_last`) took 1,111-1,916 s of
 training two at a time (measured 2026-12-04 on a day when the machine was fast, the longer ones with evaluations
 running beside them; the day before, 13,000 steps two at a time took 1,888-2,007 s: the machine's speed differs
 from one session to the next), plus about 2 (bottle) to 7 (magnetic tile) minutes of evaluation. Every variant on
