@@ -352,6 +352,27 @@ def test_streak_bands_cross_the_whole_image_and_leave_the_default_draws_alone():
         cfg.replace(streak_band=1.5)
 
 
+def test_streak_region_max_widens_streak_blobs_alone():
+    cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0, region_min=0.01, region_max=0.05,
+                         streak_own_grain=1.0)
+    img = _streaked()
+
+    def areas(c):
+        return [float(synthesize(img, img, c, np.random.default_rng(s))[1].mean()) for s in range(12)]
+
+    wide = cfg.replace(streak_region_max=0.5)
+    assert max(areas(cfg)) < 0.08  # blobs of at most 5% (the mask may lose a few unchanged pixels, never gain)
+    assert max(areas(wide)) > 0.15 and np.median(areas(wide)) > np.median(areas(cfg))
+    assert areas(cfg.replace(streak_region_max=0.05)) == areas(cfg)  # the same draws: 0 means region_max
+    pastes = [synthesize(img, img, c.replace(anomaly_families=("paste",)), np.random.default_rng(s))[1].sum()
+              for c in (cfg, wide) for s in range(4)]
+    assert pastes[:4] == pastes[4:]  # other families keep region_max
+    with pytest.raises(ConfigError, match="streak_region_max"):
+        cfg.replace(streak_region_max=1.0)
+    with pytest.raises(ConfigError, match="streak_region_max"):
+        cfg.replace(streak_region_max=0.001)  # below region_min
+
+
 def test_streak_family_marks_nothing_on_a_flat_surface():
     cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0)
     flat = torch.full((3, 64, 64), 0.5)

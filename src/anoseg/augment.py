@@ -96,9 +96,9 @@ def augmented_copy(img: torch.Tensor, cfg: Config, rng: np.random.Generator) -> 
     return out
 
 
-def region_area(cfg: Config, rng: np.random.Generator) -> float:
-    """A region's share of the image, log-uniform between region_min and region_max."""
-    return math.exp(rng.uniform(math.log(cfg.region_min), math.log(cfg.region_max)))
+def region_area(cfg: Config, rng: np.random.Generator, largest: float = 0.0) -> float:
+    """A region's share of the image, log-uniform between region_min and `largest` (0: region_max)."""
+    return math.exp(rng.uniform(math.log(cfg.region_min), math.log(largest or cfg.region_max)))
 
 
 def paste(target: torch.Tensor, source: torch.Tensor, cfg: Config,
@@ -283,7 +283,7 @@ def streak(target: torch.Tensor, source: torch.Tensor, cfg: Config,  # noqa: ARG
     if cfg.streak_band and rng.random() < cfg.streak_band:  # at 0 nothing is drawn: earlier runs stay as they were
         region = _band_mask(size, rng)
     else:
-        region = _blob(size, region_area(cfg, rng), int(rng.integers(2, 8)), rng)
+        region = _blob(size, region_area(cfg, rng, cfg.streak_region_max), int(rng.integers(2, 8)), rng)
     angle = grain_direction(target) if rng.random() < cfg.streak_own_grain else float(rng.uniform(0, math.pi))
     length = int(rng.integers(5, 16))
     streaked = line_blur(target, angle, length)
