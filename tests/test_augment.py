@@ -334,7 +334,8 @@ def _spans_the_image(mask):
 
 
 def test_streak_bands_cross_the_whole_image_and_leave_the_default_draws_alone():
-    cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0, region_min=0.01, region_max=0.05)
+    cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0, region_min=0.01, region_max=0.05,
+                         streak_region_max=0.0)
     img = _streaked()
     bands = cfg.replace(streak_band=1.0)
     for seed in range(6):
@@ -354,7 +355,7 @@ def test_streak_bands_cross_the_whole_image_and_leave_the_default_draws_alone():
 
 def test_streak_region_max_widens_streak_blobs_alone():
     cfg = profile_config("fast", anomaly_families=("streak",), opacity_min=1.0, region_min=0.01, region_max=0.05,
-                         streak_own_grain=1.0)
+                         streak_own_grain=1.0, streak_region_max=0.0)
     img = _streaked()
 
     def areas(c):
