@@ -119,6 +119,9 @@ class Config:
     seg_skips: bool = True  # U-Net skips from encoder into the map decoder (not in the paper)
     seg_skips_drop_fine: int = 0  # with seg_skips: leave out this many of the finest skips (the input counts first)
     map_sees_residual: bool = False  # the map decoder's last layer also sees |input - reconstruction|
+    # > 0: a second map head learns only synthetic anomalies up to this share of the image (the first learns all,
+    # up to region_max); the map is the mean of the two: small defects stay sharp while large ones are learned
+    fine_head_region_max: float = 0.0
     coord_channels: bool = True  # append x, y in [-1, 1] to the input (CoordConv)
     resize_mode: str = "square"  # square: squash to image_size; aspect: short side to image_size, train on crops
     max_aspect: float = 4.0  # aspect mode: the long side is at most this many times the short side (longer is squashed)
@@ -254,6 +257,8 @@ class Config:
             yield "region_min", "need 0 < region_min <= region_max < 1"
         if self.streak_region_max and not self.region_min <= self.streak_region_max < 1.0:
             yield "streak_region_max", "need 0 (= region_max) or region_min <= streak_region_max < 1"
+        if self.fine_head_region_max and not self.region_min <= self.fine_head_region_max < self.region_max:
+            yield "fine_head_region_max", "need 0 (one map head) or region_min <= fine_head_region_max < region_max"
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             yield "device", "use auto, cpu, cuda or cuda:N"
 

@@ -112,7 +112,8 @@ class Generator(nn.Module):
         cin = 5 if cfg.coord_channels else 3
         self.encoder = Encoder(cin, widths)
         self.image_decoder = Decoder(widths, 3, cin, skips=False)  # skips would let it copy defects through
-        self.map_decoder = Decoder(widths, 1, cin, skips=cfg.seg_skips, head_extra=int(self.residual),
+        self.map_heads = 2 if cfg.fine_head_region_max else 1  # one output channel per head
+        self.map_decoder = Decoder(widths, self.map_heads, cin, skips=cfg.seg_skips, head_extra=int(self.residual),
                                    drop_fine=cfg.seg_skips_drop_fine)
         use_memory_format(self, cfg)
 
@@ -123,7 +124,7 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None,
                 reconstruct: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """x in [-1, 1], B x 3 x H x W -> (reconstruction in [-1, 1], anomaly map in [0, 1]).
+        """x in [-1, 1], B x 3 x H x W -> (reconstruction in [-1, 1], maps in [0, 1], B x map_heads x H x W).
 
         `coords` (B x 2 x H x W) places a crop in its whole image; by default x is a whole image.
         With ``reconstruct=False`` the reconstruction is None and the image decoder runs only if the map
@@ -144,8 +145,10 @@ class Generator(nn.Module):
         return (x - recon.detach()).abs().mean(dim=1, keepdim=True) if self.residual else None
 
     def anomaly_map(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
-        """Only the map (skips the image decoder unless the map sees the residual: faster inference)."""
-        return self.forward(x, coords, reconstruct=False)[1]
+        """Only the map, B x 1 x H x W: the mean of the heads' maps (skips the image decoder unless the map sees
+        the residual: faster inference)."""
+        maps = self.forward(x, coords, reconstruct=False)[1]
+        return maps if self.map_heads == 1 else maps.mean(dim=1, keepdim=True)
 
 
 class Discriminator(nn.Module):

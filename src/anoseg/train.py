@@ -216,11 +216,11 @@ class Trainer:
         with autocast(cfg.precision, self.device):  # losses below are computed in fp32
             recon, amap = self.g_step(x, None if coords is None else coords.to(self.device),
                                       reconstruct=self._needs_reconstruction())
-        amap = amap.float()
+        maps = amap.float()
+        amap = maps if maps.shape[1] == 1 else maps.mean(dim=1, keepdim=True)  # the map inference gives
         recon = None if recon is None else recon.float()
         d_value, loss_adv = self._adversarial(x, mask, recon, amap)
-        loss_seg = segmentation_loss(amap, mask, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight,
-                                      cfg.seg_defect_inset, cfg.seg_label_smoothing)
+        loss_seg = self._map_loss(maps, mask)
         if cfg.seg_dice_weight:
             loss_seg = loss_seg + cfg.seg_dice_weight * dice_loss(amap, mask)
         loss_rec = torch.zeros((), device=x.device) if recon is None else \
@@ -241,6 +241,23 @@ class Trainer:
             raise TrainingUnstable(f"the discriminator collapsed (loss under {cfg.collapse_d_loss} for "
                                    f"{self.d_low_steps} steps, at step {self.step_done})")
         return losses
+
+    def _map_loss(self, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The segmentation loss of each map head, averaged. The fine head (`fine_head_region_max`) learns only
+        from images whose synthetic anomaly covers at most that share of the image: larger ones are left out of
+        its loss, not called normal, so it stays as sharp as a model that never saw them."""
+        cfg = self.cfg
+
+        def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return segmentation_loss(pred, target, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight,
+                                     cfg.seg_defect_inset, cfg.seg_label_smoothing)
+
+        whole = loss(maps[:, :1], mask)
+        if maps.shape[1] == 1:
+            return whole
+        small = mask.flatten(1).mean(dim=1) <= cfg.fine_head_region_max
+        fine = loss(maps[small, 1:], mask[small]) if bool(small.any()) else maps[:, 1:].sum() * 0.0
+        return (whole + fine) / 2
 
     def _needs_reconstruction(self) -> bool:
         """Whether a loss reads the reconstruction. Without one the image decoder is skipped, which makes a
