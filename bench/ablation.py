@@ -121,8 +121,8 @@ VARIANTS: dict[str, dict] = {
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
     "regions_half": {"region_max": 0.5},  # synthetic anomalies up to half the image (large defects: uneven, fray)
     "streak_half": {"streak_region_max": 0.5},  # only streak regions (texture changes) up to half the image
-    # regions up to half the image, with a second map head that learns only those up to a quarter (maps averaged)
-    "fine_head": {"region_max": 0.5, "fine_head_region_max": 0.25},
+    # a second, coarse map decoder (half width, no skips, detached features) learns regions up to half the image
+    "coarse_map": {"coarse_map_region_max": 0.5},
     "faint": {"opacity_min": 0.2},  # fainter synthetic anomalies (opacity from 0.2): low-contrast defects
     "ema_long": {"ema_decay": 0.9995},  # no different at 2000 steps: the warm-up keeps the decay below 0.9955
     "ema_window_1000": {"ema_warmup": 3},  # the average's decay reaches 0.999 at step 1997, not 8990

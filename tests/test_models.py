@@ -83,8 +83,8 @@ def test_config_round_trip(tmp_path):
     ({"seg_skips_drop_fine": 3}, r"seg_skips_drop_fine=3: must lie in \[0, 2\]: the map decoder has 3 skips"),
     ({"seg_skips_drop_fine": -1}, "seg_skips_drop_fine=-1: must lie in"),
     ({"seg_skips": False, "seg_skips_drop_fine": 1}, "seg_skips_drop_fine=1: only applies with seg_skips=true"),
-    ({"fine_head_region_max": 0.08}, "fine_head_region_max=0.08: need 0 .one map head. or region_min <="),
-    ({"fine_head_region_max": 0.001}, "fine_head_region_max=0.001: need 0"),
+    ({"coarse_map_region_max": 0.05}, r"coarse_map_region_max=0.05: need 0 \(one map\) or region_max <"),
+    ({"coarse_map_region_max": 1.0}, "coarse_map_region_max=1.0: need 0"),
 ])
 def test_config_rejects_bad_values(change, match):
     with pytest.raises(ConfigError, match=match):
@@ -258,38 +258,49 @@ def test_dice_weight_adds_that_many_dice_losses_to_the_map_loss():
     assert seg[2] - seg[0] == pytest.approx(2 * (seg[1] - seg[0]), rel=1e-4)  # the same batch and map each time
 
 
-def test_fine_head_is_a_second_map_whose_mean_with_the_first_is_the_map():
-    cfg = profile_config("tiny", region_max=0.5, fine_head_region_max=0.25)
+def test_coarse_map_is_a_second_map_whose_mean_with_the_first_is_the_map():
+    cfg = profile_config("tiny", coarse_map_region_max=0.5)
     g = Generator(cfg).eval()
     x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
     with torch.no_grad():
         _, maps = g(x)
         assert maps.shape == (2, 2, cfg.image_size, cfg.image_size)
-        assert not torch.allclose(maps[:, :1], maps[:, 1:])  # two heads, not one map twice
         assert torch.allclose(g.anomaly_map(x), maps.mean(dim=1, keepdim=True))
-    assert Generator(profile_config("tiny")).map_decoder.head.out_channels == 1  # models saved before load as they were
+    one = Generator(profile_config("tiny"))
+    assert one.coarse_decoder is None  # models saved before load as they were
+    assert sum(p.numel() for p in g.coarse_decoder.parameters()) < sum(p.numel() for p in g.map_decoder.parameters())
 
 
-def test_fine_head_learns_only_from_synthetic_anomalies_up_to_its_share():
+def test_coarse_map_does_not_train_the_encoder():
+    cfg = profile_config("tiny", coarse_map_region_max=0.5)
+    g = Generator(cfg)
+    _, maps = g(torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1, reconstruct=False)
+    maps[:, 1].sum().backward()  # the coarse map alone
+    # detached: the first map trains as it would alone
+    assert all(p.grad is None or not p.grad.any() for p in g.encoder.parameters())
+    assert all(p.grad is not None and p.grad.any() for p in g.coarse_decoder.parameters())
+
+
+def test_first_map_learns_only_synthetic_anomalies_up_to_region_max():
     from anoseg.inference import resolve_device
     from anoseg.train import Trainer
 
-    cfg = profile_config("tiny", region_max=0.5, fine_head_region_max=0.25)
+    cfg = profile_config("tiny", region_max=0.25, coarse_map_region_max=0.5)
     trainer = Trainer(cfg, resolve_device("cpu"))
     size = cfg.image_size
     mask = torch.zeros(3, 1, size, size)
-    mask[1, :, : size // 4] = 1.0  # a quarter of the image: the fine head learns it
-    mask[2, :, : size // 2] = 1.0  # half of the image: left out of the fine head's loss
-    whole = torch.full((3, 1, size, size), 0.3)
-    fine = whole.clone()
-    with_large = trainer._map_loss(torch.cat([whole, fine], 1), mask)
-    fine[2] = 0.9  # the fine head says anything at all about the large one: its loss does not change
-    assert trainer._map_loss(torch.cat([whole, fine], 1), mask).item() == pytest.approx(with_large.item())
-    fine[1] = 0.9  # ... but it learns the quarter-image one
-    assert trainer._map_loss(torch.cat([whole, fine], 1), mask).item() != pytest.approx(with_large.item())
-    one_head = Trainer(cfg.replace(fine_head_region_max=0.0), resolve_device("cpu"))._map_loss(whole, mask)
-    fine_alone = Trainer(cfg.replace(fine_head_region_max=0.0), resolve_device("cpu"))._map_loss(whole[:2], mask[:2])
-    assert with_large.item() == pytest.approx((one_head.item() + fine_alone.item()) / 2)  # the mean of the heads
+    mask[1, :, : size // 4] = 1.0  # a quarter of the image: the first map learns it
+    mask[2, :, : size // 2] = 1.0  # half of the image: left out of the first map's loss
+    first = torch.full((3, 1, size, size), 0.3)
+    coarse = first.clone()
+    with_large = trainer._map_loss(torch.cat([first, coarse], 1), mask).item()
+    first[2] = 0.9  # whatever the first map says about the large one, its loss does not change
+    assert trainer._map_loss(torch.cat([first, coarse], 1), mask).item() == pytest.approx(with_large)
+    first[1] = 0.9  # ... but it learns the quarter-image one
+    assert trainer._map_loss(torch.cat([first, coarse], 1), mask).item() != pytest.approx(with_large)
+    first[:] = 0.3
+    one = Trainer(cfg.replace(coarse_map_region_max=0.0), resolve_device("cpu"))._map_loss
+    assert with_large == pytest.approx((one(first[:2], mask[:2]).item() + one(coarse, mask).item()) / 2)
 
 
 @pytest.mark.parametrize("build", [Generator, Discriminator, DetectorGenerator])

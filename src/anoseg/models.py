@@ -112,9 +112,11 @@ class Generator(nn.Module):
         cin = 5 if cfg.coord_channels else 3
         self.encoder = Encoder(cin, widths)
         self.image_decoder = Decoder(widths, 3, cin, skips=False)  # skips would let it copy defects through
-        self.map_heads = 2 if cfg.fine_head_region_max else 1  # one output channel per head
-        self.map_decoder = Decoder(widths, self.map_heads, cin, skips=cfg.seg_skips, head_extra=int(self.residual),
+        self.map_decoder = Decoder(widths, 1, cin, skips=cfg.seg_skips, head_extra=int(self.residual),
                                    drop_fine=cfg.seg_skips_drop_fine)
+        # large defects need no fine detail: half the width (the code's kept), no skips
+        coarse = [max(w // 2, 8) for w in widths[:-1]] + widths[-1:]
+        self.coarse_decoder = Decoder(coarse, 1, cin, skips=False) if cfg.coarse_map_region_max else None
         use_memory_format(self, cfg)
 
     def _input(self, x: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
@@ -124,7 +126,8 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None,
                 reconstruct: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """x in [-1, 1], B x 3 x H x W -> (reconstruction in [-1, 1], maps in [0, 1], B x map_heads x H x W).
+        """x in [-1, 1], B x 3 x H x W -> (reconstruction in [-1, 1], maps in [0, 1]: B x 1 x H x W, or with a
+        coarse map decoder B x 2 x H x W, the first map's then the coarse one's).
 
         `coords` (B x 2 x H x W) places a crop in its whole image; by default x is a whole image.
         With ``reconstruct=False`` the reconstruction is None and the image decoder runs only if the map
@@ -134,7 +137,10 @@ class Generator(nn.Module):
         feats = self.encoder(x_in)
         recon = torch.tanh(self.image_decoder(feats, x_in)) if reconstruct or self.residual else None
         residual = self._residual(x, recon) if recon is not None else None
-        return (recon if reconstruct else None), torch.sigmoid(self.map_decoder(feats, x_in, residual))
+        maps = self.map_decoder(feats, x_in, residual)
+        if self.coarse_decoder is not None:  # on detached features: the first map trains as it would alone
+            maps = torch.cat([maps, self.coarse_decoder([f.detach() for f in feats], x_in)], dim=1)
+        return (recon if reconstruct else None), torch.sigmoid(maps)
 
     def _residual(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
         """|input - reconstruction| (mean over colours) for the map head, when the map sees it.
@@ -145,10 +151,10 @@ class Generator(nn.Module):
         return (x - recon.detach()).abs().mean(dim=1, keepdim=True) if self.residual else None
 
     def anomaly_map(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
-        """Only the map, B x 1 x H x W: the mean of the heads' maps (skips the image decoder unless the map sees
-        the residual: faster inference)."""
+        """Only the map, B x 1 x H x W (with a coarse decoder: the mean of the two maps). Skips the image decoder
+        unless the map sees the residual: faster inference."""
         maps = self.forward(x, coords, reconstruct=False)[1]
-        return maps if self.map_heads == 1 else maps.mean(dim=1, keepdim=True)
+        return maps if self.coarse_decoder is None else maps.mean(dim=1, keepdim=True)
 
 
 class Discriminator(nn.Module):

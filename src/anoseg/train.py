@@ -243,21 +243,20 @@ class Trainer:
         return losses
 
     def _map_loss(self, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The segmentation loss of each map head, averaged. The fine head (`fine_head_region_max`) learns only
-        from images whose synthetic anomaly covers at most that share of the image: larger ones are left out of
-        its loss, not called normal, so it stays as sharp as a model that never saw them."""
+        """The segmentation loss of each map, averaged. With a coarse map (`coarse_map_region_max`) the first
+        map learns only from images whose synthetic anomaly covers at most region_max of the image: larger ones
+        are left out of its loss, not called normal, so it stays as sharp as a model that never saw them."""
         cfg = self.cfg
 
         def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return segmentation_loss(pred, target, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight,
                                      cfg.seg_defect_inset, cfg.seg_label_smoothing)
 
-        whole = loss(maps[:, :1], mask)
         if maps.shape[1] == 1:
-            return whole
-        small = mask.flatten(1).mean(dim=1) <= cfg.fine_head_region_max
-        fine = loss(maps[small, 1:], mask[small]) if bool(small.any()) else maps[:, 1:].sum() * 0.0
-        return (whole + fine) / 2
+            return loss(maps, mask)
+        small = mask.flatten(1).mean(dim=1) <= cfg.region_max
+        first = loss(maps[small, :1], mask[small]) if bool(small.any()) else maps[:, :1].sum() * 0.0
+        return (first + loss(maps[:, 1:], mask)) / 2
 
     def _needs_reconstruction(self) -> bool:
         """Whether a loss reads the reconstruction. Without one the image decoder is skipped, which makes a
