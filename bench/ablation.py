@@ -153,6 +153,10 @@ VARIANTS: dict[str, dict] = {
 # kept to label old rows; not in the default list of variants
 LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2", "long_cracks", "batch_8_long_cracks",
           "long_soft_cracks", "soft_cracks", "with_streak", "batch_8", "bf16")
+# Rows of variants whose settings no longer exist: what they were, to read the rows by (not run any more)
+RETIRED = {"fine_head": "region_max 0.5 and a second output channel of the map decoder that learned only regions up "
+                        "to a quarter of the image, the map the mean of the two (setting fine_head_region_max 0.25, "
+                        "commit c28aaaf; replaced by coarse_map_region_max)"}
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
@@ -376,8 +380,11 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
              "category's test split. See bench/ablation.py for what each variant changes; variant x category "
              "pairs not listed have not been run yet. Training times depend on the device and on how many runs "
              "shared it."]
-    ordered = sorted(records, key=lambda r: (r.get("baseline", ""), r["category"], list(VARIANTS).index(r["variant"]),
+    order = [*VARIANTS, *RETIRED]
+    ordered = sorted(records, key=lambda r: (r.get("baseline", ""), r["category"], order.index(r["variant"]),
                                              data_label(r), r["steps"], r["seed"]))
+    retired = sorted({r["variant"] for r in records} & set(RETIRED))
+    lines += ["", *(f"Variant `{v}` (retired): {RETIRED[v]}." for v in retired)] if retired else []
     for baseline in sorted({r.get("baseline", "") for r in ordered}):
         lines += ["", f"## Measured against {BASELINES[baseline] if baseline else 'the current fast profile'}", "",
                   "| category | variant | seed | steps | device | data | pixel AUROC | AUPRO@0.3 | pixel AP "
