@@ -121,8 +121,8 @@ VARIANTS: dict[str, dict] = {
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
     "regions_half": {"region_max": 0.5},  # synthetic anomalies up to half the image (large defects: uneven, fray)
     "streak_half": {"streak_region_max": 0.5},  # only streak regions (texture changes) up to half the image
-    # a second, coarse map decoder (half width, no skips, detached features) learns regions up to half the image
-    "coarse_map": {"coarse_map_region_max": 0.5},
+    # a second, half-width network of its own learns regions up to half the image (the map: the mean of the two)
+    "coarse_net": {"coarse_map_region_max": 0.5},
     "faint": {"opacity_min": 0.2},  # fainter synthetic anomalies (opacity from 0.2): low-contrast defects
     "ema_long": {"ema_decay": 0.9995},  # no different at 2000 steps: the warm-up keeps the decay below 0.9955
     "ema_window_1000": {"ema_warmup": 3},  # the average's decay reaches 0.999 at step 1997, not 8990
@@ -156,7 +156,10 @@ LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2", "long_
 # Rows of variants whose settings no longer exist: what they were, to read the rows by (not run any more)
 RETIRED = {"fine_head": "region_max 0.5 and a second output channel of the map decoder that learned only regions up "
                         "to a quarter of the image, the map the mean of the two (setting fine_head_region_max 0.25, "
-                        "commit c28aaaf; replaced by coarse_map_region_max)"}
+                        "commit c28aaaf; replaced by coarse_map_region_max)",
+           "coarse_map": "coarse_map_region_max 0.5 with the coarse map from a half-width decoder without skips "
+                         "on the first map's encoder features, detached (commit 8123002; replaced by a network of "
+                         "its own, variant coarse_net)"}
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "

@@ -119,8 +119,8 @@ class Config:
     seg_skips: bool = True  # U-Net skips from encoder into the map decoder (not in the paper)
     seg_skips_drop_fine: int = 0  # with seg_skips: leave out this many of the finest skips (the input counts first)
     map_sees_residual: bool = False  # the map decoder's last layer also sees |input - reconstruction|
-    # > 0: a second, coarse map decoder (half as wide, no skips, on detached encoder features) learns synthetic
-    # anomalies up to this share of the image, the first only those up to region_max; the map is their mean
+    # > 0: a second, half-width network of its own (the coarse map) learns synthetic anomalies up to this share
+    # of the image, the first map only those up to region_max; the map is their mean
     coarse_map_region_max: float = 0.0
     coord_channels: bool = True  # append x, y in [-1, 1] to the input (CoordConv)
     resize_mode: str = "square"  # square: squash to image_size; aspect: short side to image_size, train on crops
