@@ -121,8 +121,6 @@ VARIANTS: dict[str, dict] = {
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
     "regions_half": {"region_max": 0.5},  # synthetic anomalies up to half the image (large defects: uneven, fray)
     "streak_half": {"streak_region_max": 0.5},  # only streak regions (texture changes) up to half the image
-    # a second, half-width network of its own learns regions up to half the image (the map: the mean of the two)
-    "coarse_net": {"coarse_map_region_max": 0.5},
     "faint": {"opacity_min": 0.2},  # fainter synthetic anomalies (opacity from 0.2): low-contrast defects
     "ema_long": {"ema_decay": 0.9995},  # no different at 2000 steps: the warm-up keeps the decay below 0.9955
     "ema_window_1000": {"ema_warmup": 3},  # the average's decay reaches 0.999 at step 1997, not 8990
@@ -154,12 +152,16 @@ VARIANTS: dict[str, dict] = {
 LEGACY = ("large_regions", "cosine_lr", "mask_texture_3", "bce_defect_2", "long_cracks", "batch_8_long_cracks",
           "long_soft_cracks", "soft_cracks", "with_streak", "batch_8", "bf16")
 # Rows of variants whose settings no longer exist: what they were, to read the rows by (not run any more)
-RETIRED = {"fine_head": "region_max 0.5 and a second output channel of the map decoder that learned only regions up "
-                        "to a quarter of the image, the map the mean of the two (setting fine_head_region_max 0.25, "
-                        "commit c28aaaf; replaced by coarse_map_region_max)",
-           "coarse_map": "coarse_map_region_max 0.5 with the coarse map from a half-width decoder without skips "
-                         "on the first map's encoder features, detached (commit 8123002; replaced by a network of "
-                         "its own, variant coarse_net)"}
+RETIRED = {  # thirty-eighth session (docs/design.md): each mapped large regions apart; none kept bottle's AUPRO
+    "fine_head": "region_max 0.5 and a second output channel of the map decoder that learned only regions up to a "
+                 "quarter of the image, the map the mean of the two (setting fine_head_region_max 0.25, commit "
+                 "c28aaaf)",
+    "coarse_map": "a coarse map from a half-width decoder without skips on the first map's encoder features, "
+                  "detached, learning regions up to half the image while the first map learned those up to a "
+                  "quarter; the map the mean of the two (setting coarse_map_region_max 0.5, commit 8123002)",
+    "coarse_net": "the same with the coarse map from a half-width encoder and decoder of its own (setting "
+                  "coarse_map_region_max 0.5, commit c6748c9)",
+}
 # Rows measured before the fast profile changed carry a `baseline`: their variant changed that profile.
 BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, region_max 0.08): each variant "
                          "changed that profile, so `default` here is the variant `previous_default` of "
@@ -387,7 +389,9 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
     ordered = sorted(records, key=lambda r: (r.get("baseline", ""), r["category"], order.index(r["variant"]),
                                              data_label(r), r["steps"], r["seed"]))
     retired = sorted({r["variant"] for r in records} & set(RETIRED))
-    lines += ["", *(f"Variant `{v}` (retired): {RETIRED[v]}." for v in retired)] if retired else []
+    if retired:
+        lines += ["", "Retired variants (their settings are no longer in the code):", "",
+                  *(f"- `{v}`: {RETIRED[v]}." for v in retired)]
     for baseline in sorted({r.get("baseline", "") for r in ordered}):
         lines += ["", f"## Measured against {BASELINES[baseline] if baseline else 'the current fast profile'}", "",
                   "| category | variant | seed | steps | device | data | pixel AUROC | AUPRO@0.3 | pixel AP "

@@ -83,8 +83,6 @@ def test_config_round_trip(tmp_path):
     ({"seg_skips_drop_fine": 3}, r"seg_skips_drop_fine=3: must lie in \[0, 2\]: the map decoder has 3 skips"),
     ({"seg_skips_drop_fine": -1}, "seg_skips_drop_fine=-1: must lie in"),
     ({"seg_skips": False, "seg_skips_drop_fine": 1}, "seg_skips_drop_fine=1: only applies with seg_skips=true"),
-    ({"coarse_map_region_max": 0.05}, r"coarse_map_region_max=0.05: need 0 \(one map\) or region_max <"),
-    ({"coarse_map_region_max": 1.0}, "coarse_map_region_max=1.0: need 0"),
 ])
 def test_config_rejects_bad_values(change, match):
     with pytest.raises(ConfigError, match=match):
@@ -256,50 +254,6 @@ def test_dice_weight_adds_that_many_dice_losses_to_the_map_loss():
     seg = [Trainer(cfg.replace(seg_dice_weight=w), resolve_device("cpu")).step(images)["seg"] for w in (0.0, 1.0, 2.0)]
     assert seg[1] > seg[0] + 0.01  # the first step's map is far from the masks: the Dice loss is large
     assert seg[2] - seg[0] == pytest.approx(2 * (seg[1] - seg[0]), rel=1e-4)  # the same batch and map each time
-
-
-def test_coarse_map_is_a_second_map_whose_mean_with_the_first_is_the_map():
-    cfg = profile_config("tiny", coarse_map_region_max=0.5)
-    g = Generator(cfg).eval()
-    x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
-    with torch.no_grad():
-        _, maps = g(x)
-        assert maps.shape == (2, 2, cfg.image_size, cfg.image_size)
-        assert torch.allclose(g.anomaly_map(x), maps.mean(dim=1, keepdim=True))
-    assert Generator(profile_config("tiny")).coarse_net is None  # models saved before load as they were
-
-
-def test_coarse_map_has_weights_of_its_own():
-    cfg = profile_config("tiny", coarse_map_region_max=0.5)
-    g = Generator(cfg)
-    _, maps = g(torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1, reconstruct=False)
-    maps[:, 1].sum().backward()  # the coarse map alone trains only its own network: the first map's stays as it was
-    assert all(p.grad is None or not p.grad.any() for p in [*g.encoder.parameters(), *g.map_decoder.parameters()])
-    assert all(p.grad is not None and p.grad.any() for p in g.coarse_net.parameters())
-    first = sum(p.numel() for p in [*g.encoder.parameters(), *g.map_decoder.parameters()])
-    assert sum(p.numel() for p in g.coarse_net.parameters()) < first / 2  # half the width: about a quarter
-
-
-def test_first_map_learns_only_synthetic_anomalies_up_to_region_max():
-    from anoseg.inference import resolve_device
-    from anoseg.train import Trainer
-
-    cfg = profile_config("tiny", region_max=0.25, coarse_map_region_max=0.5)
-    trainer = Trainer(cfg, resolve_device("cpu"))
-    size = cfg.image_size
-    mask = torch.zeros(3, 1, size, size)
-    mask[1, :, : size // 4] = 1.0  # a quarter of the image: the first map learns it
-    mask[2, :, : size // 2] = 1.0  # half of the image: left out of the first map's loss
-    first = torch.full((3, 1, size, size), 0.3)
-    coarse = first.clone()
-    with_large = trainer._map_loss(torch.cat([first, coarse], 1), mask).item()
-    first[2] = 0.9  # whatever the first map says about the large one, its loss does not change
-    assert trainer._map_loss(torch.cat([first, coarse], 1), mask).item() == pytest.approx(with_large)
-    first[1] = 0.9  # ... but it learns the quarter-image one
-    assert trainer._map_loss(torch.cat([first, coarse], 1), mask).item() != pytest.approx(with_large)
-    first[:] = 0.3
-    one = Trainer(cfg.replace(coarse_map_region_max=0.0), resolve_device("cpu"))._map_loss
-    assert with_large == pytest.approx((one(first[:2], mask[:2]).item() + one(coarse, mask).item()) / 2)
 
 
 @pytest.mark.parametrize("build", [Generator, Discriminator, DetectorGenerator])

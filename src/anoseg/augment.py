@@ -97,9 +97,8 @@ def augmented_copy(img: torch.Tensor, cfg: Config, rng: np.random.Generator) -> 
 
 
 def region_area(cfg: Config, rng: np.random.Generator, largest: float = 0.0) -> float:
-    """A region's share of the image, log-uniform between region_min and `largest` (0: region_max, or the coarse
-    map's bound when it is larger)."""
-    return math.exp(rng.uniform(math.log(cfg.region_min), math.log(largest or cfg.largest_region)))
+    """A region's share of the image, log-uniform between region_min and `largest` (0: region_max)."""
+    return math.exp(rng.uniform(math.log(cfg.region_min), math.log(largest or cfg.region_max)))
 
 
 def paste(target: torch.Tensor, source: torch.Tensor, cfg: Config,
@@ -159,7 +158,7 @@ def _fill(target: torch.Tensor, source: torch.Tensor, cfg: Config, rng: np.rando
 
 def noise_region(target: torch.Tensor, source: torch.Tensor, cfg: Config,
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """An irregular noise-shaped region (DRAEM-like) of any size from region_min to the largest drawn."""
+    """An irregular noise-shaped region (DRAEM-like) of any size from region_min to region_max."""
     area = region_area(cfg, rng)
     return _fill(target, source, cfg, rng), _blob(target.shape[-1], area, int(rng.integers(2, 8)), rng)
 

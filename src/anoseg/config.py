@@ -119,9 +119,6 @@ class Config:
     seg_skips: bool = True  # U-Net skips from encoder into the map decoder (not in the paper)
     seg_skips_drop_fine: int = 0  # with seg_skips: leave out this many of the finest skips (the input counts first)
     map_sees_residual: bool = False  # the map decoder's last layer also sees |input - reconstruction|
-    # > 0: a second, half-width network of its own (the coarse map) learns synthetic anomalies up to this share
-    # of the image, the first map only those up to region_max; the map is their mean
-    coarse_map_region_max: float = 0.0
     coord_channels: bool = True  # append x, y in [-1, 1] to the input (CoordConv)
     resize_mode: str = "square"  # square: squash to image_size; aspect: short side to image_size, train on crops
     max_aspect: float = 4.0  # aspect mode: the long side is at most this many times the short side (longer is squashed)
@@ -146,7 +143,7 @@ class Config:
     jitter_strength: float = 0.4  # brightness/contrast/saturation range, hue is a quarter of it
     streak_own_grain: float = 1.0  # share of streak anomalies that run along the surface's own grain (else any angle)
     streak_band: float = 0.0  # share of streak anomalies whose region is a band across the image (else a blob)
-    streak_region_max: float = 0.0  # streak blobs span region_min to this share of the image (0 = largest)
+    streak_region_max: float = 0.0  # streak blobs span region_min to this share of the image (0 = region_max)
     edge_feather: int = 0  # paste and noise regions blend in over a soft edge up to this many pixels wide (0 = sharp)
     mask_min_diff: float = 0.02  # pasted pixels that changed less than this are not marked as defect
     mask_texture_factor: float = 0.0  # ... nor less than this times the image grain (median gap to a 5 px mean); 0: off
@@ -257,8 +254,6 @@ class Config:
             yield "region_min", "need 0 < region_min <= region_max < 1"
         if self.streak_region_max and not self.region_min <= self.streak_region_max < 1.0:
             yield "streak_region_max", "need 0 (= region_max) or region_min <= streak_region_max < 1"
-        if self.coarse_map_region_max and not self.region_max < self.coarse_map_region_max < 1.0:
-            yield "coarse_map_region_max", "need 0 (one map) or region_max < coarse_map_region_max < 1"
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             yield "device", "use auto, cpu, cuda or cuda:N"
 
@@ -270,11 +265,6 @@ class Config:
             yield "seg_defect_inset", "only applies with a seg_defect_weight other than 1"
         if self.seg_defect_inset > self.image_size // 8:
             yield "seg_defect_inset", f"must be at most image_size / 8 ({self.image_size // 8})"
-
-    @property
-    def largest_region(self) -> float:
-        """The largest synthetic region drawn, as a share of the image (the coarse map's bound when it has one)."""
-        return max(self.region_max, self.coarse_map_region_max)
 
     @property
     def encoder_stages(self) -> int:

@@ -101,21 +101,6 @@ class Decoder(nn.Module):
         return self.head(x)
 
 
-class CoarseMapNet(nn.Module):
-    """A second, half-width encoder and map decoder of its own (logits out): the coarse map, which learns
-    synthetic anomalies up to `coarse_map_region_max` while the first map keeps `region_max`. Its own
-    weights, because with shared ones the large regions blur the first map too (measured, docs/design.md)."""
-
-    def __init__(self, in_channels: int, widths: list[int]) -> None:
-        super().__init__()
-        half = [max(w // 2, 8) for w in widths]
-        self.encoder = Encoder(in_channels, half)
-        self.decoder = Decoder(half, 1, in_channels, skips=True)
-
-    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x_in), x_in)
-
-
 class Generator(nn.Module):
     """AnoSeg generator: shared encoder, an image decoder (tanh) and an anomaly-map decoder (sigmoid)."""
 
@@ -129,7 +114,6 @@ class Generator(nn.Module):
         self.image_decoder = Decoder(widths, 3, cin, skips=False)  # skips would let it copy defects through
         self.map_decoder = Decoder(widths, 1, cin, skips=cfg.seg_skips, head_extra=int(self.residual),
                                    drop_fine=cfg.seg_skips_drop_fine)
-        self.coarse_net = CoarseMapNet(cin, widths) if cfg.coarse_map_region_max else None
         use_memory_format(self, cfg)
 
     def _input(self, x: torch.Tensor, coords: torch.Tensor | None) -> torch.Tensor:
@@ -139,8 +123,7 @@ class Generator(nn.Module):
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor | None = None,
                 reconstruct: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """x in [-1, 1], B x 3 x H x W -> (reconstruction in [-1, 1], maps in [0, 1]: B x 1 x H x W, or with a
-        coarse map B x 2 x H x W, the first map's then the coarse one's).
+        """x in [-1, 1], B x 3 x H x W -> (reconstruction in [-1, 1], anomaly map in [0, 1]).
 
         `coords` (B x 2 x H x W) places a crop in its whole image; by default x is a whole image.
         With ``reconstruct=False`` the reconstruction is None and the image decoder runs only if the map
@@ -150,10 +133,7 @@ class Generator(nn.Module):
         feats = self.encoder(x_in)
         recon = torch.tanh(self.image_decoder(feats, x_in)) if reconstruct or self.residual else None
         residual = self._residual(x, recon) if recon is not None else None
-        maps = self.map_decoder(feats, x_in, residual)
-        if self.coarse_net is not None:
-            maps = torch.cat([maps, self.coarse_net(x_in)], dim=1)
-        return (recon if reconstruct else None), torch.sigmoid(maps)
+        return (recon if reconstruct else None), torch.sigmoid(self.map_decoder(feats, x_in, residual))
 
     def _residual(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
         """|input - reconstruction| (mean over colours) for the map head, when the map sees it.
@@ -164,10 +144,8 @@ class Generator(nn.Module):
         return (x - recon.detach()).abs().mean(dim=1, keepdim=True) if self.residual else None
 
     def anomaly_map(self, x: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
-        """Only the map, B x 1 x H x W (with a coarse map: the mean of the two maps). Skips the image decoder
-        unless the map sees the residual: faster inference."""
-        maps = self.forward(x, coords, reconstruct=False)[1]
-        return maps if self.coarse_net is None else maps.mean(dim=1, keepdim=True)
+        """Only the map (skips the image decoder unless the map sees the residual: faster inference)."""
+        return self.forward(x, coords, reconstruct=False)[1]
 
 
 class Discriminator(nn.Module):

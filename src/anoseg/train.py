@@ -216,11 +216,11 @@ class Trainer:
         with autocast(cfg.precision, self.device):  # losses below are computed in fp32
             recon, amap = self.g_step(x, None if coords is None else coords.to(self.device),
                                       reconstruct=self._needs_reconstruction())
-        maps = amap.float()
-        amap = maps if maps.shape[1] == 1 else maps.mean(dim=1, keepdim=True)  # the map inference gives
+        amap = amap.float()
         recon = None if recon is None else recon.float()
         d_value, loss_adv = self._adversarial(x, mask, recon, amap)
-        loss_seg = self._map_loss(maps, mask)
+        loss_seg = segmentation_loss(amap, mask, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight,
+                                      cfg.seg_defect_inset, cfg.seg_label_smoothing)
         if cfg.seg_dice_weight:
             loss_seg = loss_seg + cfg.seg_dice_weight * dice_loss(amap, mask)
         loss_rec = torch.zeros((), device=x.device) if recon is None else \
@@ -241,22 +241,6 @@ class Trainer:
             raise TrainingUnstable(f"the discriminator collapsed (loss under {cfg.collapse_d_loss} for "
                                    f"{self.d_low_steps} steps, at step {self.step_done})")
         return losses
-
-    def _map_loss(self, maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The segmentation loss of each map, averaged. With a coarse map (`coarse_map_region_max`) the first
-        map learns only from images whose synthetic anomaly covers at most region_max of the image: larger ones
-        are left out of its loss, not called normal, so it stays as sharp as a model that never saw them."""
-        cfg = self.cfg
-
-        def loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return segmentation_loss(pred, target, cfg.seg_loss, cfg.focal_gamma, cfg.seg_defect_weight,
-                                     cfg.seg_defect_inset, cfg.seg_label_smoothing)
-
-        if maps.shape[1] == 1:
-            return loss(maps, mask)
-        small = mask.flatten(1).mean(dim=1) <= cfg.region_max
-        first = loss(maps[small, :1], mask[small]) if bool(small.any()) else maps[:, :1].sum() * 0.0
-        return (first + loss(maps[:, 1:], mask)) / 2
 
     def _needs_reconstruction(self) -> bool:
         """Whether a loss reads the reconstruction. Without one the image decoder is skipped, which makes a
