@@ -412,6 +412,15 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def variant_list(text: str) -> list[str]:
+    """--variants: known variants; a retired one is refused with what it was."""
+    for name in text.split(","):
+        if name in RETIRED:
+            raise argparse.ArgumentTypeError(f"variant {name!r} is retired (its settings are no longer in the code): "
+                                             f"{RETIRED[name]}")
+    return name_list(text, list(VARIANTS), "variant")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a fifth of the profile's steps")
@@ -419,7 +428,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(CATEGORIES), type=lambda t: name_list(t, list(CATEGORIES), "category"),
                     help="comma-separated categories")
     ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v not in LEGACY),
-                    type=lambda t: name_list(t, list(VARIANTS), "variant"), help="comma-separated variants")
+                    type=variant_list, help="comma-separated variants")
     ap.add_argument("--seeds", default="0", type=seed_list, help="comma-separated seeds")
     ap.add_argument("--jobs", type=positive_int, default=1, help="runs at a time (CPU threads are split between them)")
     ap.add_argument("--threads", type=positive_int,

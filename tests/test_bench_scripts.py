@@ -88,6 +88,19 @@ def test_results_table_names_rows_trained_with_other_settings(run_bench, tmp_pat
     assert "other than the profile's" not in (tmp_path / "results.md").read_text()
 
 
+def test_ablation_keeps_retired_variants_rows_and_refuses_to_run_them(tmp_path):
+    ablation = load("ablation")
+    retired = next(iter(ablation.RETIRED))
+    row = {"dataset": "d", "category": "c", "seed": 0, "steps": 10, "train_seconds": 1.0,
+           **{k: 0.5 for k in ablation.KEYS}}
+    ablation.write_tables(tmp_path / "a.json", [{**row, "variant": "default"}, {**row, "variant": retired}], "cmd")
+    text = (tmp_path / "a.md").read_text()
+    assert f"- `{retired}`: {ablation.RETIRED[retired]}." in text and f"| c | {retired} | 0 |" in text
+    with pytest.raises(argparse.ArgumentTypeError, match=f"variant '{retired}' is retired"):
+        ablation.variant_list(f"default,{retired}")
+    assert ablation.variant_list("default") == ["default"]
+
+
 def test_merged_records_keep_the_categories_order(run_bench):
     rec = {"profile": "fast"}
     records = [{**rec, "dataset": "magnetic_tile", "category": "magnetic_tile"},
