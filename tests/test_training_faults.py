@@ -53,6 +53,18 @@ def readable_checkpoint(folder) -> int:
     return trainer.step_done
 
 
+def test_a_checkpoint_removes_temporary_files_that_killed_writes_left(tmp_path):
+    """A kill during the training log's write (seen once in CI) left `.train_log.csv.*.tmp` for good."""
+    trainer = Trainer(profile_config("tiny"), resolve_device("cpu"))
+    stale = [tmp_path / ".train_log.csv.0123456789ab.tmp", tmp_path / ".config.json.0123456789ab.tmp"]
+    for path in stale:
+        path.write_text("half a write")
+    (tmp_path / ".other.txt.0123456789ab.tmp").write_text("not ours")
+    trainer.save(tmp_path, {})
+    assert not any(path.exists() for path in stale)
+    assert (tmp_path / ".other.txt.0123456789ab.tmp").exists()  # only the files training writes
+
+
 def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(demo_root, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     subprocess.run(train_cmd(demo_root, full), check=True, timeout=300)

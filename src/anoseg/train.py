@@ -322,6 +322,9 @@ class Trainer:
         tensors = {**module_state("generator", self.generator), **module_state("discriminator", self.discriminator),
                    **tg, **td, **(module_state("ema", self.ema) if self.ema is not None else {})}
         write_text_atomic(folder / LOG_FILE, _history_csv(self.history))  # rows past the step are dropped on load
+        for name in (LOG_FILE, CONFIG_FILE):  # temporary files of their writes that a kill cut short
+            for stale in folder.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         save_resume_point(folder, CKPT_STATE, CKPT_STEM, self.step_done, tensors, {
             "opt_g": pg, "opt_d": pd, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
             "d_low_steps": self.d_low_steps, **extra})
