@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError
-from .fileio import _write_atomic, write_text_atomic
+from .fileio import _write_atomic, temp_files, write_text_atomic
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -110,7 +110,7 @@ def save_resume_point(folder: Path, state_file: str, stem: str, step: int, tenso
     weights = f"{stem}-{step:08d}.safetensors"
     save_tensors(folder / weights, tensors)
     save_json(folder / state_file, {"step": step, "weights": weights, **state})
-    for old in [*folder.glob(f"{stem}*.safetensors"), *folder.glob(f".{stem}*.tmp")]:
+    for old in [*folder.glob(f"{stem}*.safetensors"), *temp_files(folder, stem)]:
         if old.name != weights:
             old.unlink(missing_ok=True)
 
@@ -126,7 +126,7 @@ def resume_weights(folder: Path, state_file: str, legacy: str) -> Path:
 
 
 def remove_resume_point(folder: Path, state_file: str, stem: str) -> None:
-    for old in [folder / state_file, *folder.glob(f"{stem}*.safetensors"), *folder.glob(f".{stem}*.tmp")]:
+    for old in [folder / state_file, *folder.glob(f"{stem}*.safetensors"), *temp_files(folder, stem)]:
         old.unlink(missing_ok=True)
 
 

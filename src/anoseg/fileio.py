@@ -198,6 +198,12 @@ def _new_temp_file(path: Path) -> str:
     raise FileExistsError(f"no free temporary name beside {path}")
 
 
+def temp_files(folder: Path, prefix: str) -> list[Path]:
+    """The temporary files (:func:`_new_temp_file`) that atomic writes of names starting with `prefix` left in
+    `folder`: a kill cut those writes short, so nothing renames or removes them."""
+    return list(Path(folder).glob(f".{prefix}*.tmp"))
+
+
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file.
 

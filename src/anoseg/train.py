@@ -45,7 +45,7 @@ from .distributed import (
     wrap,
 )
 from .errors import AnosegError, ConfigError, DataError, ModelFileError
-from .fileio import make_output_dir, write_text_atomic
+from .fileio import make_output_dir, temp_files, write_text_atomic
 from .inference import AnoSegModel, autocast, maybe_compile, resolve_device, resolve_precision
 from .modelfolder import (
     CKPT_STATE,
@@ -322,9 +322,8 @@ class Trainer:
         tensors = {**module_state("generator", self.generator), **module_state("discriminator", self.discriminator),
                    **tg, **td, **(module_state("ema", self.ema) if self.ema is not None else {})}
         write_text_atomic(folder / LOG_FILE, _history_csv(self.history))  # rows past the step are dropped on load
-        for name in (LOG_FILE, CONFIG_FILE):  # temporary files of their writes that a kill cut short
-            for stale in folder.glob(f".{name}.*.tmp"):
-                stale.unlink(missing_ok=True)
+        for stale in [*temp_files(folder, LOG_FILE), *temp_files(folder, CONFIG_FILE)]:
+            stale.unlink(missing_ok=True)
         save_resume_point(folder, CKPT_STATE, CKPT_STEM, self.step_done, tensors, {
             "opt_g": pg, "opt_d": pd, "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
             "d_low_steps": self.d_low_steps, **extra})
