@@ -121,6 +121,7 @@ VARIANTS: dict[str, dict] = {
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
     "regions_half": {"region_max": 0.5},  # synthetic anomalies up to half the image (large defects: uneven, fray)
     "streak_half": {"streak_region_max": 0.5},  # only streak regions (texture changes) up to half the image
+    "coarse_regions_half": {"coarse_region_max": 0.5},  # regions up to half the image in coarse-scale crops only
     "faint": {"opacity_min": 0.2},  # fainter synthetic anomalies (opacity from 0.2): low-contrast defects
     "ema_long": {"ema_decay": 0.9995},  # no different at 2000 steps: the warm-up keeps the decay below 0.9955
     "ema_window_1000": {"ema_warmup": 3},  # the average's decay reaches 0.999 at step 1997, not 8990

@@ -114,6 +114,20 @@ def test_batch_ratio_and_normal_masks():
     assert (masks.flatten(1).sum(1) > 0).all()
 
 
+def test_coarse_crops_get_regions_up_to_coarse_region_max():
+    cfg = profile_config("fast", anomaly_ratio=1.0, anomaly_families=("noise",), region_max=0.02, opacity_min=1.0,
+                         mask_texture_factor=0.0, coarse_region_max=0.5)
+    imgs = _images(16, size=64)
+    fine, fine_masks = make_batch(imgs, cfg, np.random.default_rng(0), torch.zeros(16, dtype=torch.bool))
+    plain, plain_masks = make_batch(imgs, cfg.replace(coarse_region_max=0.0), np.random.default_rng(0))
+    assert torch.equal(fine, plain) and torch.equal(fine_masks, plain_masks)  # fine crops: the same draws as before
+    assert fine_masks.mean((1, 2, 3)).max() <= 0.03
+    coarse = torch.arange(16) % 2 == 0
+    _, masks = make_batch(imgs, cfg, np.random.default_rng(0), coarse)
+    areas = masks.mean((1, 2, 3))
+    assert areas[~coarse].max() <= 0.03 and areas[coarse].max() > 0.1
+
+
 def test_same_seed_same_batch():
     cfg = profile_config("tiny")
     a = make_batch(_images(), cfg, np.random.default_rng([5, 1]))

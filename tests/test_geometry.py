@@ -28,7 +28,7 @@ def test_short_side_sets_the_working_scale_and_crops_stay_image_size():
     assert working_shape(500, 500, cfg) == (128, 128)
     assert working_shape(100, 5000, cfg) == (128, 512)  # still capped at max_aspect
     im = np.zeros((3, *working_shape(254, 640, cfg)), dtype=np.uint8)
-    crops, coords = TrainingImages([im], cfg).crops(np.array([0, 0]), np.random.default_rng(0))
+    crops, coords, _ = TrainingImages([im], cfg).crops(np.array([0, 0]), np.random.default_rng(0))
     assert crops.shape == (2, 3, 64, 64) and coords.shape == (2, 2, 64, 64)
 
 
@@ -52,11 +52,25 @@ def test_second_scale_gives_crops_from_both_scales():
     small = rng.integers(0, 256, (3, 64, 160), dtype=np.uint8)
     large = rng.integers(0, 256, (3, 128, 320), dtype=np.uint8)
     images = TrainingImages([small], cfg, second=[large])
-    crops, coords = images.crops(np.zeros(40, dtype=int), np.random.default_rng(1))
+    crops, coords, _ = images.crops(np.zeros(40, dtype=int), np.random.default_rng(1))
     assert crops.shape == (40, 3, 64, 64) and coords.shape == (40, 2, 64, 64)
     from_small = [bool((small[:, :, None] == c[:, :, :1].numpy()[:, :, None]).all(axis=(0, 1)).any()) for c in crops]
     assert 5 < sum(from_small) < 35  # about half of the crops from each scale
     assert not images.all_square and len(images.subset(np.array([0])).second) == 1
+
+
+def test_crops_say_which_came_from_the_coarser_scale():
+    cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128)
+    small, large = np.zeros((3, 64, 160), dtype=np.uint8), np.zeros((3, 128, 320), dtype=np.uint8)
+    crops = TrainingImages([small], cfg, second=[large]).crops(np.zeros(40, dtype=int), np.random.default_rng(1))
+    spans_short_side = (crops.coords[:, 1].amax((1, 2)) - crops.coords[:, 1].amin((1, 2))) > 1.9
+    assert torch.equal(crops.coarse, spans_short_side) and 5 < int(crops.coarse.sum()) < 35
+    # the second scale is the coarser one when its short side is the smaller
+    cfg = profile_config("tiny", resize_mode="aspect", short_side=128, second_short_side=64)
+    crops = TrainingImages([large], cfg, second=[small]).crops(np.zeros(40, dtype=int), np.random.default_rng(1))
+    assert torch.equal(crops.coarse, (crops.coords[:, 1].amax((1, 2)) - crops.coords[:, 1].amin((1, 2))) > 1.9)
+    assert TrainingImages([small], profile_config("tiny", resize_mode="aspect")).crops(
+        np.array([0]), np.random.default_rng(0)).coarse is None
 
 
 @pytest.mark.parametrize("settings, problem", [
@@ -69,6 +83,19 @@ def test_bad_second_scale_is_refused_by_name(settings, problem):
     from anoseg import ConfigError
 
     with pytest.raises(ConfigError, match="second_short_side") as err:
+        profile_config("tiny", **settings)
+    assert problem in str(err.value)
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"resize_mode": "aspect", "coarse_region_max": 0.5}, "only applies with second_short_side"),
+    ({"resize_mode": "aspect", "second_short_side": 128, "coarse_region_max": 1.0}, "region_min <= coarse_region_max"),
+    ({"resize_mode": "aspect", "second_short_side": 128, "coarse_region_max": 0.001}, "region_min <= coarse_region"),
+])
+def test_bad_coarse_region_max_is_refused_by_name(settings, problem):
+    from anoseg import ConfigError
+
+    with pytest.raises(ConfigError, match="coarse_region_max") as err:
         profile_config("tiny", **settings)
     assert problem in str(err.value)
 
@@ -134,7 +161,7 @@ def test_crops_carry_their_place_in_the_whole_image():
     rng = np.random.default_rng(0)
     im = rng.integers(0, 256, (3, 160, 64), dtype=np.uint8)
     images = TrainingImages([im], cfg)
-    crops, coords = images.crops(np.array([0, 0, 0]), np.random.default_rng(1))
+    crops, coords, _ = images.crops(np.array([0, 0, 0]), np.random.default_rng(1))
     whole = coord_channels(torch.zeros(1, 3, 160, 64))[0, 3:]
     assert crops.shape == (3, 3, 64, 64) and coords.shape == (3, 2, 64, 64)
     for crop, c in zip(crops, coords):
@@ -146,7 +173,7 @@ def test_crops_carry_their_place_in_the_whole_image():
 def _first_column_share(cfg, draws: int = 2000) -> float:
     """How often a 64 px crop of a 64 x 256 image holds the image's first column."""
     im = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, None, :], (3, 64, 256)).copy()
-    crops, coords = TrainingImages([im], cfg).crops(np.zeros(draws, dtype=int), np.random.default_rng(0))
+    crops, coords, _ = TrainingImages([im], cfg).crops(np.zeros(draws, dtype=int), np.random.default_rng(0))
     left = crops[:, 0, 0, 0].numpy()
     assert torch.allclose(coords[:, 0, 0, 0], torch.from_numpy(left * 2.0 / 255 - 1).float(), atol=1e-6)  # place kept
     assert left.min() >= 0 and left.max() <= 256 - 64  # clamped: every crop lies inside the image
@@ -163,7 +190,7 @@ def test_crop_overhang_moves_crops_onto_the_sides():
 def test_crop_overhang_off_draws_the_crops_of_models_trained_before():
     cfg = profile_config("tiny", resize_mode="aspect")
     im = np.random.default_rng(0).integers(0, 256, (3, 64, 256), dtype=np.uint8)
-    crops, _ = TrainingImages([im], cfg).crops(np.zeros(50, dtype=int), np.random.default_rng(3))
+    crops, _, _ = TrainingImages([im], cfg).crops(np.zeros(50, dtype=int), np.random.default_rng(3))
     rng = np.random.default_rng(3)
     lefts = []
     for _ in range(50):
@@ -175,7 +202,7 @@ def test_crop_overhang_off_draws_the_crops_of_models_trained_before():
 def test_square_images_give_whole_images_and_no_coordinates():
     cfg = profile_config("tiny", resize_mode="aspect")
     im = np.zeros((3, 64, 64), dtype=np.uint8)
-    crops, coords = TrainingImages([im, im], cfg).crops(np.array([1, 0]), np.random.default_rng(0))
+    crops, coords, _ = TrainingImages([im, im], cfg).crops(np.array([1, 0]), np.random.default_rng(0))
     assert crops.shape == (2, 3, 64, 64) and coords is None
 
 

@@ -356,17 +356,21 @@ def synthesize(target: torch.Tensor, source: torch.Tensor, cfg: Config,
     return out, ((alpha >= 0.5) & changed).float()[None]  # a soft edge counts where it is at least half in
 
 
-def make_batch(images: torch.Tensor, cfg: Config, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(images: torch.Tensor, cfg: Config, rng: np.random.Generator,
+               coarse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a batch of normal images (B x 3 x H x W in [0, 1]) into a mix of normal and synthetic anomalies.
 
     Each image becomes a synthetic anomaly with probability ``cfg.anomaly_ratio``; normal images
-    keep an all-normal mask. Returns (images, masks).
+    keep an all-normal mask. Where `coarse` marks a crop from the coarser of two scales, its regions
+    span up to ``coarse_region_max``. Returns (images, masks).
     """
     b = images.shape[0]
     out = images.clone()
     masks = torch.zeros(b, 1, *images.shape[-2:])
+    large = cfg.replace(region_max=cfg.coarse_region_max) if cfg.coarse_region_max and coarse is not None else cfg
     for i in range(b):
         if rng.random() < cfg.anomaly_ratio:
             j = int(rng.integers(b))
-            out[i], masks[i] = synthesize(images[i], images[j], cfg, rng)
+            out[i], masks[i] = synthesize(images[i], images[j], large if coarse is not None and coarse[i] else cfg,
+                                          rng)
     return out, masks

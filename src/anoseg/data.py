@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -135,6 +136,15 @@ def working_shape(height: int, width: int, cfg: Config, short_side: int | None =
     return (long, s) if height > width else (s, long)
 
 
+class Crops(NamedTuple):
+    """A batch of training crops: uint8 B x 3 x S x S images, their B x 2 x S x S coordinates (None when whole),
+    and which came from the coarser of two scales (bool B, None with one scale)."""
+
+    images: torch.Tensor
+    coords: torch.Tensor | None = None
+    coarse: torch.Tensor | None = None
+
+
 class TrainingImages:
     """Normal training images at their working shape; hands out square image_size crops with their coordinates.
 
@@ -169,22 +179,27 @@ class TrainingImages:
         second = None if self.second is None else [self.second[i] for i in indices]
         return TrainingImages([self.images[i] for i in indices], self.cfg, second)
 
-    def crops(self, indices: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 B x 3 x S x S crops of the given images, and their B x 2 x S x S coordinates (None when whole)."""
+    def crops(self, indices: np.ndarray, rng: np.random.Generator) -> Crops:
+        """Random image_size crops of the given images (the whole images in square mode)."""
         s = self.size
         if self.all_square:
-            return torch.from_numpy(np.stack([self.images[i] for i in indices])), None
-        crops, coords = [], []
+            return Crops(torch.from_numpy(np.stack([self.images[i] for i in indices])))
+        crops, coords, from_second = [], [], []
         for i in indices:
             # one scale only draws nothing here, so its random stream is what it was before second scales
-            im = self.second[i] if self.second is not None and rng.random() < 0.5 else self.images[i]
+            from_second.append(self.second is not None and rng.random() < 0.5)
+            im = self.second[i] if from_second[-1] else self.images[i]
             h, w = im.shape[1:]
             top, left = self._offset(h, rng), self._offset(w, rng)
             crops.append(im[:, top:top + s, left:left + s])
             ys = (np.arange(h, dtype=np.float32) * 2.0 / max(h - 1, 1) - 1.0)[top:top + s]  # as models.coord_channels
             xs = (np.arange(w, dtype=np.float32) * 2.0 / max(w - 1, 1) - 1.0)[left:left + s]
             coords.append(np.stack([np.broadcast_to(xs[None, :], (s, s)), np.broadcast_to(ys[:, None], (s, s))]))
-        return torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(coords))
+        coarse = None
+        if self.second is not None:  # the second scale is the coarser one when its short side is the smaller
+            second_coarser = self.cfg.second_short_side < (self.cfg.short_side or self.size)
+            coarse = torch.tensor(from_second) == second_coarser
+        return Crops(torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(coords)), coarse)
 
     def _offset(self, length: int, rng: np.random.Generator) -> int:
         """A crop's first row or column. Uniform offsets put a side's outermost pixels in a crop far less often

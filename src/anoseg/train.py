@@ -198,8 +198,10 @@ class Trainer:
             else:
                 value.copy_(live[name])
 
-    def step(self, images: torch.Tensor, coords: torch.Tensor | None = None) -> dict[str, float]:
-        """One iteration on a batch of normal images (uint8 B x 3 x S x S), with crop coordinates when cropped."""
+    def step(self, images: torch.Tensor, coords: torch.Tensor | None = None,
+             coarse: torch.Tensor | None = None) -> dict[str, float]:
+        """One iteration on a batch of normal images (uint8 B x 3 x S x S), with crop coordinates when cropped
+        and, at two scales, which crops came from the coarser one."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, self.step_done])  # per-step stream: resume is exact
         x = images.float() / 255.0
@@ -207,7 +209,7 @@ class Trainer:
             flip = torch.from_numpy(rng.random(len(x)) < 0.5)
             x[flip] = x[flip].flip(-1)
         self._apply_lr()  # the schedule is a function of the step: set every step, right after a resume or rollback too
-        x, mask = make_batch(x, cfg, rng)  # the global batch: the same on every rank
+        x, mask = make_batch(x, cfg, rng, coarse)  # the global batch: the same on every rank
         if self.dist.enabled:
             mine = torch.tensor(shard(len(x), self.dist))
             x, mask = x[mine], mask[mine]
