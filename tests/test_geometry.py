@@ -88,7 +88,6 @@ def test_bad_second_scale_is_refused_by_name(settings, problem):
 
 
 @pytest.mark.parametrize("settings, problem", [
-    ({"resize_mode": "aspect", "coarse_region_max": 0.5}, "only applies with second_short_side"),
     ({"resize_mode": "aspect", "second_short_side": 128, "coarse_region_max": 1.0}, "region_min <= coarse_region_max"),
     ({"resize_mode": "aspect", "second_short_side": 128, "coarse_region_max": 0.001}, "region_min <= coarse_region"),
 ])

@@ -144,7 +144,7 @@ class Config:
     streak_own_grain: float = 1.0  # share of streak anomalies that run along the surface's own grain (else any angle)
     streak_band: float = 0.0  # share of streak anomalies whose region is a band across the image (else a blob)
     streak_region_max: float = 0.0  # streak blobs span region_min to this share of the image (0 = region_max)
-    coarse_region_max: float = 0.0  # in crops from the coarser of two scales, regions span up to this (0 = region_max)
+    coarse_region_max: float = 0.0  # in crops of the coarser of two scales regions go up to this (0 = region_max)
     edge_feather: int = 0  # paste and noise regions blend in over a soft edge up to this many pixels wide (0 = sharp)
     mask_min_diff: float = 0.02  # pasted pixels that changed less than this are not marked as defect
     mask_texture_factor: float = 0.0  # ... nor less than this times the image grain (median gap to a 5 px mean); 0: off
@@ -261,8 +261,6 @@ class Config:
         for name in ("streak_region_max", "coarse_region_max"):
             if getattr(self, name) and not self.region_min <= getattr(self, name) < 1.0:
                 yield name, f"need 0 (= region_max) or region_min <= {name} < 1"
-        if self.coarse_region_max and not self.second_short_side:
-            yield "coarse_region_max", "only applies with second_short_side (maps at two scales)"
 
     def _map_loss_problems(self) -> Iterator[tuple[str, str]]:
         if self.seg_loss not in ("focal", "asymmetric") and self.focal_gamma != Config.focal_gamma:  # changed
