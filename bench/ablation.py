@@ -121,7 +121,9 @@ VARIANTS: dict[str, dict] = {
     "small_regions": {"region_max": 0.08},  # paste and noise regions up to 8% of the image (as before)
     "regions_half": {"region_max": 0.5},  # synthetic anomalies up to half the image (large defects: uneven, fray)
     "streak_half": {"streak_region_max": 0.5},  # only streak regions (texture changes) up to half the image
-    "coarse_regions_half": {"coarse_region_max": 0.5},  # regions up to half the image in coarse-scale crops only
+    # crops of the coarser scale get regions only up to region_max, as the finer scale's (the default before the
+    # thirty-ninth session, when they went up to half the image: coarse_region_max 0.5)
+    "no_coarse_regions": {"coarse_region_max": 0.0},
     "faint": {"opacity_min": 0.2},  # fainter synthetic anomalies (opacity from 0.2): low-contrast defects
     "ema_long": {"ema_decay": 0.9995},  # no different at 2000 steps: the warm-up keeps the decay below 0.9955
     "ema_window_1000": {"ema_warmup": 3},  # the average's decay reaches 0.999 at step 1997, not 8990
@@ -234,6 +236,12 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
                           "`no_reconstruction_loss` at 13000 steps (the image decoder skipped, so the same training "
                           "time) was the default of the thirty-fifth session: its rows are listed as `default` "
                           "under the profile of 13000 steps",
+             "quarter_regions": "the fast profile before the thirty-ninth session (2026-12-05; synthetic regions "
+                                "up to a quarter of the image at both scales: coarse_region_max 0): each variant "
+                                "changed that profile, so `default` here is today's variant `no_coarse_regions`, "
+                                "and the variant then named `coarse_regions_half` (regions up to half the image in "
+                                "crops of the coarser scale) is today's default: its rows are listed as `default` "
+                                "under the current fast profile",
              "steps_13000": "the fast profile before the thirty-sixth session (2026-12-04; 13000 steps): `default` "
                             "here is that profile, which `--steps 13000` trains today; the same recipe at 15000 "
                             "steps is today's default, its rows under the current fast profile"}

@@ -99,6 +99,12 @@ def test_bad_coarse_region_max_is_refused_by_name(settings, problem):
     assert problem in str(err.value)
 
 
+def test_coarse_region_max_is_unused_at_one_scale_not_refused():
+    # the detector trains at the first scale alone: switching the second scale off must keep the setting valid
+    cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128, coarse_region_max=0.5)
+    assert cfg.replace(second_short_side=0).coarse_region_max == 0.5
+
+
 @pytest.mark.parametrize("settings, problem", [
     ({"resize_mode": "square"}, "set second_short_side=0 with square"),
     ({"short_side": 256}, "0 maps at one scale"),
