@@ -128,6 +128,22 @@ def test_coarse_crops_get_regions_up_to_coarse_region_max():
     assert areas[~coarse].max() <= 0.03 and areas[coarse].max() > 0.1
 
 
+def test_examples_grid_draws_coarse_crops_as_training_does(tmp_path):
+    from PIL import Image
+
+    from anoseg.visualize import OUTLINE_RGB, synthetic_examples_grid
+
+    cfg = profile_config("fast", anomaly_ratio=1.0, anomaly_families=("noise",), region_max=0.02, opacity_min=1.0,
+                         mask_texture_factor=0.0, coarse_region_max=0.5)
+    images = (_images(4, size=64).numpy() * 255).astype(np.uint8)
+    grids = {}
+    for flag in (False, True):
+        synthetic_examples_grid(tmp_path / f"{flag}.png", images, cfg, 4, 0, np.full(4, flag))
+        grids[flag] = np.asarray(Image.open(tmp_path / f"{flag}.png"))
+    outlined = {flag: int((grid == OUTLINE_RGB).all(-1).sum()) for flag, grid in grids.items()}
+    assert outlined[True] > outlined[False] > 0  # larger regions, longer outlines
+
+
 def test_same_seed_same_batch():
     cfg = profile_config("tiny")
     a = make_batch(_images(), cfg, np.random.default_rng([5, 1]))

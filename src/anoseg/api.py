@@ -80,8 +80,9 @@ def save_synthetic_examples(config: Config, data: str | Path, path: str | Path, 
     """A PNG grid of synthetic anomalies (outlined in green) as training makes them."""
     files = train_images(data)[: max(n, 1) * 2]
     images = TrainingImages.load(files, config, progress=False)
-    crops = images.crops(np.arange(len(images)), np.random.default_rng([config.seed, 98]))[0]  # as training sees them
-    synthetic_examples_grid(Path(path), crops.numpy(), config, n, config.seed)
+    crops = images.crops(np.arange(len(images)), np.random.default_rng([config.seed, 98]))  # as training sees them
+    coarse = None if crops.coarse is None else crops.coarse.numpy()
+    synthetic_examples_grid(Path(path), crops.images.numpy(), config, n, config.seed, coarse)
 
 
 DEMO_STEPS = 800  # the tiny profile learns the demo data in about a minute on 2 cores (pixel AUROC ~0.95)

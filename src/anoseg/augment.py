@@ -367,10 +367,10 @@ def make_batch(images: torch.Tensor, cfg: Config, rng: np.random.Generator,
     b = images.shape[0]
     out = images.clone()
     masks = torch.zeros(b, 1, *images.shape[-2:])
-    large = cfg.replace(region_max=cfg.coarse_region_max) if cfg.coarse_region_max and coarse is not None else cfg
+    coarse_cfg = cfg.replace(region_max=cfg.coarse_region_max) if cfg.coarse_region_max else cfg
     for i in range(b):
         if rng.random() < cfg.anomaly_ratio:
             j = int(rng.integers(b))
-            out[i], masks[i] = synthesize(images[i], images[j], large if coarse is not None and coarse[i] else cfg,
-                                          rng)
+            own = coarse_cfg if coarse is not None and bool(coarse[i]) else cfg
+            out[i], masks[i] = synthesize(images[i], images[j], own, rng)
     return out, masks
