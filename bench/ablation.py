@@ -124,6 +124,7 @@ VARIANTS: dict[str, dict] = {
     # crops of the coarser scale get regions only up to region_max, as the finer scale's (the default before the
     # thirty-ninth session, when they went up to half the image: coarse_region_max 0.5)
     "no_coarse_regions": {"coarse_region_max": 0.0},
+    "coarse_regions_07": {"coarse_region_max": 0.7},  # coarse-scale crops' regions up to 70% of the crop
     "faint": {"opacity_min": 0.2},  # fainter synthetic anomalies (opacity from 0.2): low-contrast defects
     "ema_long": {"ema_decay": 0.9995},  # no different at 2000 steps: the warm-up keeps the decay below 0.9955
     "ema_window_1000": {"ema_warmup": 3},  # the average's decay reaches 0.999 at step 1997, not 8990
