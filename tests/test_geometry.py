@@ -60,15 +60,17 @@ def test_second_scale_gives_crops_from_both_scales():
 
 
 def test_crops_say_which_came_from_the_coarser_scale():
+    def spans_short_side(crops):  # a crop of the coarser scale covers the whole short side (rows -1 to 1)
+        return (crops.coords[:, 1].amax((1, 2)) - crops.coords[:, 1].amin((1, 2))) > 1.9
+
     cfg = profile_config("tiny", resize_mode="aspect", second_short_side=128)
     small, large = np.zeros((3, 64, 160), dtype=np.uint8), np.zeros((3, 128, 320), dtype=np.uint8)
     crops = TrainingImages([small], cfg, second=[large]).crops(np.zeros(40, dtype=int), np.random.default_rng(1))
-    spans_short_side = (crops.coords[:, 1].amax((1, 2)) - crops.coords[:, 1].amin((1, 2))) > 1.9
-    assert torch.equal(crops.coarse, spans_short_side) and 5 < int(crops.coarse.sum()) < 35
+    assert torch.equal(crops.coarse, spans_short_side(crops)) and 5 < int(crops.coarse.sum()) < 35
     # the second scale is the coarser one when its short side is the smaller
     cfg = profile_config("tiny", resize_mode="aspect", short_side=128, second_short_side=64)
     crops = TrainingImages([large], cfg, second=[small]).crops(np.zeros(40, dtype=int), np.random.default_rng(1))
-    assert torch.equal(crops.coarse, (crops.coords[:, 1].amax((1, 2)) - crops.coords[:, 1].amin((1, 2))) > 1.9)
+    assert torch.equal(crops.coarse, spans_short_side(crops))
     assert TrainingImages([small], profile_config("tiny", resize_mode="aspect")).crops(
         np.array([0]), np.random.default_rng(0)).coarse is None
 

@@ -367,7 +367,8 @@ def make_batch(images: torch.Tensor, cfg: Config, rng: np.random.Generator,
     b = images.shape[0]
     out = images.clone()
     masks = torch.zeros(b, 1, *images.shape[-2:])
-    coarse_cfg = cfg.replace(region_max=cfg.coarse_region_max) if cfg.coarse_region_max else cfg
+    some_coarse = coarse is not None and bool(coarse.any())  # the detector's batches and square images have none
+    coarse_cfg = cfg.replace(region_max=cfg.coarse_region_max) if cfg.coarse_region_max and some_coarse else cfg
     for i in range(b):
         if rng.random() < cfg.anomaly_ratio:
             j = int(rng.integers(b))

@@ -272,6 +272,11 @@ class Config:
             yield "seg_defect_inset", f"must be at most image_size / 8 ({self.image_size // 8})"
 
     @property
+    def first_short_side(self) -> int:
+        """The first scale's short side in aspect mode: short_side, or image_size when 0."""
+        return self.short_side or self.image_size
+
+    @property
     def encoder_stages(self) -> int:
         """How often the encoder halves the input to reach its 8 x 8 code (log2(image_size / 8))."""
         return int(math.log2(max(self.image_size // 8, 1)))  # max: a broken image_size is reported, not raised
@@ -292,7 +297,7 @@ class Config:
                 yield name, f"only applies with resize_mode=aspect (set {name}=0 with square)"
             elif side and (side < n or side % max(n // 8, 1)):
                 yield name, f"must be 0 or a multiple of image_size / 8 ({n // 8}) of at least image_size ({n})"
-        if self.second_short_side and self.second_short_side == (self.short_side or n):
+        if self.second_short_side and self.second_short_side == self.first_short_side:
             yield "second_short_side", ("must differ from the first scale (short_side, or image_size when 0); "
                                         "0 maps at one scale")
 

@@ -130,7 +130,7 @@ def working_shape(height: int, width: int, cfg: Config, short_side: int | None =
     """
     if cfg.resize_mode == "square":
         return cfg.image_size, cfg.image_size
-    s, unit = (short_side or cfg.short_side) or cfg.image_size, cfg.image_size // 8
+    s, unit = short_side or cfg.first_short_side, cfg.image_size // 8
     ratio = min(max(height, width) / max(min(height, width), 1), cfg.max_aspect)
     long = max(s, int(round(s * ratio / unit)) * unit)
     return (long, s) if height > width else (s, long)
@@ -197,7 +197,7 @@ class TrainingImages:
             coords.append(np.stack([np.broadcast_to(xs[None, :], (s, s)), np.broadcast_to(ys[:, None], (s, s))]))
         coarse = None
         if self.second is not None:  # the second scale is the coarser one when its short side is the smaller
-            second_coarser = self.cfg.second_short_side < (self.cfg.short_side or self.size)
+            second_coarser = self.cfg.second_short_side < self.cfg.first_short_side
             coarse = torch.tensor(from_second) == second_coarser
         return Crops(torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(coords)), coarse)
 

@@ -93,7 +93,7 @@ def example_inputs(cfg: Config, batch: int | None) -> tuple[tuple[torch.Tensor, 
     if cfg.resize_mode == "square":
         return (torch.zeros(n, 3, cfg.image_size, cfg.image_size),), ((batch_dim,) if batch_dim else None)
     unit = cfg.image_size // 8  # whole images of any working shape: multiples of image_size / 8
-    sides = [cfg.short_side or cfg.image_size] + ([cfg.second_short_side] if cfg.second_short_side else [])
+    sides = [cfg.first_short_side] + ([cfg.second_short_side] if cfg.second_short_side else [])
     examples, dynamic = [], []
     for i, side in enumerate(sides):
         most = int(side // unit * cfg.max_aspect) + 1

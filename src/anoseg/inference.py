@@ -326,7 +326,7 @@ class AnoSegModel:
         if not self.config.second_short_side:
             return self.raw_maps(x)
         cfg = self.config
-        ratio, unit = cfg.second_short_side / (cfg.short_side or cfg.image_size), cfg.image_size // 8
+        ratio, unit = cfg.second_short_side / cfg.first_short_side, cfg.image_size // 8
         size = [max(unit, round(n * ratio / unit) * unit) for n in x.shape[-2:]]
         x2 = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=ratio < 1)
         return fuse_scales([self.raw_maps(x), self.raw_maps(x2)])
