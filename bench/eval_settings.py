@@ -62,6 +62,23 @@ def parse_values(key: str, texts: str) -> list[Any]:
     return values
 
 
+def append_record(out: Path, record: dict) -> None:
+    """Add one row to `out`, read again under an exclusive lock: sweeps run side by side keep each other's rows
+    (each used to write back only the rows it had read at its start), and the file is replaced whole."""
+    from anoseg.fileio import write_text_atomic
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, still re-read before each write
+        fcntl = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        records = json.loads(out.read_text())["results"] if out.exists() else []
+        write_text_atomic(out, json.dumps({"results": [*records, record]}, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", nargs="+", metavar="MODEL=DATA")
@@ -89,7 +106,6 @@ def main() -> None:
     import anoseg
 
     out = Path(args.out)
-    records = json.loads(out.read_text())["results"] if out.exists() else []
     for folder, data in pairs:
         try:
             model = anoseg.load(folder, device="cpu")
@@ -98,9 +114,8 @@ def main() -> None:
         model.detector = None  # the map's own image score
         model.config = model.config.replace(**fixed)
         for value, m, seconds in evaluations(model, data, key, values):
-            records.append({"model": folder, "data": data, **fixed, key: value, **{k: m[k] for k in KEYS},
-                            "seconds": round(seconds, 1)})
-            out.write_text(json.dumps({"results": records}, indent=1) + "\n")
+            append_record(out, {"model": folder, "data": data, **fixed, key: value, **{k: m[k] for k in KEYS},
+                                "seconds": round(seconds, 1)})
             shown = " ".join(f"{k}={v}" for k, v in {**fixed, key: value}.items())
             print(f"{folder} {shown}: " + " ".join(f"{k} {m[k]:.3f}" for k in KEYS), flush=True)
 

@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -152,3 +153,14 @@ def test_eval_settings_refuses_a_bad_fix_before_loading_a_model(monkeypatch, tmp
     with pytest.raises(SystemExit, match=says):
         eval_settings.main()
     assert not out.exists()  # nothing written
+
+
+def test_eval_settings_keeps_the_rows_another_sweep_wrote_meanwhile(tmp_path):
+    eval_settings = load("eval_settings")
+    out = tmp_path / "sweeps.json"
+    eval_settings.append_record(out, {"model": "a", "pixel_auroc": 0.5})
+    # a second sweep, running beside the first, writes its row in between
+    out.write_text(json.dumps({"results": [*json.loads(out.read_text())["results"], {"model": "b"}]}))
+    eval_settings.append_record(out, {"model": "a", "pixel_auroc": 0.6})
+    assert [r["model"] for r in json.loads(out.read_text())["results"]] == ["a", "b", "a"]
+    assert not list(tmp_path.glob(".*.tmp"))  # replaced whole, no temporary file left behind
