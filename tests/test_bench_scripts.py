@@ -164,3 +164,12 @@ def test_eval_settings_keeps_the_rows_another_sweep_wrote_meanwhile(tmp_path):
     eval_settings.append_record(out, {"model": "a", "pixel_auroc": 0.6})
     assert [r["model"] for r in json.loads(out.read_text())["results"]] == ["a", "b", "a"]
     assert not list(tmp_path.glob(".*.tmp"))  # replaced whole, no temporary file left behind
+
+
+def test_targets_table_says_by_how_much_a_target_is_missed_and_when_all_are_met(run_bench):
+    met = {"category": "magnetic_tile", "profile": "fast", "pixel_auroc": 0.902, "aupro": 0.864, "image_auroc": 0.91}
+    lines = run_bench.target_lines([met])
+    assert "| magnetic_tile | pixel_auroc | 0.9 | 0.902 | yes |" in lines and "Every target listed is met" in lines[-1]
+    lines = run_bench.target_lines([{**met, "pixel_auroc": 0.896}])
+    assert "| magnetic_tile | pixel_auroc | 0.9 | 0.896 | missed by 0.004 |" in lines
+    assert lines[-1].startswith("What was tried for the missed ones")
