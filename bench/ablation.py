@@ -135,6 +135,7 @@ VARIANTS: dict[str, dict] = {
     "lr_4e4": {"lr": 4e-4},  # a higher peak rate still (4e-4 against 3e-4) along the same cosine
     "feather_8": {"edge_feather": 8},  # paste and noise regions blend in over a soft edge up to 8 px wide
     "no_peak_boost": {"peak_boost": 0.0},  # maps as averaged, narrow peaks not raised (weights as `default`'s)
+    "narrow_broad": {"broad_weight": 0.25, "broad_sigma": 12.0},  # the broad share before the fortieth session
     "no_broad": {"broad_weight": 0.0},  # no broad share of the map (the default before the twenty-ninth session)
     "image_score_max": {"image_score_topk_weight": 0.0},  # the image score is the map maximum alone (as before)
     "bf16": {"precision": "bf16"},  # networks under bfloat16 autocast, in training and inference
@@ -243,6 +244,11 @@ BASELINES = {"previous": "the fast profile before 2026-11-26 (lambda_adv 0.1, re
                                 "and the variant then named `coarse_regions_half` (regions up to half the image in "
                                 "crops of the coarser scale) is today's default: its rows are listed as `default` "
                                 "under the current fast profile",
+             "broad_quarter": "the fast profile before the fortieth session (2026-12-05; a broad share of the map of "
+                              "0.25 at sigma 12): each variant changed that profile; today's default differs only "
+                              "in its map shaping (0.5 at sigma 16), applied after training, so its `default` rows "
+                              "are the same models as today's `default`, whose rows under that profile's shaping "
+                              "are today's variant `narrow_broad`",
              "steps_13000": "the fast profile before the thirty-sixth session (2026-12-04; 13000 steps): `default` "
                             "here is that profile, which `--steps 13000` trains today; the same recipe at 15000 "
                             "steps is today's default, its rows under the current fast profile"}
