@@ -6,9 +6,9 @@
 MODEL is a trained model folder, DATA its MVTec-layout category folder. For each value of the one
 setting (one of anoseg.config.MAP_SHAPING and IMAGE_SCORING, listed by --help: the ones that change maps or
 scores, not weights) the model is evaluated on DATA's test split; one line per value is printed and appended
-to bench/eval_settings.json. `--fix KEY=VALUE` (repeatable) sets another such setting, one value, for every
-evaluation of the sweep. Image AUROC: the map's image score, the map maximum and the
-top-k mean (the detector, if any, is not used).
+to bench/eval_settings.json (or --out; sweeps run side by side take turns through a FILE.lock beside it).
+`--fix KEY=VALUE` (repeatable) sets another such setting, one value, for every evaluation of the sweep.
+Image AUROC: the map's image score, the map maximum and the top-k mean (the detector, if any, is not used).
 """
 
 from __future__ import annotations
