@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from arguments import name_list, positive_int, seed_list
+from resultsfile import locked, read_rows
 from run_bench import rescored
 
 HERE = Path(__file__).resolve().parent
@@ -469,8 +470,7 @@ def main() -> None:
     if not data.is_dir():
         raise SystemExit(f"{data}: the real data is not here; nothing to run")
     out = Path(args.out)
-    old = [] if args.fresh or not out.with_suffix(".json").exists() else \
-        json.loads(out.with_suffix(".json").read_text())["results"]
+    old = [] if args.fresh else read_rows(out.with_suffix(".json"))
     done = {(r["variant"], r["category"], r["seed"], r["steps"]) for r in old
             if not r.get("baseline") and r.get("data", str(DATA)) == str(data)}
     # seed-major, then variant, then category: an interrupted run has covered every category evenly
@@ -484,7 +484,7 @@ def main() -> None:
     phases = [trains, [(",".join(vs), c, s) for (c, s), vs in groups.items()]]
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     command = "python bench/ablation.py " + " ".join(sys.argv[1:])
-    records = list(old)
+    mine: list[dict] = []  # this run's rows: with --fresh, all the file keeps
     lock = threading.Lock()
 
     def child(job: tuple[str, str, int]) -> None:
@@ -499,9 +499,9 @@ def main() -> None:
             return
         lines = proc.stdout.strip().splitlines()[-len(vs.split(",")):]
         new = [{**json.loads(line), "command": command} for line in lines]
-        with lock:
-            records.extend(new)
-            write_tables(out, records, command)
+        with lock, locked(out.with_suffix(".json")):  # merged into the file as it stands (see resultsfile)
+            mine.extend(new)
+            write_tables(out, mine if args.fresh else [*read_rows(out.with_suffix(".json")), *new], command)
         for r in new:
             print(f"{c} {r['variant']} seed {s}: " + " ".join(f"{k} {r[k]:.3f}" for k in KEYS)
                   + f" ({time.perf_counter() - start:.0f} s)", flush=True)

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from resultsfile import locked, read_rows
+
 from anoseg.config import IMAGE_SCORING, MAP_SHAPING
 
 HERE = Path(__file__).resolve().parent
@@ -63,20 +65,11 @@ def parse_values(key: str, texts: str) -> list[Any]:
 
 
 def append_record(out: Path, record: dict) -> None:
-    """Add one row to `out`, read again under an exclusive lock: sweeps run side by side keep each other's rows
-    (each used to write back only the rows it had read at its start), and the file is replaced whole."""
+    """Add one row to `out` as it stands on disk (see resultsfile), the file replaced whole."""
     from anoseg.fileio import write_text_atomic
 
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, still re-read before each write
-        fcntl = None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        records = json.loads(out.read_text())["results"] if out.exists() else []
-        write_text_atomic(out, json.dumps({"results": [*records, record]}, indent=1) + "\n")
+    with locked(out):
+        write_text_atomic(out, json.dumps({"results": [*read_rows(out), record]}, indent=1) + "\n")
 
 
 def main() -> None:

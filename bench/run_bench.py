@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from arguments import name_list, positive_int, seed_list
+from resultsfile import locked, read_rows
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
@@ -328,7 +329,7 @@ def main() -> int:
         return 0
 
     results_file = HERE / "results.json"
-    records = json.loads(results_file.read_text())["results"] if results_file.exists() else []
+    records = read_rows(results_file)  # as the run starts: what --speed adds to, and with which settings
     command = "python bench/run_bench.py " + " ".join(sys.argv[1:])
     jobs = list_jobs(args)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -364,10 +365,12 @@ def main() -> int:
     def child_then_write(job: tuple[str, str, int]) -> None:
         if not child(job):  # nothing new: the files keep what they hold, and who wrote it
             return
-        with lock:  # every finished run is written at once: an interrupted benchmark keeps what it has
-            nonlocal records
-            records = merge_results(records, {k: v for k, v in results.items() if k == job[:2]}, args, command)
-            write_tables(records, command)
+        # every finished run is written at once (an interrupted benchmark keeps what it has), merged into the
+        # file as it stands: another run_bench beside this one keeps its rows
+        with lock, locked(results_file):
+            merged = merge_results(read_rows(results_file), {k: v for k, v in results.items() if k == job[:2]},
+                                   args, command)
+            write_tables(merged, command)
 
     jobs.sort(key=lambda j: (j[2], [c for _, c in CATEGORIES].index(j[1])))  # every category's first seed first
     with ThreadPoolExecutor(args.jobs) as pool:
