@@ -95,9 +95,9 @@ def model_folder(work: Path, dataset: str, category: str, profile: str, seed: in
 def check_reused(saved, wanted, folder: Path) -> None:
     """Refuse a reused model trained with other settings than the profile and --set name: its figures would
     be reported under the wrong recipe. Settings applied after training (maps, thresholds, detector) may differ."""
-    from anoseg.train import LATER, RESUMABLE
+    from anoseg.config import RESUMABLE
 
-    free = {*RESUMABLE, *LATER, "profile", "version", "extra"} - {"steps"}
+    free = {*RESUMABLE, "profile", "version"} - {"steps"}
     old, new = saved.to_dict(), wanted.to_dict()
     differ = [f"{k}={old.get(k)!r} (asked: {v!r})" for k, v in new.items() if k not in free and old.get(k) != v]
     if differ:
@@ -109,9 +109,9 @@ def rescored(model, cfg, folder: Path):
     """A reused `model` with `cfg`'s map and score settings (the profile's as it stands, or --set), its thresholds
     chosen again for them as `anoseg calibrate` does; unchanged where they already match (also bench/ablation.py)."""
     import anoseg
-    from anoseg.train import CALIBRATION
+    from anoseg.config import MAP_SETTINGS
 
-    changed = {k: getattr(cfg, k) for k in CALIBRATION if getattr(model.config, k) != getattr(cfg, k)}
+    changed = {k: getattr(cfg, k) for k in MAP_SETTINGS if getattr(model.config, k) != getattr(cfg, k)}
     return anoseg.calibrate(folder, overrides=changed) if changed else model
 
 

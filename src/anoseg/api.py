@@ -12,8 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from . import train as _train
+from . import calibrate as _calibrate
+from . import detector_training as _detector_training
+from . import training as _training
+from .augment import Augmenter
 from .config import Config, profile_config
 from .data import TrainingImages, folder_test_samples, mvtec_test_samples, train_images
 from .demo import make_demo_dataset
@@ -26,7 +30,7 @@ from .visualize import synthetic_examples_grid
 def train(config: Config, data: str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
           progress: bool = True) -> AnoSegModel:
     """Train on normal images (MVTec category or folder) and save the model to `out`."""
-    return _train.train(config, data, out, resume=resume, overwrite=overwrite, progress=progress)
+    return _training.train(config, data, out, resume=resume, overwrite=overwrite, progress=progress)
 
 
 def train_detector(folder: str | Path, data: str | Path | None = None, *, overrides: dict[str, Any] | None = None,
@@ -36,17 +40,17 @@ def train_detector(folder: str | Path, data: str | Path | None = None, *, overri
     `resume` continues a run that was interrupted (Ctrl-C or a kill) from its checkpoint; `overwrite`
     starts again although such a checkpoint exists.
     """
-    return _train.train_detector(folder, data, overrides, progress=progress, resume=resume, overwrite=overwrite)
+    return _detector_training.train_detector(folder, data, overrides, progress=progress, resume=resume,
+                                             overwrite=overwrite)
 
 
 def calibrate(folder: str | Path, *, overrides: dict[str, Any] | None = None) -> AnoSegModel:
     """Choose a trained model's map and image thresholds again from its held-out normal images.
 
-    No training: `overrides` may change ``threshold_quantile``, ``map_threshold_quantile``, the settings
-    that shape the maps (:data:`anoseg.config.MAP_SHAPING`) and those that make the image score from them
-    (:data:`anoseg.config.IMAGE_SCORING`).
+    No training: `overrides` may change the settings of :data:`anoseg.config.MAP_SETTINGS`, which shape the
+    maps, the image score and the thresholds, not the weights.
     """
-    return _train.recalibrate(folder, overrides)
+    return _calibrate.recalibrate(folder, overrides)
 
 
 def load(folder: str | Path, device: str | None = None) -> AnoSegModel:
@@ -81,8 +85,11 @@ def save_synthetic_examples(config: Config, data: str | Path, path: str | Path, 
     files = train_images(data)[: max(n, 1) * 2]
     images = TrainingImages.load(files, config, progress=False)
     crops = images.crops(np.arange(len(images)), np.random.default_rng([config.seed, 98]))  # as training sees them
-    coarse = None if crops.coarse is None else crops.coarse.numpy()
-    synthetic_examples_grid(Path(path), crops.images.numpy(), config, n, config.seed, coarse)
+    rng = np.random.default_rng([config.seed, 99])
+    idx = torch.from_numpy(rng.choice(len(images), n, replace=len(images) < n))
+    coarse = None if crops.coarse is None else crops.coarse[idx]
+    x, masks = Augmenter.from_config(config)(crops.images[idx].float() / 255.0, rng, coarse)
+    synthetic_examples_grid(Path(path), x.numpy(), masks.numpy())
 
 
 DEMO_STEPS = 800  # the tiny profile learns the demo data in about a minute on 2 cores (pixel AUROC ~0.95)

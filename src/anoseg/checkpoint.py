@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -128,20 +127,6 @@ def resume_weights(folder: Path, state_file: str, legacy: str) -> Path:
 def remove_resume_point(folder: Path, state_file: str, stem: str) -> None:
     for old in [folder / state_file, *folder.glob(f"{stem}*.safetensors"), *temp_files(folder, stem)]:
         old.unlink(missing_ok=True)
-
-
-def pop_threshold(meta: dict, path: Path, key: str) -> float | None:
-    """Take the stored threshold `key` out of a model's metadata; anything but a finite number is refused.
-
-    Files written before thresholds had two names store it as plain ``threshold``; that is read too.
-    """
-    legacy = meta.pop("threshold", None)
-    value = meta.pop(key, legacy)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ModelFileError(f"{path}: {key} {value!r} must be a finite number")
-    return float(value)
 
 
 @contextlib.contextmanager

@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from . import api
-from .config import MAP_SHAPING, PROFILES, Config, parse_setting, profile_config
+from .config import MAP_SETTINGS, PROFILES, Config, parse_setting, profile_config
 from .distributed import is_main_process, shutdown_process_group
 from .errors import ERROR_FILE_ENV, AnosegError, ConfigError
+from .modelfolder import read_config
 
 # Common settings get their own flags; every other Config field is reachable with --set KEY=VALUE.
 TRAIN_FLAGS = {
     "steps": (int, "training iterations"),
     "batch_size": (int, "images per training batch"),
     "image_size": (int, "model input size in pixels (8 times a power of two)"),
-    "lr": (float, "generator learning rate (Adam)"),
+    "lr": (float, "peak learning rate (Adam)"),
     "seed": (int, "random seed; the same seed reproduces a run"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
     "num_threads": (int, "CPU threads for torch (0 = default)"),
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("data", nargs="?", help="normal images (default: the data the model was trained on)")
     td.add_argument("--steps", type=int, help="detector training iterations (setting detector_steps)")
     td.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="detector settings, e.g. --set detector_w_feat=0.1 (see docs/settings.md)")
+                    help="detector settings, e.g. --set detector_lr=1e-4 (see docs/settings.md)")
     td.add_argument("--resume", action="store_true",
                     help="continue an interrupted detector run from its checkpoint (same settings)")
     td.add_argument("--overwrite", action="store_true",
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("calibrate", help="choose a trained model's thresholds again (no training)",
                         description="Choose the image threshold (verdict) and the map threshold (outlined pixels) "
                         "again from the held-out normal images the model lists, e.g. with other quantiles, with "
-                        f"other map settings ({', '.join(MAP_SHAPING)}: they change the maps, not the weights), "
+                        f"other map settings ({', '.join(MAP_SETTINGS)}: they change the maps, not the weights), "
                         "or for a model saved before the map had its own threshold. The detector is kept.")
     ca.add_argument("model", help="trained model folder")
     ca.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace) -> Config:
-    base = Config.load(args.config) if args.config else profile_config(args.profile)
+    base = read_config(args.config) if args.config else profile_config(args.profile)
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     overrides.update(parse_sets(args.set))
     return base.replace(**overrides)

@@ -13,6 +13,7 @@ from PIL import Image
 from .config import Config
 from .errors import DataError
 from .fileio import IMAGE_SUFFIXES, image_files, load_image, load_mask
+from .geometry import Geometry, axis
 from .progress import bar
 
 
@@ -121,21 +122,6 @@ def resize_rgb(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
-def working_shape(height: int, width: int, cfg: Config, short_side: int | None = None) -> tuple[int, int]:
-    """The (height, width) an image of this size has inside the model.
-
-    ``square``: image_size x image_size. ``aspect``: the short side becomes ``short_side`` (the argument,
-    else the setting; image_size when 0) and the long side keeps the aspect ratio (at most ``max_aspect``
-    times the short side), rounded to a multiple of image_size / 8 so that the encoder's halvings come out even.
-    """
-    if cfg.resize_mode == "square":
-        return cfg.image_size, cfg.image_size
-    s, unit = short_side or cfg.first_short_side, cfg.image_size // 8
-    ratio = min(max(height, width) / max(min(height, width), 1), cfg.max_aspect)
-    long = max(s, int(round(s * ratio / unit)) * unit)
-    return (long, s) if height > width else (s, long)
-
-
 class Crops(NamedTuple):
     """A batch of training crops: uint8 B x 3 x S x S images, their B x 2 x S x S coordinates (None when whole),
     and which came from the coarser of two scales (bool B, None with one scale)."""
@@ -154,30 +140,35 @@ class TrainingImages:
     With ``second_short_side`` each image is also kept at that scale, and half of the crops come from it.
     """
 
-    def __init__(self, images: list[np.ndarray], cfg: Config, second: list[np.ndarray] | None = None) -> None:
+    def __init__(self, images: list[np.ndarray], geometry: Geometry, second: list[np.ndarray] | None = None) -> None:
         self.images = images  # uint8 3 x H x W each
         self.second = second  # the same images at the second scale, or None
-        self.cfg = cfg
-        self.size = cfg.image_size
+        self.geometry = geometry
+        self.size = geometry.image_size
         self.all_square = second is None and all(im.shape[1] == im.shape[2] == self.size for im in images)
 
     @classmethod
-    def load(cls, paths: list[Path], cfg: Config, desc: str = "loading", progress: bool = True) -> TrainingImages:
+    def load(cls, paths: list[Path], cfg: Config, desc: str = "loading", progress: bool = True,
+             one_scale: bool = False) -> TrainingImages:
+        """The images at the working shape of each scale (of the first only with `one_scale`)."""
+        geometry = Geometry.from_config(cfg)
         images: list[np.ndarray] = []
-        second: list[np.ndarray] | None = [] if cfg.second_short_side else None
+        second: list[np.ndarray] | None = [] if geometry.second_short_side and not one_scale else None
         for p in bar(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50):
             im = load_image(p)
-            images.append(_chw(resize_rgb(im, working_shape(*im.shape[:2], cfg))))
+            images.append(_chw(resize_rgb(im, geometry.working_shape(*im.shape[:2]))))
             if second is not None:
-                second.append(_chw(resize_rgb(im, working_shape(*im.shape[:2], cfg, cfg.second_short_side))))
-        return cls(images, cfg, second)
+                second.append(_chw(resize_rgb(im, geometry.working_shape(*im.shape[:2], geometry.second_short_side))))
+        if one_scale:
+            geometry = Geometry(geometry.image_size, geometry.resize_mode)
+        return cls(images, geometry, second)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, indices: np.ndarray) -> TrainingImages:
         second = None if self.second is None else [self.second[i] for i in indices]
-        return TrainingImages([self.images[i] for i in indices], self.cfg, second)
+        return TrainingImages([self.images[i] for i in indices], self.geometry, second)
 
     def crops(self, indices: np.ndarray, rng: np.random.Generator) -> Crops:
         """Random image_size crops of the given images (the whole images in square mode)."""
@@ -186,31 +177,16 @@ class TrainingImages:
             return Crops(torch.from_numpy(np.stack([self.images[i] for i in indices])))
         crops, coords, from_second = [], [], []
         for i in indices:
-            # one scale only draws nothing here, so its random stream is what it was before second scales
             from_second.append(self.second is not None and rng.random() < 0.5)
             im = self.second[i] if from_second[-1] else self.images[i]
             h, w = im.shape[1:]
-            top, left = self._offset(h, rng), self._offset(w, rng)
+            top, left = int(rng.integers(h - s + 1)), int(rng.integers(w - s + 1))
             crops.append(im[:, top:top + s, left:left + s])
-            ys = (np.arange(h, dtype=np.float32) * 2.0 / max(h - 1, 1) - 1.0)[top:top + s]  # as models.coord_channels
-            xs = (np.arange(w, dtype=np.float32) * 2.0 / max(w - 1, 1) - 1.0)[left:left + s]
-            coords.append(np.stack([np.broadcast_to(xs[None, :], (s, s)), np.broadcast_to(ys[:, None], (s, s))]))
-        coarse = None
-        if self.second is not None:  # the second scale is the coarser one when its short side is the smaller
-            second_coarser = self.cfg.second_short_side < self.cfg.first_short_side
-            coarse = torch.tensor(from_second) == second_coarser
-        return Crops(torch.from_numpy(np.stack(crops)), torch.from_numpy(np.stack(coords)), coarse)
-
-    def _offset(self, length: int, rng: np.random.Generator) -> int:
-        """A crop's first row or column. Uniform offsets put a side's outermost pixels in a crop far less often
-        than the middle ones (1 in 193 crops against 2 in 3 for a 320 px side), so the map learns little about
-        them; ``crop_overhang`` draws the offset from a range that reaches that share of a crop beyond each
-        side and clamps it, which moves crops onto the sides."""
-        span = length - self.size + 1
-        over = round(self.cfg.crop_overhang * self.size)
-        if not over:
-            return int(rng.integers(span))  # the draws of models trained before the setting
-        return int(np.clip(rng.integers(-over, span + over), 0, span - 1))
+            ys, xs = axis(h)[top:top + s], axis(w)[left:left + s]
+            coords.append(torch.stack([xs[None, :].expand(s, s), ys[:, None].expand(s, s)]))
+        # the second scale has the longer short side: crops of the first see more of the image, coarser
+        coarse = None if self.second is None else ~torch.tensor(from_second)
+        return Crops(torch.from_numpy(np.stack(crops)), torch.stack(coords), coarse)
 
 
 def _chw(image: np.ndarray) -> np.ndarray:

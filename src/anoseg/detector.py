@@ -5,7 +5,7 @@ image; its discriminator judges pairs, real = (normal image, all-normal mask) ag
 (reconstruction, AnoSeg's map), and has an auxiliary head that tells normal images from
 hard-augmented synthetic anomalies. Trained on normal images only. Score at test time:
 
-    score = w_mse * MSE(real pair, fake pair) + w_feat * || f(real pair) - f(fake pair) ||
+    score = W_MSE * MSE(real pair, fake pair) + W_FEAT * || f(real pair) - f(fake pair) ||
 
 with f the discriminator's penultimate layer (flattened) and the norm the L2 norm.
 """
@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_json, load_module, load_tensors, module_state, pop_threshold, save_json, save_tensors
+from .checkpoint import load_json, load_module, load_tensors, module_state, save_json, save_tensors
 from .config import Config
-from .modelfolder import DETECTOR_META, DETECTOR_WEIGHTS
-from .models import Decoder, Discriminator, Encoder, stage_channels, use_memory_format
+from .modelfolder import DETECTOR_META, DETECTOR_WEIGHTS, pop_threshold
+from .models import Decoder, Discriminator, Encoder, channels_last, stage_channels
+
+W_MSE, W_FEAT = 1.0, 0.1  # the paper's weights of the score's two terms (appendix A)
 
 
 class DetectorGenerator(nn.Module):
@@ -31,15 +33,14 @@ class DetectorGenerator(nn.Module):
         widths = stage_channels(cfg)
         self.encoder = Encoder(4, widths)
         self.decoder = Decoder(widths, 3, 4, skips=False)
-        use_memory_format(self, cfg)
+        channels_last(self)
 
     def forward(self, image: torch.Tensor, amap: torch.Tensor) -> torch.Tensor:
         x = torch.cat([image, amap * 2.0 - 1.0], dim=1)
         return torch.tanh(self.decoder(self.encoder(x), x))
 
 
-def pair_scores(disc: Discriminator, image: torch.Tensor, recon: torch.Tensor, amap: torch.Tensor,
-                w_mse: float, w_feat: float) -> torch.Tensor:
+def pair_scores(disc: Discriminator, image: torch.Tensor, recon: torch.Tensor, amap: torch.Tensor) -> torch.Tensor:
     """Per-image detector score: the real pair is (image, all-normal mask), the fake pair (recon, map)."""
     normal = torch.zeros_like(amap)
     real = torch.cat([image, normal * 2.0 - 1.0], dim=1)
@@ -48,7 +49,7 @@ def pair_scores(disc: Discriminator, image: torch.Tensor, recon: torch.Tensor, a
     _, f_real = disc(image, normal)
     _, f_fake = disc(recon, amap)
     feat = (f_real - f_fake).flatten(1).norm(dim=1)
-    return w_mse * mse + w_feat * feat
+    return W_MSE * mse + W_FEAT * feat
 
 
 class Detector:
@@ -68,7 +69,7 @@ class Detector:
         self.generator.eval()
         self.discriminator.eval()
         recon = self.generator(x, amap)
-        return pair_scores(self.discriminator, x, recon, amap, self.cfg.detector_w_mse, self.cfg.detector_w_feat)
+        return pair_scores(self.discriminator, x, recon, amap)
 
     # --- persistence -----------------------------------------------------------------------
     def save(self, folder: Path) -> None:

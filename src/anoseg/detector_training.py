@@ -7,6 +7,7 @@ uses without importing any of this (nor the synthetic anomalies).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import make_batch
+from .augment import Augmenter
+from .calibrate import calibrate, holdout_split
 from .checkpoint import (
     deferred_interrupt,
     load_json,
@@ -27,14 +29,18 @@ from .checkpoint import (
     resume_weights,
     save_resume_point,
 )
+from .data import TrainingImages, train_images
 from .detector import Detector
 from .errors import AnosegError, ConfigError, ModelFileError
-from .modelfolder import DETECTOR_CKPT_STATE, DETECTOR_CKPT_STEM
+from .inference import AnoSegModel
+from .modelfolder import CONFIG_FILE, DETECTOR_CKPT_STATE, DETECTOR_CKPT_STEM, DETECTOR_META, DETECTOR_WEIGHTS
 from .progress import bar
 
+# the paper's loss weights (appendix A): adversarial, reconstruction, synthetic-anomaly classification, feature matching
+LAMBDA_ADV, LAMBDA_REC, LAMBDA_CLS, LAMBDA_FM = 1.0, 10.0, 1.0, 1.0
+BETAS = (0.5, 0.999)
 # settings a resumed detector run must share with its checkpoint (detector_steps may grow: train longer)
-RESUME_KEYS = ("seed", "batch_size", "detector_batch_size", "detector_lr", "detector_lambda_adv", "detector_lambda_rec",
-               "detector_lambda_cls", "detector_lambda_fm", "beta1", "beta2")
+RESUME_KEYS = ("seed", "detector_batch_size", "detector_lr")
 SAVED_KEYS = (*RESUME_KEYS, "detector_steps")  # what a checkpoint records; a resumed run starts from these
 
 
@@ -63,19 +69,19 @@ def fit_detector(det: Detector, anoseg_map: Callable[[torch.Tensor], torch.Tenso
     cfg = det.cfg
     det.generator.train()
     det.discriminator.train()
-    opt_g = torch.optim.Adam(det.generator.parameters(), lr=cfg.detector_lr, betas=(cfg.beta1, cfg.beta2))
-    opt_d = torch.optim.Adam(det.discriminator.parameters(), lr=cfg.detector_lr, betas=(cfg.beta1, cfg.beta2))
+    opt_g = torch.optim.Adam(det.generator.parameters(), lr=cfg.detector_lr, betas=BETAS)
+    opt_d = torch.optim.Adam(det.discriminator.parameters(), lr=cfg.detector_lr, betas=BETAS)
+    augment = Augmenter.from_config(cfg, anomaly_ratio=1.0)  # synthetic anomalies feed the auxiliary classifier only
     step, before = load_checkpoint(folder, det, opt_g, opt_d) if resume and folder is not None else (0, 0.0)
     start = time.perf_counter()
     progress_bar = bar(range(step, cfg.detector_steps), desc="training detector", disable=not progress)
-    batch = cfg.detector_batch_size or cfg.batch_size
+    batch = cfg.detector_batch_size
     with deferred_interrupt() as interrupted:
         for step in progress_bar:
             rng = np.random.default_rng([cfg.seed, step, 2])
             idx = rng.choice(len(images), batch, replace=len(images) < batch)
             x01 = images[torch.from_numpy(idx)].float() / 255.0
-            # synthetic anomalies only feed the auxiliary classifier, never the "real" class
-            syn01, syn_mask = make_batch(x01, cfg.replace(anomaly_ratio=1.0), rng)
+            syn01, syn_mask = augment(x01, rng)
             _detector_step(det, anoseg_map, x01, syn01, syn_mask, opt_g, opt_d, step)
             done = step + 1
             stop = interrupted()
@@ -143,7 +149,7 @@ def remove_checkpoint(folder: Path) -> None:
 
 def _detector_step(det: Detector, anoseg_map, x01: torch.Tensor, syn01: torch.Tensor, syn_mask: torch.Tensor,
                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, step: int) -> None:
-    cfg, bce = det.cfg, F.binary_cross_entropy_with_logits
+    bce = F.binary_cross_entropy_with_logits
     is_syn = (syn_mask.flatten(1).amax(1) > 0).long().to(det.device)
     x, syn = x01.to(det.device) * 2 - 1, syn01.to(det.device) * 2 - 1
     with torch.no_grad():
@@ -158,7 +164,7 @@ def _detector_step(det: Detector, anoseg_map, x01: torch.Tensor, syn01: torch.Te
     cls_logits = det.discriminator.classify(torch.cat([f_norm, f_syn]))
     cls_target = torch.cat([torch.zeros_like(is_syn), is_syn])
     loss_d = bce(real_logit, torch.ones_like(real_logit)) + bce(fake_logit, torch.zeros_like(fake_logit)) \
-        + cfg.detector_lambda_cls * F.cross_entropy(cls_logits, cls_target)
+        + LAMBDA_CLS * F.cross_entropy(cls_logits, cls_target)
     _finite_or_stop(loss_d, step)
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
@@ -167,10 +173,58 @@ def _detector_step(det: Detector, anoseg_map, x01: torch.Tensor, syn01: torch.Te
     fake_logit, f_fake = det.discriminator(recon, amap)
     with torch.no_grad():
         _, f_real = det.discriminator(x, normal)
-    loss_g = cfg.detector_lambda_adv * bce(fake_logit, torch.ones_like(fake_logit)) \
-        + cfg.detector_lambda_rec * (recon - x).abs().mean() \
-        + cfg.detector_lambda_fm * (f_real.mean(0) - f_fake.mean(0)).pow(2).mean()
+    loss_g = LAMBDA_ADV * bce(fake_logit, torch.ones_like(fake_logit)) \
+        + LAMBDA_REC * (recon - x).abs().mean() \
+        + LAMBDA_FM * (f_real.mean(0) - f_fake.mean(0)).pow(2).mean()
     _finite_or_stop(loss_g, step)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
+
+
+def remove_detector(folder: Path) -> None:
+    """A detector belongs to the generator it was trained on: drop it when the generator changes."""
+    stale = [folder / DETECTOR_WEIGHTS, folder / DETECTOR_META, folder / DETECTOR_CKPT_STATE]
+    if any(p.exists() for p in stale):
+        warnings.warn(f"{folder}: the AnoSeg model changes, so its detector is removed; "
+                      "train a new one with train-detector", stacklevel=3)
+        for p in stale:
+            p.unlink(missing_ok=True)
+    remove_checkpoint(folder)  # a detector run's resume point, and weights a kill left without their JSON
+
+
+def train_detector(folder: str | Path, data: str | Path | None = None, overrides: dict | None = None,
+                   progress: bool = True, resume: bool = False, overwrite: bool = False) -> AnoSegModel:
+    """Train the anomaly detector (paper section 3.4) for the AnoSeg model in `folder` and save it there.
+
+    Uses the same normal training images and the same held-out split as the AnoSeg model. It checkpoints
+    like AnoSeg training: `resume` continues an interrupted run; a run's checkpoint is never replaced
+    unless `overwrite` is given.
+    """
+    folder = Path(folder)
+    model = AnoSegModel.load(folder)
+    # resuming: the interrupted run's settings, unless given again (a different value is refused later)
+    earlier = checkpoint_settings(folder) if resume else {}
+    cfg = model.config.replace(**{**earlier, **(overrides or {})})
+    model.config = cfg
+    if (folder / DETECTOR_CKPT_STATE).is_file() and not (resume or overwrite):
+        raise AnosegError(f"{folder}: an interrupted detector run left a checkpoint; continue it with --resume "
+                          "or start again with --overwrite")
+    data = data if data is not None else model.meta.get("data")
+    if data is None:
+        raise AnosegError(f"{folder}: the model does not record its training data; give DATA")
+    files = train_images(data)
+    train_idx, hold_idx = holdout_split(len(files), cfg)
+    images = TrainingImages.load(files, cfg, desc="loading images", progress=progress, one_scale=True).subset(train_idx)
+    # the detector trains on one fixed crop per image (the whole image in square mode), at the first scale:
+    # at inference it sees the first scale's input with the map of all scales
+    images = images.crops(np.arange(len(images)), np.random.default_rng([cfg.seed, 3]))[0]
+    detector = new_detector(cfg, model.device)
+    seconds = fit_detector(detector, model.crop_raw_maps, images, progress=progress, folder=folder, resume=resume)
+    model.detector = detector
+    detector.meta = {"train_seconds": round(seconds, 2), "steps_done": cfg.detector_steps, "data": str(data)}
+    calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])
+    cfg.save(folder / CONFIG_FILE)
+    detector.save(folder)
+    remove_checkpoint(folder)  # the detector is written: its resume point is no longer needed
+    return model

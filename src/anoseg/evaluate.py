@@ -149,7 +149,7 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
         "metrics": compute_metrics(maps, masks, labels, preds, t_map, t_img, curves),
         "map_threshold": t_map,
         "image_threshold": t_img,
-        "image_score": "detector" if model.detector is not None else map_score_name(model.config),
+        "image_score": "detector" if model.detector is not None else model.scorer.describe(),
         "n_images": len(samples),
         "n_defect": int(labels.sum()),
         "per_defect_type": per_defect_type(samples, maps, masks, preds),
@@ -163,12 +163,6 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
         write_text_atomic(out / "scores.csv", _scores_csv(samples, preds, t_img))
         _plots(out, maps, masks, curves, result["metrics"])
     return result
-
-
-def map_score_name(cfg) -> str:
-    """What the map's image score is, in words (metrics.json's `image_score`)."""
-    w = cfg.image_score_topk_weight
-    return "map maximum" if w == 0 else f"map: {1 - w:g} x maximum + {w:g} x top-{cfg.topk_fraction:g} mean"
 
 
 def _scores_csv(samples: list[Sample], preds: list[Prediction], threshold: float | None) -> str:

@@ -11,8 +11,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,13 @@ from .checkpoint import load_json
 from .config import Config
 from .errors import AnosegError, ModelFileError
 from .fileio import _write_atomic, make_output_dir, write_text_atomic
-from .inference import AnoSegModel, Prediction, by_working_shape, map_image_scores, model_input, predictions_from_maps
+from .geometry import MAX_ASPECT, Geometry
+from .inference import AnoSegModel, Prediction, by_working_shape, model_input, predictions_from_maps
+from .scoring import TOPK_FRACTION, ImageScorer
 
 RESIZE_DOC = {
     "square": "square, bilinear, to image_size x image_size (aspect ratio not kept)",
-    "aspect": "bilinear, short side to short_side (image_size when 0), long side to keep the aspect ratio "
+    "aspect": "bilinear, short side to image_size, long side to keep the aspect ratio "
               "(at most max_aspect times the short side), rounded to a multiple of image_size / 8; images of one "
               "batch must share that shape",
 }
@@ -50,13 +51,11 @@ class ExportGraph(nn.Module):
         self.detector_nets = nn.ModuleList([det.generator, det.discriminator] if det is not None else [])
 
     def forward(self, image: torch.Tensor, image2: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        raw, maps = self.model.fused_maps([image] if image2 is None else [image, image2])
+        # an ONNX graph holds fp32 operators only: traced under bf16 autocast, it would feed bfloat16 tensors to
+        # Conv, which ONNX Runtime refuses
+        raw, maps = self.model.fused_maps([image] if image2 is None else [image, image2], precision="fp32")
         maps = maps.clamp(0.0, 1.0)
-        cfg = self.model.config
-        weight = cfg.image_score_topk_weight
-        score = (map_image_scores(maps, cfg.topk_fraction, weight, exportable=True)[0] if weight
-                 else maps.flatten(1).amax(1))
-        outputs = (maps, score)
+        outputs = (maps, self.model.scorer(maps, exportable=True)[0])
         if self.model.detector is not None:
             outputs += (self.model.detector.score(image, raw),)
         return outputs
@@ -93,30 +92,15 @@ def example_inputs(cfg: Config, batch: int | None) -> tuple[tuple[torch.Tensor, 
     if cfg.resize_mode == "square":
         return (torch.zeros(n, 3, cfg.image_size, cfg.image_size),), ((batch_dim,) if batch_dim else None)
     unit = cfg.image_size // 8  # whole images of any working shape: multiples of image_size / 8
-    sides = [cfg.first_short_side] + ([cfg.second_short_side] if cfg.second_short_side else [])
     examples, dynamic = [], []
-    for i, side in enumerate(sides):
-        most = int(side // unit * cfg.max_aspect) + 1
+    for i, side in enumerate(cfg.scales):
+        most = int(side // unit * MAX_ASPECT) + 1
         tag = "" if i == 0 else str(i + 1)
         # sides that differ from each other and from the other input's: no shape gets fixed by chance
         examples.append(torch.zeros(n, 3, 2 * side + 2 * i * unit, side + (1 + 2 * i) * unit))
         dynamic.append({**batch_dim, 2: unit * torch.export.Dim(f"rows{tag}", min=8, max=most),
                         3: unit * torch.export.Dim(f"cols{tag}", min=8, max=most)})
     return tuple(examples), tuple(dynamic)
-
-
-@contextmanager
-def computing_in_fp32(model: AnoSegModel) -> Iterator[AnoSegModel]:
-    """The model with `precision` fp32 for a while: an ONNX graph holds fp32 operators only.
-
-    Traced under bf16 autocast, the graph would feed bfloat16 tensors to Conv, which ONNX Runtime refuses.
-    """
-    saved = model.config
-    model.config = saved.replace(precision="fp32")
-    try:
-        yield model
-    finally:
-        model.config = saved
 
 
 def output_names(model: AnoSegModel) -> list[str]:
@@ -152,8 +136,7 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
         quiet.setLevel(level)
 
     try:
-        with computing_in_fp32(model):
-            _write_atomic(out / ONNX_FILE, write)
+        _write_atomic(out / ONNX_FILE, write)
     finally:
         graph.to(model.device)
     t_map, t_img = model.thresholds()
@@ -174,8 +157,7 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
                        if model.detector is not None else {})},
         "image_size": cfg.image_size,
         "resize_mode": cfg.resize_mode,
-        "max_aspect": cfg.max_aspect,
-        "short_side": cfg.short_side,
+        "max_aspect": MAX_ASPECT,
         **({"second_input": {"name": "image2", "shape": [batch or "batch", 3, "height2", "width2"],
                              "resize": SECOND_RESIZE_DOC}, "second_short_side": cfg.second_short_side}
            if cfg.second_short_side else {}),
@@ -183,7 +165,7 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
         "map_threshold": t_map,
         "score_output": "detector_score" if model.detector is not None else "map_score",
         "image_threshold": t_img,
-        "topk_fraction": cfg.topk_fraction,
+        "topk_fraction": TOPK_FRACTION,
         "image_score_topk_weight": cfg.image_score_topk_weight,
         "precision": "fp32",  # a bf16 model's graph computes in fp32: its maps differ by bf16's rounding
         "opset": file_opset(out / ONNX_FILE),  # what the file holds, not what was asked
@@ -216,10 +198,13 @@ class OnnxModel:
             raise ModelFileError(f"{folder / ONNX_FILE}: cannot load the ONNX model ({e})") from None
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.size = int(self.meta["image_size"])
-        self.geometry = Config(image_size=self.size, resize_mode=self.meta.get("resize_mode", "square"),
-                               max_aspect=float(self.meta.get("max_aspect", 4.0)),
-                               short_side=int(self.meta.get("short_side", 0)),
-                               second_short_side=int(self.meta.get("second_short_side", 0)))
+        self.geometry = Geometry(self.size, self.meta.get("resize_mode", "square"),
+                                 int(self.meta.get("second_short_side", 0)))
+        retired = {"short_side": (0, self.size), "max_aspect": (MAX_ASPECT,), "topk_fraction": (TOPK_FRACTION,)}
+        if any(self.meta.get(k, same[0]) not in same for k, same in retired.items()):
+            raise ModelFileError(f"{folder / ONNX_META}: exported by an older anoseg with a geometry or score this "
+                                 "version does not reproduce (short_side, max_aspect, topk_fraction); export it again")
+        self.scorer = ImageScorer(float(self.meta.get("image_score_topk_weight", 0.0)))
         # "threshold": the image threshold's name in sidecars written before the two had their own names
         self.image_threshold = self.meta.get("image_threshold", self.meta.get("threshold"))
         self.map_threshold = self.meta.get("map_threshold")
@@ -227,7 +212,8 @@ class OnnxModel:
     def run(self, x: np.ndarray, *second: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs for a normalised batch (B x 3 x H x W float32 in [-1, 1]), and for two-scale models the
         same images at the second scale."""
-        feed = {name: a.astype(np.float32, copy=False) for name, a in zip(input_names(self.geometry), (x, *second))}
+        names = ["image", "image2"][:len(self.geometry.scales)]
+        feed = {name: a.astype(np.float32, copy=False) for name, a in zip(names, (x, *second))}
         return dict(zip(self.outputs, self.session.run(None, feed)))
 
     def maps_for_batch(self, images: list[np.ndarray]) -> list[Prediction]:
@@ -238,8 +224,7 @@ class OnnxModel:
 
     def _maps_same_shape(self, images: list[np.ndarray], shapes: tuple[tuple[int, int], ...]) -> list[Prediction]:
         res = self.run(*(model_input(images, shape) for shape in shapes))
-        return predictions_from_maps(torch.from_numpy(res["map"]), images, self.meta["topk_fraction"],
-                                     res.get("detector_score"), self.meta.get("image_score_topk_weight", 0.0))
+        return predictions_from_maps(torch.from_numpy(res["map"]), images, self.scorer, res.get("detector_score"))
 
 
 def check_export(model: AnoSegModel, folder: str | Path, n: int = 2, seed: int = 0) -> float:
@@ -251,8 +236,7 @@ def check_export(model: AnoSegModel, folder: str | Path, n: int = 2, seed: int =
     rng = np.random.default_rng(seed)
     count = runner.meta.get("batch") or n
     images = [rng.integers(0, 256, (96 + 13 * i, 120, 3), dtype=np.uint8) for i in range(count)]
-    with computing_in_fp32(model):
-        ours = model.maps_for_batch(images)
+    ours = model.maps_for_batch(images, precision="fp32")
     theirs = runner.maps_for_batch(images)
     return max(float(np.abs(a.anomaly_map - b.anomaly_map).max()) for a, b in zip(ours, theirs))
 

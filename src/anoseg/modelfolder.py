@@ -1,27 +1,53 @@
-"""The trained-model folder: the one place that names its files, and the thresholds a model carries.
+"""The trained-model folder: the one place that names its files and reads what older versions wrote there.
 
 A model folder holds ``config.json`` (all settings), ``model.safetensors`` + ``model.json`` (generator
-weights; threshold and metadata), while training ``checkpoint.json`` + ``checkpoint-<step>.safetensors``
+weights; thresholds and metadata), while training ``checkpoint.json`` + ``checkpoint-<step>.safetensors``
 and ``train_log.csv``, and with an anomaly detector ``detector.safetensors`` + ``detector.json`` (while it
 trains, ``detector-checkpoint.json`` + ``detector-checkpoint-<step>.safetensors``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
 from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_json
+from .config import Config
+from .errors import ConfigError, ModelFileError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # written last: its presence marks a finished model
 META_FILE = "model.json"
 CKPT_STEM = "checkpoint"  # checkpoint weights are <stem>-<step>.safetensors, named by the state JSON
-CKPT_WEIGHTS = "checkpoint.safetensors"  # the name older checkpoints used; new ones add the step
+CKPT_WEIGHTS = "checkpoint.safetensors"  # the one fixed name of checkpoints written by anoseg before 0.1
 CKPT_STATE = "checkpoint.json"
 LOG_FILE = "train_log.csv"
 DETECTOR_WEIGHTS = "detector.safetensors"
 DETECTOR_META = "detector.json"
 DETECTOR_CKPT_STEM = "detector-checkpoint"  # while the detector trains: its resume point, named the same way
 DETECTOR_CKPT_STATE = "detector-checkpoint.json"
+
+# Settings older configurations hold that are now fixed: the value today's code behaves as. A saved value that
+# differs cannot be reproduced: in a setting that shapes a trained model's maps it is refused on load, in one
+# that only shaped training it is refused on resume.
+RETIRED_FOR_MAPS: dict[str, Any] = {
+    "seg_skips_drop_fine": 0, "map_sees_residual": False, "short_side": 0, "max_aspect": 4.0, "tta_flips": "none",
+    "peak_sigma": 2.0, "topk_fraction": 0.01, "detector_w_mse": 1.0, "detector_w_feat": 0.1,
+}
+RETIRED_FOR_TRAINING: dict[str, Any] = {
+    "crop_overhang": 0.0, "crack_contrast_min": 0.4, "crack_points_max": 240, "crack_turn_min": 0.02,
+    "crack_soft": True, "region_shapes": ["rect", "ellipse", "scar"], "p_rotate": 0.5, "p_permute": 0.5,
+    "p_jitter": 0.5, "permute_grid": 4, "jitter_strength": 0.4, "streak_own_grain": 1.0, "streak_band": 0.0,
+    "streak_region_max": 0.0, "edge_feather": 0, "beta1": 0.5, "beta2": 0.999, "seg_defect_inset": 0,
+    "seg_dice_weight": 0.0, "seg_label_smoothing": 0.0, "focal_gamma": 2.0, "lambda_seg": 10.0, "ema_warmup": 10,
+    "train_augment_flip": False, "holdout_min": 2, "detector_lambda_adv": 1.0, "detector_lambda_rec": 10.0,
+    "detector_lambda_cls": 1.0, "detector_lambda_fm": 1.0,
+}
+# No effect on what a model computes (robustness limits, memory order, free notes): dropped.
+RETIRED_QUIETLY = ("max_rollbacks", "rollback_lr_factor", "collapse_d_loss", "collapse_patience", "channels_last",
+                   "extra")
 
 
 def is_finished(folder: Path) -> bool:
@@ -32,17 +58,71 @@ def has_checkpoint(folder: Path) -> bool:
     return (Path(folder) / CKPT_STATE).is_file()
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """The two decision thresholds of a model; one name, one meaning.
+def read_config(path: str | Path, for_training: bool = False) -> Config:
+    """A saved config.json, converted from the form older versions wrote (see :func:`upgrade_settings`)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise ConfigError(f"{path}: cannot read the configuration ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: configuration must be a JSON object")
+    try:
+        return Config.from_dict(upgrade_settings(data, for_training))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
-    `map` outlines defect pixels (map values above it); `image` decides the verdict on the image score (the
-    detector's score when there is a detector, else the map's image score; models saved before the two had
-    their own values use `map` for both).
+
+def upgrade_settings(data: dict[str, Any], for_training: bool = False) -> dict[str, Any]:
+    """Settings of an older config.json in today's form: retired settings whose saved value today's code
+    reproduces are dropped, "0 means inherit" values are made explicit; anything else is refused."""
+    data = dict(data)
+    if data.get("detector_batch_size") == 0:
+        data["detector_batch_size"] = data.get("batch_size", 16)
+    if data.get("coarse_region_max") == 0:
+        data["coarse_region_max"] = data.get("region_max", 0.25)
+    lr_d = data.pop("lr_d", data.get("lr"))
+    fixed = {**RETIRED_FOR_MAPS, **(RETIRED_FOR_TRAINING if for_training else {})}
+    if for_training and lr_d != data.get("lr"):
+        raise ConfigError(_refusal("lr_d", lr_d, "the discriminator now trains at lr"))
+    for name in [*RETIRED_FOR_MAPS, *RETIRED_FOR_TRAINING, *RETIRED_QUIETLY]:
+        if name in data:
+            value = data.pop(name)
+            same = value == fixed.get(name) or (name == "short_side" and value == data.get("image_size"))
+            if name in fixed and not same:
+                raise ConfigError(_refusal(name, value, f"today's anoseg behaves as {name}={fixed[name]!r}"))
+    return data
+
+
+def _refusal(name: str, value: Any, why: str) -> str:
+    return (f"saved by an older anoseg with {name}={value!r}, a setting that no longer exists ({why}); "
+            "train the model again with this version")
+
+
+def pop_threshold(meta: dict, path: Path, key: str) -> float | None:
+    """Take the stored threshold `key` out of a model's metadata; anything but a finite number is refused.
+
+    Files written before thresholds had two names store it as plain ``threshold``; that is read too.
     """
+    legacy = meta.pop("threshold", None)
+    value = meta.pop(key, legacy)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelFileError(f"{path}: {key} {value!r} must be a finite number")
+    return float(value)
 
-    map: float | None
-    image: float | None
 
-    def __iter__(self):  # t_map, t_img = model.thresholds()
-        return iter((self.map, self.image))
+def read_model_meta(folder: Path) -> tuple[dict, float | None, float | None]:
+    """model.json: (metadata, map threshold, threshold of the map's image score). Models saved before the two
+    thresholds had their own values use the map threshold for both."""
+    path = Path(folder) / META_FILE
+    meta = load_json(path) if path.exists() else {}
+    map_threshold = pop_threshold(dict(meta), path, "map_threshold")
+    score_threshold = pop_threshold(meta, path, "map_score_threshold")
+    meta.pop("map_threshold", None)
+    return meta, map_threshold, map_threshold if score_threshold is None else score_threshold

@@ -33,8 +33,8 @@ from .fileio import (
     write_text_atomic,
 )
 from .inference import AnoSegModel, Prediction
-from .modelfolder import Thresholds
 from .progress import bar as progress_bar
+from .scoring import Thresholds
 from .visualize import save_map_png16, save_overlay
 
 RESULT_FIELDS = ["path", "score", "verdict", "image_threshold", "map_score", "max_score", "topk_score",

@@ -24,7 +24,7 @@ from PIL import Image
 from .errors import AnosegError, DataError, ImageError, OutputError
 from .fileio import load_image_bytes, make_output_dir, safe_name, write_bytes_atomic
 from .inference import AnoSegModel
-from .modelfolder import Thresholds
+from .scoring import Thresholds
 from .visualize import map_to_uint8, overlay
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
@@ -85,7 +85,6 @@ class Inspector:
         self.slots = threading.BoundedSemaphore(settings.max_concurrent)
         self.map_threshold, self.image_threshold = model.thresholds()
         # the map's image score: its maximum, or that blended with its top-k mean (image_score_topk_weight)
-        self.map_score_kind = "map_max" if model.config.image_score_topk_weight == 0 else "map_blend"
         if settings.save_uploads:
             check_writable(Path(settings.save_uploads))
 
@@ -111,7 +110,7 @@ class Inspector:
         h, w = image.shape[:2]
         result: dict[str, Any] = {
             **pred.to_record(Thresholds(self.map_threshold, self.image_threshold)),
-            "score_kind": "detector" if pred.detector_score is not None else self.map_score_kind, "map_size": [w, h],
+            "score_kind": "detector" if pred.detector_score is not None else self.model.scorer.kind, "map_size": [w, h],
             "defect_fraction": None if self.map_threshold is None else
             round(float((pred.anomaly_map > self.map_threshold).mean()), 6), **saved,
         }

@@ -142,21 +142,12 @@ def plot_pro(path: Path, fpr: np.ndarray, pro: np.ndarray, limit: float, area: f
     save_figure(path, fig)
 
 
-def synthetic_examples_grid(path: Path, images: np.ndarray, cfg, n: int = 16, seed: int = 0,
-                            coarse: np.ndarray | None = None) -> None:
-    """Save what training sees: synthetic anomalies (outlined) and normal images, from uint8 N x 3 x S x S
-    (`coarse`: which came from the coarser of two scales, whose regions may be larger)."""
-    import torch
-
-    from .augment import make_batch
-
-    rng = np.random.default_rng([seed, 99])
-    idx = rng.choice(len(images), n, replace=len(images) < n)
-    x, masks = make_batch(torch.from_numpy(images[idx]).float() / 255.0, cfg, rng,
-                          None if coarse is None else torch.from_numpy(coarse[idx]))
+def synthetic_examples_grid(path: Path, images: np.ndarray, masks: np.ndarray) -> None:
+    """Save what training sees: images (float N x 3 x S x S in [0, 1]) with their synthetic anomalies outlined
+    (masks N x 1 x S x S, 1 = defect)."""
     tiles = []
-    for img, m in zip(x, masks):
-        tile = (img.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        tile[outline(m[0].numpy() > 0.5, 1)] = OUTLINE_RGB
+    for img, m in zip(images, masks):
+        tile = (img.transpose(1, 2, 0) * 255).astype(np.uint8)
+        tile[outline(m[0] > 0.5, 1)] = OUTLINE_RGB
         tiles.append(tile)
-    save_grid(path, tiles, columns=int(np.ceil(np.sqrt(n))))
+    save_grid(path, tiles, columns=int(np.ceil(np.sqrt(len(tiles)))))
