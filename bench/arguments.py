@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def seed_list(text: str) -> list[int]:
@@ -37,3 +38,14 @@ def name_list(text: str, known: list[str], what: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; "
                                          f"choose from {', '.join(known)}")
     return names
+
+
+def recorded_command(script: str, argv: list[str]) -> str:
+    """The command line as a results file records it: folders of this machine become placeholders (DATA for the
+    data root, RUNS/NAME for any other absolute path), so that the line runs anywhere."""
+    def placeholder(arg: str) -> str:
+        if not os.path.isabs(arg):
+            return arg
+        return "DATA" if arg.rstrip("/").endswith("shared/data") else f"RUNS/{os.path.basename(arg.rstrip('/'))}"
+
+    return " ".join(["python", f"bench/{script}", *map(placeholder, argv)])

@@ -1,11 +1,11 @@
 """Evaluate trained models again with other map settings (evaluation only, no training).
 
-    python bench/eval_settings.py --set tta_flips=none,h,hv MODEL=DATA [MODEL=DATA ...]
+    python bench/eval_settings.py --set peak_boost=0,2,4 MODEL=DATA [MODEL=DATA ...]
     python bench/eval_settings.py --set broad_weight=0,0.25 --fix broad_sigma=12 MODEL=DATA
 
 MODEL is a trained model folder, DATA its MVTec-layout category folder. For each value of the one
-setting (one of anoseg.config.MAP_SHAPING and IMAGE_SCORING, listed by --help: the ones that change maps or
-scores, not weights) the model is evaluated on DATA's test split; one line per value is printed and appended
+setting (one of anoseg.config.MAP_SETTINGS, listed by --help: the ones that change maps, scores and
+thresholds, not weights) the model is evaluated on DATA's test split; one line per value is printed and appended
 to bench/eval_settings.json (or --out; sweeps run side by side take turns through a FILE.lock beside it).
 `--fix KEY=VALUE` (repeatable) sets another such setting, one value, for every evaluation of the sweep.
 Image AUROC: the map's image score, the map maximum and the top-k mean (the detector, if any, is not used).
@@ -22,16 +22,16 @@ from typing import Any
 
 from resultsfile import locked, read_rows
 
-from anoseg.config import IMAGE_SCORING, MAP_SHAPING
+from anoseg.config import MAP_SETTINGS
 
 HERE = Path(__file__).resolve().parent
-EVAL_ONLY = (*MAP_SHAPING, *IMAGE_SCORING)
+EVAL_ONLY = MAP_SETTINGS
 KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc_map", "image_auroc_max", "image_auroc_topk")
 
 
 def evaluations(model, data: str | Path, key: str, values: list[Any]) -> Iterator[tuple[Any, dict, float]]:
     """(value, metrics, seconds) of `model` on `data` with setting `key` at each value; the model's own
-    settings are back in place afterwards (also used by bench/ablation.py)."""
+    settings are back in place afterwards."""
     import anoseg
 
     original = model.config

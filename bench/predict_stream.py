@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from arguments import recorded_command
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
@@ -103,7 +104,7 @@ def main() -> int:
             print(json.dumps(r), flush=True)
             results.append(r)
             shutil.rmtree(out, ignore_errors=True)
-    command = "python bench/predict_stream.py " + " ".join(sys.argv[1:])
+    command = recorded_command("predict_stream.py", sys.argv[1:])
     meta = {"command": command, "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"}
     (HERE / "stream_results.json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")

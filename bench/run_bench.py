@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from arguments import name_list, positive_int, seed_list
+from arguments import name_list, positive_int, recorded_command, seed_list
 from resultsfile import locked, read_rows
 
 HERE = Path(__file__).resolve().parent
@@ -198,15 +198,89 @@ def target_lines(records: list[dict]) -> list[str]:
     return lines + ["", f"What was tried for the missed ones, and what each part buys: {where}"]
 
 
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _num(v, digits: int) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _pm(r: dict, k: str) -> str:
+    std = r.get(f"{k}_std")
+    return _f(r[k]) + ("" if std is None else f" ± {std:.3f}")
+
+
+def headline_lines(records: list[dict]) -> list[str]:
+    lines = ["| dataset | category | profile | seeds | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC "
+             "| image F1-max | IoU@thr | best IoU | train s | peak RSS MB | img/s batch | img/s single | ONNX img/s batch | "
+             "ONNX img/s single |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(
+            f"| {r['dataset']} | {r['category']} | {r['profile']} | {','.join(map(str, r.get('seeds', [0])))} | "
+            f"{_pm(r, 'pixel_auroc')} | {_pm(r, 'aupro')} | "
+            f"{_f(r['pixel_ap'])} | {_pm(r, 'image_auroc')} | {_f(r['image_f1_max'])} | {_f(r['iou'])} | "
+            f"{_f(r['best_iou'])} | {_num(r['train_seconds'], 0)} | {_num(r.get('peak_rss_mb'), 0)} | "
+            f"{_num(r.get('images_per_second'), 1)} | {_num(r.get('images_per_second_single'), 1)} | "
+            f"{r.get('onnx_images_per_second', 'n/a')} | {r.get('onnx_images_per_second_single', 'n/a')} |")
+    changed = [f"{r['category']} (`{' '.join('--set ' + x for x in r['settings'])}`)" for r in records
+               if r.get("settings")]
+    if changed:  # a row whose recipe is not the profile's as it stands
+        lines += ["", "Trained with settings other than the profile's: " + ", ".join(changed) + "."]
+    return lines
+
+
+def image_score_lines(records: list[dict]) -> list[str]:
+    lines = ["", "## Image-level scores (image AUROC)", "",
+             "| dataset | category | map score | max of map | top-k mean | detector | detector train s "
+             "| img/s with detector |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['dataset']} | {r['category']} | {_f(r.get('image_auroc_map'))} | "
+                     f"{_f(r.get('image_auroc_max'))} | "
+                     f"{_f(r.get('image_auroc_topk'))} | {_f(r.get('image_auroc_detector'))} | "
+                     f"{r.get('detector_train_seconds', 'n/a')} | {r.get('images_per_second_with_detector', 'n/a')} |")
+    pending = [r["category"] for r in records if r.get("image_auroc_detector") is None]
+    if pending:  # say so, rather than leave a bare n/a: the detector is trained by a separate pass
+        lines += ["", f"No detector trained on these models yet: {', '.join(pending)} (`python bench/run_bench.py "
+                  "--reuse --detector` trains and scores it on the models in --work)."]
+    return lines
+
+
+def detail_lines(records: list[dict]) -> list[str]:
+    lines = ["", "## Per defect type (each type's images and all normal images; mean over seeds)", "",
+             "| category | defect type | images | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        for t, d in (r.get("per_defect_type") or {}).items():
+            lines.append(f"| {r['category']} | {t} | {d['n_images']} | {_f(d['pixel_auroc'])} | {_f(d['aupro'])} | "
+                         f"{_f(d['pixel_ap'])} | {_f(d['image_auroc'])} |")
+    lines += ["", "## Inference on a full-size test image (PyTorch, one image at a time)", "",
+              "| category | image size | img/s |", "|---|---|---|"]
+    for r in records:
+        if r.get("images_per_second_full_size"):
+            size = "x".join(map(str, r["full_size"]))
+            lines.append(f"| {r['category']} | {size} | {r['images_per_second_full_size']} |")
+    return lines
+
+
+NOTES = ("Image score in the first table: the map's image score, (1 - w) x the maximum of the finished anomaly map "
+         "+ w x the mean of its top 1% pixels (w = `image_score_topk_weight`), the model as `train` makes it, "
+         "without a detector; the second table gives the image AUROC of each score. IoU@thr uses the model's map "
+         "threshold, chosen from held-out normal training images only (the 0.999 quantile of their map pixels, "
+         "`map_threshold_quantile`); best IoU picks the threshold with the labels (upper bound). train s: the mean "
+         "over seeds of each model's training time as its model.json records it (each run's in results.json "
+         "`runs`); a run that shared the cores with others took longer than one alone. Inference: 256 px RGB "
+         "images, end to end (resize, network, smoothing, map back to 256 px). PyTorch and ONNX Runtime speeds "
+         "come from one process each (`--speed` pass, see `speed_command` and `speed_weights` in results.json: "
+         "where no trained model was at hand, the same architecture with untrained weights, which runs at the "
+         "same speed).")
+
+
 def write_tables(records: list[dict], command: str) -> None:
     meta = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
             f"{platform.python_implementation()} {platform.python_version()}",
             "date": time.strftime("%Y-%m-%d")}
     (HERE / "results.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
-
-    def f(v):
-        return "n/a" if v is None else f"{v:.3f}"
-
     lines = [
         "# Benchmark results", "",
         "Commands: `python bench/run_bench.py [--only CATEGORY]` (train, evaluate, time), then "
@@ -214,71 +288,8 @@ def write_tables(records: list[dict], command: str) -> None:
         "(PyTorch and ONNX Runtime speed side by side); each record in results.json names its own `command` and "
         "`speed_command`.  ", f"Machine: {meta['machine']}; last written {meta['date']} by `{command}`.", "",
         "Headline rows are the mean over the seeds listed (± the standard deviation over seeds).", "",
-        "| dataset | category | profile | seeds | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | image F1-max | "
-        "IoU@thr | best IoU | train s | peak RSS MB | img/s batch | img/s single | ONNX img/s batch | "
-        "ONNX img/s single |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-
-    def num(v, digits):
-        return "n/a" if v is None else f"{v:.{digits}f}"
-
-    def pm(r, k):
-        std = r.get(f"{k}_std")
-        return f(r[k]) + ("" if std is None else f" ± {std:.3f}")
-
-    for r in records:
-        lines.append(
-            f"| {r['dataset']} | {r['category']} | {r['profile']} | {','.join(map(str, r.get('seeds', [0])))} | "
-            f"{pm(r, 'pixel_auroc')} | {pm(r, 'aupro')} | "
-            f"{f(r['pixel_ap'])} | {pm(r, 'image_auroc')} | {f(r['image_f1_max'])} | {f(r['iou'])} | "
-            f"{f(r['best_iou'])} | {num(r['train_seconds'], 0)} | {num(r.get('peak_rss_mb'), 0)} | "
-            f"{num(r.get('images_per_second'), 1)} | {num(r.get('images_per_second_single'), 1)} | "
-            f"{r.get('onnx_images_per_second', 'n/a')} | {r.get('onnx_images_per_second_single', 'n/a')} |")
-    changed = [f"{r['category']} (`{' '.join('--set ' + x for x in r['settings'])}`)" for r in records
-               if r.get("settings")]
-    if changed:  # a row whose recipe is not the profile's as it stands
-        lines += ["", "Trained with settings other than the profile's: " + ", ".join(changed) + "."]
-    lines += ["", "## Image-level scores (image AUROC)", "",
-              "| dataset | category | map score | max of map | top-k mean | detector | detector train s "
-              "| img/s with detector |", "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        lines.append(f"| {r['dataset']} | {r['category']} | {f(r.get('image_auroc_map'))} | "
-                     f"{f(r.get('image_auroc_max'))} | "
-                     f"{f(r.get('image_auroc_topk'))} | {f(r.get('image_auroc_detector'))} | "
-                     f"{r.get('detector_train_seconds', 'n/a')} | {r.get('images_per_second_with_detector', 'n/a')} |")
-    pending = [r["category"] for r in records if r.get("image_auroc_detector") is None]
-    if pending:  # say so, rather than leave a bare n/a: the detector is trained by a separate pass
-        lines += ["", f"No detector trained on these models yet: {', '.join(pending)} (`python bench/run_bench.py "
-                  "--reuse --detector` trains and scores it on the models in --work)."]
-    lines += ["", "## Per defect type (each type's images and all normal images; mean over seeds)", "",
-              "| category | defect type | images | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC |",
-              "|---|---|---|---|---|---|---|"]
-    for r in records:
-        for t, d in (r.get("per_defect_type") or {}).items():
-            lines.append(f"| {r['category']} | {t} | {d['n_images']} | {f(d['pixel_auroc'])} | {f(d['aupro'])} | "
-                         f"{f(d['pixel_ap'])} | {f(d['image_auroc'])} |")
-    lines += ["", "## Inference on a full-size test image (PyTorch, one image at a time)", "",
-              "| category | image size | img/s |", "|---|---|---|"]
-    for r in records:
-        if r.get("images_per_second_full_size"):
-            size = "x".join(map(str, r["full_size"]))
-            lines.append(f"| {r['category']} | {size} | {r['images_per_second_full_size']} |")
-    lines += target_lines(records)
-    lines += ["", "Image score in the first table: the map's image score, (1 - w) x the maximum of the smoothed "
-              "anomaly map + w x the mean of its top 1% pixels (w = `image_score_topk_weight`: 0.5 in `fast` since "
-              "2026-12-03, 0 before), the model as `train` makes it, without a detector; the second table gives "
-              "the image AUROC of each score. "
-              "IoU@thr uses the model's map threshold, chosen from held-out normal "
-              "training images only (the 0.999 quantile of their map pixels, `map_threshold_quantile`); "
-              "best IoU picks the threshold with the labels (upper bound). "
-              "train s: the mean over seeds of each model's training time as its model.json records it (each "
-              "run's in results.json `runs`); a run that shared the cores with others took longer than one alone "
-              "(docs/design.md gives the time alone). "
-              "Inference: 256 px RGB images, end to end (resize, network, smoothing, map back to 256 px). "
-              "PyTorch and ONNX Runtime speeds come from one process each (`--speed` pass, see `speed_command` and "
-              "`speed_weights` in results.json: where no trained model was at hand, the same architecture with "
-              "untrained weights, which runs at the same speed).", ""]
+        *headline_lines(records), *image_score_lines(records), *detail_lines(records), *target_lines(records),
+        "", NOTES, ""]
     (HERE / "results.md").write_text("\n".join(lines))
 
 
@@ -330,7 +341,7 @@ def main() -> int:
 
     results_file = HERE / "results.json"
     records = read_rows(results_file)  # as the run starts: what --speed adds to, and with which settings
-    command = "python bench/run_bench.py " + " ".join(sys.argv[1:])
+    command = recorded_command("run_bench.py", sys.argv[1:])
     jobs = list_jobs(args)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     results: dict[tuple[str, str], list[dict]] = {}

@@ -89,17 +89,28 @@ def test_results_table_names_rows_trained_with_other_settings(run_bench, tmp_pat
     assert "other than the profile's" not in (tmp_path / "results.md").read_text()
 
 
-def test_ablation_keeps_retired_variants_rows_and_refuses_to_run_them(tmp_path):
+def test_every_variant_is_a_table_row_of_settings_that_exist(tmp_path):
+    from anoseg import ConfigError
+    from anoseg.config import profile_config
+
     ablation = load("ablation")
-    retired = next(iter(ablation.RETIRED))
+    for name, variant in ablation.VARIANTS.items():
+        assert set(variant) == {"set", "about"} and variant["about"], name
+        try:
+            profile_config("fast", **variant["set"])
+        except ConfigError as e:
+            raise AssertionError(f"variant {name}: {e}") from None
     row = {"dataset": "d", "category": "c", "seed": 0, "steps": 10, "train_seconds": 1.0,
            **{k: 0.5 for k in ablation.KEYS}}
-    ablation.write_tables(tmp_path / "a.json", [{**row, "variant": "default"}, {**row, "variant": retired}], "cmd")
+    ablation.write_tables(tmp_path / "a.json", [{**row, "variant": "default"}, {**row, "variant": "opaque"}], "cmd")
     text = (tmp_path / "a.md").read_text()
-    assert f"- `{retired}`: {ablation.RETIRED[retired]}." in text and f"| c | {retired} | 0 |" in text
-    with pytest.raises(argparse.ArgumentTypeError, match=f"variant '{retired}' is retired"):
-        ablation.variant_list(f"default,{retired}")
-    assert ablation.variant_list("default") == ["default"]
+    assert "| fast | c | opaque | 0 | 10 |" in text and "- `opaque`: every synthetic anomaly opaque." in text
+
+
+def test_recorded_commands_name_no_folder_of_this_machine():
+    line = load("arguments").recorded_command("run_bench.py", ["--work", "/home/me/runs/bw", "--seeds", "0,1", "--data",
+                                             "/srv/x/shared/data", "--only", "bottle"])
+    assert line == "python bench/run_bench.py --work RUNS/bw --seeds 0,1 --data DATA --only bottle"
 
 
 def test_merged_records_keep_the_categories_order(run_bench):
@@ -112,12 +123,11 @@ def test_merged_records_keep_the_categories_order(run_bench):
 
 
 def test_ablation_resumes_a_kept_run_that_stopped_part_way(tiny_model_copy, monkeypatch):
-    from anoseg.config import Config
-    from anoseg.modelfolder import CONFIG_FILE, WEIGHTS_FILE
+    from anoseg.modelfolder import CONFIG_FILE, WEIGHTS_FILE, read_config
 
     ablation = load("ablation")
     (tiny_model_copy / WEIGHTS_FILE).unlink()  # a checkpoint, no model: as when the session ended mid-run
-    cfg = Config.load(tiny_model_copy / CONFIG_FILE)
+    cfg = read_config(tiny_model_copy / CONFIG_FILE)
     calls = []
     monkeypatch.setattr("anoseg.train", lambda *a, **kw: calls.append(kw) or "model")
     assert ablation.trained_model(cfg, Path("data"), tiny_model_copy, keep=True) == "model"
@@ -131,13 +141,12 @@ def test_ablation_resumes_a_kept_run_that_stopped_part_way(tiny_model_copy, monk
 
 def test_ablation_scores_a_kept_model_with_the_settings_asked(tiny_model_copy):
     from anoseg import load as load_model
-    from anoseg.config import Config
-    from anoseg.modelfolder import CONFIG_FILE
+    from anoseg.modelfolder import CONFIG_FILE, read_config
 
     ablation = load("ablation")
-    saved = Config.load(tiny_model_copy / CONFIG_FILE)
+    saved = read_config(tiny_model_copy / CONFIG_FILE)
     before = load_model(tiny_model_copy)
-    asked = saved.replace(image_score_topk_weight=0.5)  # a scoring default changed after the model was kept
+    asked = saved.replace(image_score_topk_weight=0.75)  # a scoring default changed after the model was kept
     model = ablation.trained_model(asked, Path("data"), tiny_model_copy, keep=True)
     assert model.config == asked and load_model(tiny_model_copy).config == asked  # reused, not trained again
     assert model.image_threshold < before.image_threshold  # chosen again for the blended score

@@ -16,18 +16,19 @@ SCRIPT = textwrap.dedent("""
     import os, sys
     from anoseg import profile_config, train
     from anoseg.checkpoint import module_state, save_tensors
-    data, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    cfg = profile_config("tiny", steps=steps, batch_size=8, checkpoint_every=4, ema_decay=0.9)
+    data, out, steps, precision = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    cfg = profile_config("tiny", steps=steps, batch_size=8, checkpoint_every=4, ema_decay=0.9, lambda_rec=1.0,
+                         precision=precision)
     model = train(cfg, data, out, progress=False)
     rank = int(os.environ.get("RANK", "0"))
     save_tensors(f"{out}/rank{rank}.safetensors", module_state("generator", model.generator))
 """)
 
 
-def run_training(script, data, out, steps, procs):
+def run_training(script, data, out, steps, procs, precision="fp32"):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
-    cmd = (launcher if procs > 1 else [sys.executable]) + [str(script), str(data), str(out), str(steps)]
+    cmd = (launcher if procs > 1 else [sys.executable]) + [str(script), str(data), str(out), str(steps), precision]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -47,6 +48,14 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(demo_ro
     saved = load_tensors(tmp_path / "two" / "model.safetensors")
     assert all(torch.equal(saved[k], r0[k]) for k in saved)
     assert not list((tmp_path / "two").glob(".*.tmp"))
+
+
+def test_two_processes_train_in_bf16(demo_root, tmp_path):
+    # the global batch norm once met bfloat16 activations with fp32 statistics and stopped the run
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    run_training(script, demo_root, tmp_path / "bf16", 2, 2, precision="bf16")
+    assert (tmp_path / "bf16" / "model.safetensors").is_file()
 
 
 def test_global_batch_must_split_evenly(demo_root, tmp_path):

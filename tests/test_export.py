@@ -39,10 +39,11 @@ def test_dynamic_batch_and_sidecar(exported, tiny_model_dir):
     assert meta["image_size"] == model.config.image_size and meta["image_threshold"] == model.image_threshold
     assert meta["input"]["scale"] == pytest.approx(1 / 127.5) and meta["input"]["offset"] == -1.0
     runner = OnnxModel(exported)
-    s = meta["image_size"]
+    s, s2 = meta["image_size"], meta["second_short_side"]  # the tiny profile maps at two scales
+    assert meta["second_input"]["name"] == "image2" and s2 == model.config.second_short_side
     for b in (1, 5):
-        out = runner.run(np.zeros((b, 3, s, s), np.float32))
-        assert out["map"].shape == (b, 1, s, s) and out["map_score"].shape == (b,)
+        out = runner.run(np.zeros((b, 3, s, 2 * s), np.float32), np.zeros((b, 3, s2, 2 * s2), np.float32))
+        assert out["map"].shape == (b, 1, s, 2 * s) and out["map_score"].shape == (b,)
 
 
 def test_fixed_batch_export_via_cli(tiny_model_dir, tmp_path, capsys):
@@ -103,14 +104,17 @@ def test_blended_image_score_exports_like_pytorch(tiny_model_copy, tmp_path):
     calibrate(tiny_model_copy, overrides={"image_score_topk_weight": 0.5})
     model = load(tiny_model_copy, device="cpu")
     export_onnx(model, tmp_path)
-    assert json.loads((tmp_path / ONNX_META).read_text())["image_score_topk_weight"] == 0.5
+    meta = json.loads((tmp_path / ONNX_META).read_text())
+    assert meta["image_score_topk_weight"] == 0.5
     runner = OnnxModel(tmp_path)
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(64, 64), (41, 150)]]
     for a, b in zip(model.maps_for_batch(images), runner.maps_for_batch(images)):
         assert abs(a.score - b.score) <= 1e-4 and a.score == a.map_score
         assert a.map_score == pytest.approx(0.5 * (a.max_score + a.topk_score), abs=1e-6)
-    raw = runner.run(np.asarray(images[0], np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)
+    first = np.asarray(images[0], np.float32).transpose(2, 0, 1)[None] / 127.5 - 1
+    second = np.zeros((1, 3, meta["second_short_side"], meta["second_short_side"]), np.float32)
+    raw = runner.run(first, second)
     flat = raw["map"].reshape(1, -1)
     k = max(1, round(0.01 * flat.shape[1]))
     want = 0.5 * flat.max(1) + 0.5 * np.sort(flat, 1)[:, ::-1][:, :k].mean(1)
@@ -120,7 +124,7 @@ def test_blended_image_score_exports_like_pytorch(tiny_model_copy, tmp_path):
 def test_broad_share_exports_like_pytorch(tiny_model_copy, tmp_path):
     from anoseg import calibrate
 
-    calibrate(tiny_model_copy, overrides={"broad_weight": 0.5, "broad_sigma": 16.0})
+    calibrate(tiny_model_copy, overrides={"broad_weight": 1.0, "broad_sigma": 8.0})
     model = load(tiny_model_copy, device="cpu")
     export_onnx(model, tmp_path)
     runner = OnnxModel(tmp_path)

@@ -16,9 +16,9 @@ assert "matplotlib.pyplot" not in sys.modules
 assert "torch" not in sys.modules, "the settings alone must not load PyTorch"
 import anoseg, anoseg.api, anoseg.cli, anoseg.visualize, anoseg.evaluate, anoseg.predict
 anoseg.train, anoseg.AnoSegModel  # the lazy names resolve
-import anoseg.train, anoseg.demo  # a module that shares its name with a function does not replace the function
+import anoseg.training, anoseg.demo  # a module that shares its name with a function does not replace the function
 assert callable(anoseg.train) and callable(anoseg.demo) and callable(anoseg.evaluate) and callable(anoseg.predict)
-assert sys.modules["anoseg.train"].Trainer
+assert sys.modules["anoseg.training"].Trainer
 assert not calls, f"umask touched: {calls}"
 assert matplotlib.get_backend().lower() == "pdf", matplotlib.get_backend()
 assert warnings.formatwarning is fmt and warnings.showwarning is show

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from anoseg import AnoSegModel, ConfigError, calibrate, load, profile_config
-from anoseg.config import Config
-from anoseg.inference import add_broad, boost_peaks
+from anoseg.postprocess import MapPostprocessor
+
+
+def boost_peaks(m, sigma, boost):
+    assert sigma == 2.0  # PEAK_SIGMA
+    return MapPostprocessor(peak_boost=boost).boost_peaks(m)
+
+
+def add_broad(m, sigma, weight):
+    return MapPostprocessor(broad_weight=weight, broad_sigma=sigma).add_broad(m)
 
 
 def _spot_and_plateau() -> torch.Tensor:
@@ -35,7 +43,7 @@ def test_narrow_peaks_rise_above_broad_areas_and_maps_stay_in_unit_range():
 
 def test_a_flat_map_is_only_scaled():
     flat = torch.full((2, 1, 20, 30), 0.4)
-    torch.testing.assert_close(boost_peaks(flat, 3.0, 2.0), flat / 3)
+    torch.testing.assert_close(boost_peaks(flat, 2.0, 2.0), flat / 3)
 
 
 def test_broad_weight_zero_changes_nothing():
@@ -55,7 +63,6 @@ def test_the_broad_share_raises_a_large_region_more_than_a_small_spot():
 
 
 @pytest.mark.parametrize(("settings", "problem"), [({"peak_boost": -1.0}, "peak_boost"),
-                                                   ({"peak_sigma": 0.0}, "peak_sigma"),
                                                    ({"broad_weight": -0.5}, "broad_weight"),
                                                    ({"broad_sigma": 0.0}, "broad_sigma")])
 def test_bad_peak_settings_are_refused_by_name(settings, problem):
@@ -63,20 +70,41 @@ def test_bad_peak_settings_are_refused_by_name(settings, problem):
         profile_config("tiny", **settings)
 
 
-def test_a_config_saved_before_peak_boost_loads_with_it_off():
-    data = profile_config("fast").to_dict()
-    del data["peak_boost"], data["peak_sigma"]
-    assert Config.from_dict(data).peak_boost == 0.0  # old models keep the maps their thresholds came from
+def test_a_config_saved_before_peak_boost_loads_with_it_off(tmp_path):
+    from anoseg.modelfolder import read_config
+
+    data = {k: v for k, v in profile_config("fast").to_dict().items() if k not in ("peak_boost", "hard_augmentation")}
+    (tmp_path / "config.json").write_text(json.dumps({**data, "peak_sigma": 2.0, "tta_flips": "none"}))
+    cfg = read_config(tmp_path / "config.json")
+    assert cfg.peak_boost == 0.0 and cfg.broad_weight == 0.5  # old models keep the maps their thresholds came from
 
 
-def test_a_config_saved_before_broad_weight_loads_with_it_off():
-    data = profile_config("fast").to_dict()
-    del data["broad_weight"], data["broad_sigma"]
-    assert Config.from_dict(data).broad_weight == 0.0
+def test_a_config_saved_before_broad_weight_loads_with_it_off(tmp_path):
+    from anoseg.modelfolder import read_config
+
+    data = {k: v for k, v in profile_config("fast").to_dict().items()
+            if k not in ("broad_weight", "broad_sigma", "hard_augmentation")}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert read_config(tmp_path / "config.json").broad_weight == 0.0
+
+
+def test_a_config_with_a_retired_setting_loads_when_today_reproduces_it_else_is_refused(tmp_path):
+    from anoseg.modelfolder import read_config
+
+    old = {**profile_config("fast").to_dict(), "crack_points_max": 240, "lr_d": 3e-4, "extra": {}}
+    (tmp_path / "same.json").write_text(json.dumps(old))
+    assert read_config(tmp_path / "same.json", for_training=True) == profile_config("fast")
+    (tmp_path / "other.json").write_text(json.dumps({**old, "crack_points_max": 80, "tta_flips": "none"}))
+    assert read_config(tmp_path / "other.json") == profile_config("fast")  # a trained model: cracks are history
+    with pytest.raises(ConfigError, match="crack_points_max=80, a setting that no longer exists"):
+        read_config(tmp_path / "other.json", for_training=True)  # resuming would train another recipe
+    (tmp_path / "maps.json").write_text(json.dumps({**old, "tta_flips": "hv"}))
+    with pytest.raises(ConfigError, match="tta_flips='hv'.*train the model again"):
+        read_config(tmp_path / "maps.json")
 
 
 def test_maps_follow_the_setting():
-    cfg = profile_config("tiny")
+    cfg = profile_config("tiny", peak_boost=0.0, broad_weight=0.0)
     model = AnoSegModel(cfg, map_threshold=0.5, device="cpu")
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     plain = model.maps_for_batch([image])[0].anomaly_map
@@ -92,8 +120,9 @@ def test_calibrate_applies_a_map_setting_and_chooses_thresholds_for_it(tiny_mode
     folder = tiny_model_copy
     weights = (folder / "model.safetensors").read_bytes()
     before = load(folder)
-    model = calibrate(folder, overrides={"peak_boost": 2.0})
+    assert before.config.peak_boost == 2.0
+    model = calibrate(folder, overrides={"peak_boost": 4.0})
     assert model.map_threshold != pytest.approx(before.map_threshold)  # chosen on the new maps
-    assert json.loads((folder / "config.json").read_text())["peak_boost"] == 2.0
+    assert json.loads((folder / "config.json").read_text())["peak_boost"] == 4.0
     assert load(folder).map_threshold == model.map_threshold
     assert (folder / "model.safetensors").read_bytes() == weights

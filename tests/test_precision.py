@@ -46,7 +46,7 @@ def test_bad_precision_is_refused():
 @pytest.mark.parametrize("avx512_bf16, amx, want",
                          [(False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")])
 def test_auto_precision_takes_bf16_only_where_the_cpu_has_it(monkeypatch, avx512_bf16, amx, want):
-    from anoseg.inference import autocast, resolve_precision
+    from anoseg.runtime import autocast, resolve_precision
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
@@ -72,7 +72,7 @@ def test_auto_precision_trains_and_records_what_it_ran_in(demo_root, tmp_path, m
 def test_auto_precision_on_cuda_needs_ampere_or_later(monkeypatch, major, want):
     from types import SimpleNamespace
 
-    from anoseg.inference import resolve_precision
+    from anoseg.runtime import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=major))

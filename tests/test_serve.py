@@ -58,7 +58,8 @@ def test_predict_multipart_and_raw_body_agree_with_the_model(client, model, imag
     assert a["score"] == pytest.approx(expected.score, abs=1e-6) and a["score"] == b["score"]
     assert a["verdict"] == ("defect" if expected.score > model.image_threshold else "normal")
     assert a["image_threshold"] == model.image_threshold and a["map_threshold"] == model.map_threshold
-    assert a["score_kind"] == "map_max" and a["map_score"] == a["max_score"]  # tiny: the maximum alone
+    assert a["score_kind"] == "map_blend" and a["map_score"] == pytest.approx(0.5 * (a["max_score"] + a["topk_score"]),
+                                                                             abs=2e-6)
     w, h = Image.open(io.BytesIO(image)).size
     assert a["map_size"] == [w, h] and "overlay_png" not in a
     overlay = Image.open(io.BytesIO(base64.b64decode(b["overlay_png"])))
@@ -253,6 +254,10 @@ def test_requests_that_wait_too_long_get_a_json_503(model, image, monkeypatch):
 def test_blended_map_score_is_named_and_judged(tiny_model_copy, image):
     from anoseg import calibrate
 
+    calibrate(tiny_model_copy, overrides={"image_score_topk_weight": 0.0})
+    peak = load(tiny_model_copy, device="cpu")
+    answer = TestClient(create_app(peak, ServeSettings())).post("/predict", content=image).json()
+    assert answer["score_kind"] == "map_max" and answer["score"] == answer["map_score"] == answer["max_score"]
     calibrate(tiny_model_copy, overrides={"image_score_topk_weight": 0.5})
     blended = load(tiny_model_copy, device="cpu")
     answer = TestClient(create_app(blended, ServeSettings())).post("/predict", content=image).json()

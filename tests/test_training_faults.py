@@ -14,12 +14,13 @@ import torch
 
 from anoseg import AnosegError, OutputError, fileio, profile_config, train
 from anoseg.checkpoint import load_tensors
-from anoseg.config import Config
-from anoseg.inference import resolve_device
-from anoseg.modelfolder import CKPT_STATE
-from anoseg.train import Trainer, TrainingUnstable, checkpoint_weights
+from anoseg.data import Crops
+from anoseg.modelfolder import CKPT_STATE, read_config
+from anoseg.runtime import resolve_device
+from anoseg.trainer import Trainer, TrainingUnstable, checkpoint_weights
 
-train_mod = sys.modules["anoseg.train"]
+losses_mod = sys.modules["anoseg.losses"]
+trainer_mod = sys.modules["anoseg.trainer"]
 checkpoint_mod = sys.modules["anoseg.checkpoint"]
 STEPS = 40
 
@@ -48,7 +49,7 @@ def assert_same_tensors(a, b):
 
 def readable_checkpoint(folder) -> int:
     """Load the checkpoint the way --resume does; returns its step."""
-    trainer = Trainer(Config.load(folder / "config.json"), resolve_device("cpu"))
+    trainer = Trainer(read_config(folder / "config.json"), resolve_device("cpu"))
     trainer.load(folder)
     return trainer.step_done
 
@@ -125,7 +126,7 @@ def test_ctrl_c_saves_an_exact_checkpoint(demo_root, tmp_path):
 
 
 def nan_seg_loss_at(calls_with_nan: set[int]):
-    real = train_mod.segmentation_loss
+    real = losses_mod.segmentation_loss
     count = [0]
 
     def loss(*args):
@@ -137,9 +138,9 @@ def nan_seg_loss_at(calls_with_nan: set[int]):
 
 
 def test_nan_loss_rolls_back_with_a_lower_learning_rate(demo_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "segmentation_loss", nan_seg_loss_at({5}))
-    cfg = profile_config("tiny", steps=8, checkpoint_every=4, batch_size=4)
-    with pytest.warns(UserWarning, match="rolled back to the checkpoint at step 4 with learning rates x0.5"):
+    monkeypatch.setattr(losses_mod, "segmentation_loss", nan_seg_loss_at({5}))
+    cfg = profile_config("tiny", steps=8, checkpoint_every=4, batch_size=4, lr_schedule="constant")
+    with pytest.warns(UserWarning, match="rolled back to the checkpoint at step 4 with the learning rate x0.5"):
         model = train(cfg, demo_root, tmp_path / "run", progress=False)
     assert model.meta["steps_done"] == 8
     assert model.meta["rollbacks"] == 1 and model.meta["lr_scale"] == 0.5
@@ -149,7 +150,7 @@ def test_nan_loss_rolls_back_with_a_lower_learning_rate(demo_root, tmp_path, mon
 
 
 def test_nan_before_any_checkpoint_restarts_from_the_beginning(demo_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "segmentation_loss", nan_seg_loss_at({2}))
+    monkeypatch.setattr(losses_mod, "segmentation_loss", nan_seg_loss_at({2}))
     cfg = profile_config("tiny", steps=4, checkpoint_every=100, batch_size=4)
     with pytest.warns(UserWarning, match="rolled back to the start"):
         model = train(cfg, demo_root, tmp_path / "run", progress=False)
@@ -157,8 +158,9 @@ def test_nan_before_any_checkpoint_restarts_from_the_beginning(demo_root, tmp_pa
 
 
 def test_endless_nan_stops_with_a_clear_error_and_no_nan_weights(demo_root, tmp_path, monkeypatch):
-    cfg = profile_config("tiny", steps=8, checkpoint_every=2, batch_size=4, max_rollbacks=2)
-    monkeypatch.setattr(train_mod, "segmentation_loss", nan_seg_loss_at(set(range(3, 1000))))
+    cfg = profile_config("tiny", steps=8, checkpoint_every=2, batch_size=4)
+    monkeypatch.setattr(trainer_mod, "MAX_ROLLBACKS", 2)
+    monkeypatch.setattr(losses_mod, "segmentation_loss", nan_seg_loss_at(set(range(3, 1000))))
     with pytest.warns(UserWarning), pytest.raises(AnosegError, match="gave up after 2 rollback"):
         train(cfg, demo_root, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "model.safetensors").exists()
@@ -166,9 +168,12 @@ def test_endless_nan_stops_with_a_clear_error_and_no_nan_weights(demo_root, tmp_
     assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
 
 
-def test_collapsed_discriminator_is_caught(demo_root, tmp_path):
+def test_collapsed_discriminator_is_caught(demo_root, tmp_path, monkeypatch):
     # every discriminator loss counts as "collapsed", so the check must fire after 3 steps
-    cfg = profile_config("tiny", steps=10, batch_size=4, collapse_d_loss=1e9, collapse_patience=3, max_rollbacks=1)
+    monkeypatch.setattr(trainer_mod, "COLLAPSE_D_LOSS", 1e9)
+    monkeypatch.setattr(trainer_mod, "COLLAPSE_PATIENCE", 3)
+    monkeypatch.setattr(trainer_mod, "MAX_ROLLBACKS", 1)
+    cfg = profile_config("tiny", steps=10, batch_size=4, lambda_adv=0.1)
     with pytest.warns(UserWarning, match="discriminator collapsed"), pytest.raises(AnosegError, match="unstable"):
         train(cfg, demo_root, tmp_path / "run", progress=False)
 
@@ -218,18 +223,28 @@ def test_overwrite_starts_clean(demo_root, tmp_path):
     assert readable_checkpoint(tmp_path / "run") == 1
 
 
-def test_without_the_adversarial_loss_the_discriminator_is_not_trained():
-    # lambda_adv = 0 (the fast profile): no discriminator step, no collapse check even when every loss "collapses"
-    cfg = profile_config("tiny", lambda_adv=0.0, collapse_d_loss=1e9, collapse_patience=1)
+def test_without_the_adversarial_loss_there_is_no_discriminator(tmp_path, monkeypatch):
+    # lambda_adv = 0 (the fast profile): no discriminator, no collapse check even when every loss "collapses"
+    monkeypatch.setattr(trainer_mod, "COLLAPSE_D_LOSS", 1e9)
+    monkeypatch.setattr(trainer_mod, "COLLAPSE_PATIENCE", 1)
+    cfg = profile_config("tiny", lambda_adv=0.0)
     trainer = Trainer(cfg, resolve_device("cpu"))
-    before = [p.detach().clone() for p in trainer.discriminator.parameters()]
+    assert trainer.discriminator is None and trainer.opt_d is None
     g_before = [p.detach().clone() for p in trainer.generator.parameters()]
     images = torch.randint(0, 256, (4, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
     for _ in range(3):
-        losses = trainer.step(images)
+        losses = trainer.step(Crops(images))
     assert losses["d"] == 0.0 and losses["adv"] == 0.0
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.discriminator.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(g_before, trainer.generator.parameters()))
+    trainer.save(tmp_path, {})
+    saved = load_tensors(checkpoint_weights(tmp_path))
+    assert not any(k.startswith(("discriminator.", "opt_d.")) for k in saved)
+    assert any(k.startswith("ema.") for k in saved)
+    monkeypatch.undo()  # with a discriminator, the patched limits would call its first step a collapse
+    with_adv = Trainer(cfg.replace(lambda_adv=0.1), resolve_device("cpu"))
+    d_before = [p.detach().clone() for p in with_adv.discriminator.parameters()]
+    with_adv.step(Crops(images))
+    assert not all(torch.equal(a, b) for a, b in zip(d_before, with_adv.discriminator.parameters()))
 
 
 def test_without_a_reconstruction_loss_the_image_decoder_is_skipped_and_the_map_trains_the_same(monkeypatch):
@@ -240,40 +255,40 @@ def test_without_a_reconstruction_loss_the_image_decoder_is_skipped_and_the_map_
     calls = []
     skipped, full = Trainer(cfg, resolve_device("cpu")), Trainer(cfg, resolve_device("cpu"))
     decoder_before = [p.detach().clone() for p in skipped.generator.image_decoder.parameters()]
-    monkeypatch.setattr(full, "_needs_reconstruction", lambda: True)
+    full.reconstruct = True
     skipped.generator.image_decoder.register_forward_hook(lambda *_: calls.append(1))
     for _ in range(2):
-        loss_skipped, loss_full = skipped.step(images), full.step(images)
+        loss_skipped, loss_full = skipped.step(Crops(images)), full.step(Crops(images))
     assert calls == []
     assert loss_skipped["rec"] == 0.0 and loss_full["rec"] > 0.0
     assert loss_skipped["seg"] == pytest.approx(loss_full["seg"], rel=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(decoder_before, skipped.generator.image_decoder.parameters()))
     for name, value in full.generator.map_decoder.state_dict().items():
         assert torch.allclose(skipped.generator.map_decoder.state_dict()[name], value, atol=1e-5), name
-    assert Trainer(cfg.replace(lambda_rec=0.5), resolve_device("cpu"))._needs_reconstruction()
+    assert Trainer(cfg.replace(lambda_rec=0.5), resolve_device("cpu")).reconstruct
 
 
 def test_cosine_schedule_sets_the_rates_and_resumes_on_the_same_curve(tmp_path):
-    from anoseg.train import schedule_factor
+    from anoseg.trainer import schedule_factor
 
-    cfg = profile_config("tiny", lr_schedule="cosine", steps=4, batch_size=4)
+    cfg = profile_config("tiny", lr_schedule="cosine", steps=4, batch_size=4, lambda_adv=0.1)
     assert [round(schedule_factor(cfg, t), 6) for t in range(5)] == [1.0, 0.853553, 0.5, 0.146447, 0.0]
     assert schedule_factor(cfg.replace(lr_schedule="constant"), 3) == 1.0
     images = torch.randint(0, 256, (4, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     whole = Trainer(cfg, resolve_device("cpu"))
     for _ in range(4):
-        whole.step(images)
+        whole.step(Crops(images))
     # the last step ran at step index 3
     assert whole.opt_g.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.146447, rel=1e-5)
-    assert whole.opt_d.param_groups[0]["lr"] == pytest.approx(cfg.lr_d * 0.146447, rel=1e-5)
+    assert whole.opt_d.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.146447, rel=1e-5)
     first = Trainer(cfg, resolve_device("cpu"))
     for _ in range(2):
-        first.step(images)
+        first.step(Crops(images))
     first.save(tmp_path, {})
     second = Trainer(cfg, resolve_device("cpu"))
     second.load(tmp_path)
     for _ in range(2):
-        second.step(images)
+        second.step(Crops(images))
     for a, b in zip(whole.generator.parameters(), second.generator.parameters()):
         assert torch.equal(a, b)

@@ -102,7 +102,7 @@ def test_predict_writes_only_inside_the_output_folder(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("name", ["../../outside.safetensors", "/etc/passwd", "checkpoint.pkl", 7])
 def test_checkpoint_naming_a_file_outside_its_folder_is_refused(tiny_model_dir, tmp_path, name):
     from anoseg.modelfolder import CKPT_STATE
-    from anoseg.train import checkpoint_weights
+    from anoseg.trainer import checkpoint_weights
 
     run = copy_model(tiny_model_dir, tmp_path / "m")
     state = json.loads((run / CKPT_STATE).read_text())

@@ -184,11 +184,7 @@ class Config:
             yield "image_size", "must be 8 times a power of two, at least 16 (e.g. 64, 128, 256)"
         for names, ok, why in RANGE_RULES:
             yield from ((name, why) for name in names if not ok(getattr(self, name)))
-        for name, allowed in CHOICES.items():
-            value = getattr(self, name)
-            values = value if isinstance(value, tuple) else (value,)
-            if not values or any(v not in allowed for v in values):
-                yield name, f"choose from {', '.join(allowed)}"
+        yield from self._choice_problems()
         if self.max_channels < self.base_channels:
             yield "max_channels", "must be at least base_channels"
         if not 0.0 < self.region_min <= self.region_max < 1.0:
@@ -198,6 +194,13 @@ class Config:
         yield from self._scale_problems()
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             yield "device", "use auto, cpu, cuda or cuda:N"
+
+    def _choice_problems(self) -> Iterator[tuple[str, str]]:
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            if not values or any(v not in allowed for v in values):
+                yield name, f"choose from {', '.join(allowed)}"
 
     def _scale_problems(self) -> Iterator[tuple[str, str]]:
         n, side = self.image_size, self.second_short_side

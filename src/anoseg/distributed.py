@@ -124,6 +124,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
+        x = x.float()  # as autocast runs BatchNorm2d: statistics of bfloat16 activations in fp32
         c = x.shape[1]
         count = x.new_tensor([x.numel() / c])
         stats = _AllReduceSum.apply(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))

@@ -234,8 +234,9 @@ def check_export(model: AnoSegModel, folder: str | Path, n: int = 2, seed: int =
     """
     runner = OnnxModel(folder)
     rng = np.random.default_rng(seed)
-    count = runner.meta.get("batch") or n
-    images = [rng.integers(0, 256, (96 + 13 * i, 120, 3), dtype=np.uint8) for i in range(count)]
+    fixed = runner.meta.get("batch")
+    # a graph of a fixed batch takes whole batches of one working shape; a dynamic one, any sizes
+    images = [rng.integers(0, 256, (96 if fixed else 96 + 13 * i, 120, 3), dtype=np.uint8) for i in range(fixed or n)]
     ours = model.maps_for_batch(images, precision="fp32")
     theirs = runner.maps_for_batch(images)
     return max(float(np.abs(a.anomaly_map - b.anomaly_map).max()) for a, b in zip(ours, theirs))

@@ -45,6 +45,15 @@ RETIRED_FOR_TRAINING: dict[str, Any] = {
     "train_augment_flip": False, "holdout_min": 2, "detector_lambda_adv": 1.0, "detector_lambda_rec": 10.0,
     "detector_lambda_cls": 1.0, "detector_lambda_fm": 1.0,
 }
+# What older versions did where their config.json lacks a setting (written before it existed): its default then.
+OLD_DEFAULTS: dict[str, Any] = {
+    "resize_mode": "square", "second_short_side": 0, "anomaly_families": ["paste"], "opacity_min": 1.0,
+    "region_max": 0.08, "coarse_region_max": 0.0, "mask_texture_factor": 0.0, "steps": 2000, "batch_size": 16,
+    "lr": 2e-4, "lr_schedule": "constant", "seg_loss": "focal", "seg_defect_weight": 1.0, "lambda_rec": 1.0,
+    "lambda_adv": 0.1, "smoothing_sigma": 4.0, "broad_weight": 0.0, "broad_sigma": 12.0, "peak_boost": 0.0,
+    "image_score_topk_weight": 0.0, "detector_batch_size": 0, "precision": "fp32", "crack_soft": False,
+    "crack_points_max": 80, "crack_turn_min": 0.25,
+}
 # No effect on what a model computes (robustness limits, memory order, free notes): dropped.
 RETIRED_QUIETLY = ("max_rollbacks", "rollback_lr_factor", "collapse_d_loss", "collapse_patience", "channels_last",
                    "extra")
@@ -81,6 +90,8 @@ def upgrade_settings(data: dict[str, Any], for_training: bool = False) -> dict[s
     """Settings of an older config.json in today's form: retired settings whose saved value today's code
     reproduces are dropped, "0 means inherit" values are made explicit; anything else is refused."""
     data = dict(data)
+    if "hard_augmentation" not in data:  # written by a version before this one: what it lacks, it did by default
+        data = {**OLD_DEFAULTS, **data}
     if data.get("detector_batch_size") == 0:
         data["detector_batch_size"] = data.get("batch_size", 16)
     if data.get("coarse_region_max") == 0:

@@ -207,6 +207,8 @@ class PredictSummary:
     already_done: int = 0
     seconds: float = 0.0
     records: list[dict[str, Any]] = field(default_factory=list)
+    seen: int = 0  # images this run found, read or not
+    first_skipped: str = ""  # why the first unreadable one was skipped
 
 
 def predict(model: AnoSegModel, inputs: list[str | Path], out: str | Path, map_threshold: float | None = None,
@@ -230,10 +232,7 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
     listed in ``skipped.txt``.
     """
     start = time.perf_counter()
-    if map_format not in ("png", "npy"):
-        raise DataError(f"map format {map_format!r}: choose png or npy")
-    if workers < 0:
-        raise DataError(f"--workers {workers}: must be 0 or more")
+    _check_options(map_format, workers)
     t_map, t_img = model.thresholds(map_threshold, image_threshold)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -251,41 +250,58 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
                         prefetch_factor=None if workers == 0 else 2 * model.config.batch_size_infer,
                         worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
     summary = PredictSummary(already_done=len(done))
-    seen = 0
-    first_skipped = ""
     bar = progress_bar(desc="predicting", unit="img", disable=not progress)
     try:
         for batch in _batches(loader, model.config.batch_size_infer):
-            seen += len(batch)
-            good = [(p, n, im) for p, n, im, err in batch if err is None]
-            for _, _, _, err in (b for b in batch if b[3] is not None):
-                warnings.warn(f"skipped {err}", stacklevel=2)
-                first_skipped = first_skipped or err
-                summary.skipped += 1
-                tables.skipped(err)
-            if good:
-                make_output_dir(out)
-                _record_inputs(out, inputs)
-                preds = model.maps_for_batch([im for _, _, im in good])
-                rows = [_write_one(out, n, p, im, pred, t_map, t_img, map_format)
-                        for (p, n, im), pred in zip(good, preds)]
-                tables.append(rows)
-                summary.scored += len(rows)
-                summary.defects += sum(r["verdict"] == "defect" for r in rows)
-                if keep_records:
-                    summary.records += rows
+            _score_batch(model, batch, out, inputs, tables, summary, (t_map, t_img, map_format), keep_records)
             bar.update(len(batch))
     finally:
         bar.close()
         tables.close()
-    if seen == 0 and not done:
-        raise DataError(f"no images found in {', '.join(map(str, inputs))}" +
-                        (f" outside the output folder {out}" if any(Path(str(i)).is_dir() for i in inputs) else ""))
-    if summary.scored == 0 and not done:
-        raise DataError(f"none of the {seen} image(s) could be read (see {out / 'skipped.txt'}); "
-                        f"first: {first_skipped}")
+    _check_something_scored(summary, inputs, out, done)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _check_options(map_format: str, workers: int) -> None:
+    if map_format not in ("png", "npy"):
+        raise DataError(f"map format {map_format!r}: choose png or npy")
+    if workers < 0:
+        raise DataError(f"--workers {workers}: must be 0 or more")
+
+
+def _score_batch(model: AnoSegModel, batch: list, out: Path, inputs: list, tables: _Tables, summary: PredictSummary,
+                 how: tuple[float | None, float | None, str], keep_records: bool) -> None:
+    """Score one batch of decoded items (path, name, image, error), write its files and table rows."""
+    summary.seen += len(batch)
+    good = [(p, n, im) for p, n, im, err in batch if err is None]
+    for _, _, _, err in (b for b in batch if b[3] is not None):
+        warnings.warn(f"skipped {err}", stacklevel=3)
+        summary.first_skipped = summary.first_skipped or err
+        summary.skipped += 1
+        tables.skipped(err)
+    if not good:
+        return
+    make_output_dir(out)
+    _record_inputs(out, inputs)
+    preds = model.maps_for_batch([im for _, _, im in good])
+    rows = [_write_one(out, n, p, im, pred, *how) for (p, n, im), pred in zip(good, preds)]
+    tables.append(rows)
+    summary.scored += len(rows)
+    summary.defects += sum(r["verdict"] == "defect" for r in rows)
+    if keep_records:
+        summary.records += rows
+
+
+def _check_something_scored(summary: PredictSummary, inputs: list, out: Path, done: set) -> None:
+    if done:
+        return
+    if summary.seen == 0:
+        raise DataError(f"no images found in {', '.join(map(str, inputs))}" +
+                        (f" outside the output folder {out}" if any(Path(str(i)).is_dir() for i in inputs) else ""))
+    if summary.scored == 0:
+        raise DataError(f"none of the {summary.seen} image(s) could be read (see {out / 'skipped.txt'}); "
+                        f"first: {summary.first_skipped}")
 
 
 def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Prediction, t_map: float | None,

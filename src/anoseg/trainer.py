@@ -202,8 +202,13 @@ class Trainer:
         return all(bool(torch.isfinite(t).all()) for n in self._networks().values() for t in n.state_dict().values()
                    if t.dtype.is_floating_point)
 
-    def rollback(self, folder: Path) -> str:
-        """Back to the last checkpoint in `folder` (or to the start) with a lower learning rate."""
+    def rollback(self, folder: Path, error: TrainingUnstable) -> str:
+        """Back to the last checkpoint in `folder` (or to the start) with a lower learning rate, after `error`;
+        once MAX_ROLLBACKS are spent, stop with an error that says what is kept."""
+        if self.rollbacks >= MAX_ROLLBACKS:
+            kept = f"the last good checkpoint is kept in {folder}" if has_checkpoint(folder) else "no checkpoint yet"
+            raise AnosegError(f"training is unstable: {error}; gave up after {self.rollbacks} rollback(s) "
+                              f"({kept}); try a lower --lr or other settings") from None
         scale, rollbacks = self.lr_scale * ROLLBACK_LR_FACTOR, self.rollbacks + 1
         if has_checkpoint(folder):
             self.load(folder)
@@ -243,7 +248,7 @@ class Trainer:
 
     def load(self, folder: Path) -> dict:
         state = load_json(folder / CKPT_STATE)
-        path = resume_weights(folder, CKPT_STATE, CKPT_WEIGHTS)
+        path = checkpoint_weights(folder)
         tensors = load_tensors(path)
         for name, net in self._networks().items():
             load_module(net, tensors, name, path)
@@ -258,6 +263,11 @@ class Trainer:
         self.d_low_steps = int(state.get("d_low_steps", 0))
         self.history = [r for r in _read_history(folder / LOG_FILE) if r["step"] <= self.step_done]
         return state
+
+
+def checkpoint_weights(folder: Path) -> Path:
+    """The weights file that checkpoint.json names."""
+    return resume_weights(folder, CKPT_STATE, CKPT_WEIGHTS)
 
 
 def _history_csv(rows: list[dict]) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import trainer as trainer_mod
 from .calibrate import calibrate, holdout_split
 from .checkpoint import deferred_interrupt, remove_resume_point
 from .config import RESUMABLE, Config
@@ -37,7 +38,7 @@ from .modelfolder import (
 )
 from .progress import bar as progress_bar
 from .runtime import resolve_device, resolve_precision
-from .trainer import MAX_ROLLBACKS, Trainer, TrainingUnstable
+from .trainer import Trainer, TrainingUnstable
 
 
 def prepare_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) -> Config:
@@ -188,13 +189,9 @@ def _finish(run: TrainingRun, stopped_early: bool) -> AnoSegModel:
 
 def _roll_back(trainer: Trainer, out: Path, error: TrainingUnstable, bar: Any) -> None:
     """Go back to the last checkpoint with a lower learning rate, or stop once the retries are spent."""
-    if trainer.rollbacks >= MAX_ROLLBACKS:
-        kept = f"the last good checkpoint is kept in {out}" if has_checkpoint(out) else "no checkpoint yet"
-        raise AnosegError(f"training is unstable: {error}; gave up after {trainer.rollbacks} rollback(s) "
-                          f"({kept}); try a lower --lr or other settings") from None
-    where = trainer.rollback(out)
+    where = trainer.rollback(out, error)
     msg = (f"training unstable: {error}; rolled back to {where} with the learning rate x{trainer.lr_scale:g} "
-           f"(rollback {trainer.rollbacks} of at most {MAX_ROLLBACKS})")
+           f"(rollback {trainer.rollbacks} of at most {trainer_mod.MAX_ROLLBACKS})")
     warnings.warn(msg, stacklevel=2)
     bar.n = trainer.step_done
     bar.refresh()
