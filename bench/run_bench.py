@@ -213,8 +213,8 @@ def _pm(r: dict, k: str) -> str:
 
 def headline_lines(records: list[dict]) -> list[str]:
     lines = ["| dataset | category | profile | seeds | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC "
-             "| image F1-max | IoU@thr | best IoU | train s | peak RSS MB | img/s batch | img/s single | ONNX img/s batch | "
-             "ONNX img/s single |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| image F1-max | IoU@thr | best IoU | train s | peak RSS MB | img/s batch | img/s single "
+             "| ONNX img/s batch | ONNX img/s single |", "|---" * 17 + "|"]
     for r in records:
         lines.append(
             f"| {r['dataset']} | {r['category']} | {r['profile']} | {','.join(map(str, r.get('seeds', [0])))} | "
