@@ -84,7 +84,7 @@ def trained_model(cfg, root: Path, folder: Path, keep: bool):
             folder.rename(aside)  # a model of an earlier profile: kept, not overwritten
             print(f"{folder}: not reused (its settings differ; moved to {aside.name}); training again",
                   file=sys.stderr)
-    if keep and resumable(cfg, folder):  # a run stopped part-way (killed, or out of session time) goes on from there
+    if keep and resumable(cfg, folder):  # a run stopped part-way (killed, or out of time) goes on from there
         print(f"{folder}: resuming its checkpoint", file=sys.stderr)
         return anoseg.train(cfg, root, folder, resume=True, progress=False)
     return anoseg.train(cfg, root, folder, overwrite=True, progress=False)

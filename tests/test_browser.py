@@ -9,7 +9,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -34,9 +36,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
+def model(tiny_model_dir):
+    return load(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(model):
     port = free_port()
-    app = create_app(load(tiny_model_dir, device="cpu"), ServeSettings(port=port))
+    app = create_app(model, ServeSettings(port=port))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -65,7 +72,7 @@ def canvas_green_pixels(page, canvas_id: str) -> int:
         return n; }""", canvas_id)
 
 
-def test_upload_shows_verdict_overlay_and_slider_redraws_without_a_new_upload(server, browser, demo_root):
+def test_upload_shows_verdict_overlay_and_slider_redraws_without_a_new_upload(server, browser, demo_root, model):
     defect = sorted((demo_root / "test").glob("[!g]*/*.png"))[0]
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     posts = []
@@ -78,9 +85,10 @@ def test_upload_shows_verdict_overlay_and_slider_redraws_without_a_new_upload(se
     verdict = page.inner_text("#verdict")
     assert verdict in ("PASS", "DEFECT")
     assert page.get_attribute("#verdict", "class") == ("pass" if verdict == "PASS" else "defect")
-    assert float(page.inner_text("#score")) >= 0
+    shown = float(page.inner_text("#score"))  # the page shows the model's own image score, to 4 places
+    expected = model.maps_for_batch([np.asarray(Image.open(defect).convert("RGB"))])[0].score
+    assert shown == pytest.approx(expected, abs=6e-5)
     size = page.evaluate("[document.getElementById('overlay').width, document.getElementById('overlay').height]")
-    from PIL import Image
 
     assert size == list(Image.open(defect).size)
     assert page.evaluate("document.getElementById('original').naturalWidth") == size[0]

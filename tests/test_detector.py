@@ -1,5 +1,6 @@
 """The image-level anomaly detector: score formula, training, save/load, use in predict and evaluate."""
 
+import csv
 import math
 import shutil
 
@@ -58,9 +59,14 @@ def test_predict_and_evaluate_use_the_detector(detector_model, demo_root, tmp_pa
         assert r["image_threshold"] == model.detector.image_threshold and r["map_threshold"] == model.map_threshold
         assert r["image_threshold"] != r["map_threshold"]  # a detector model has two different thresholds
         assert r["verdict"] == ("defect" if r["detector_score"] > model.detector.image_threshold else "normal")
+    from sklearn.metrics import roc_auc_score
+
     m = evaluate(model, demo_root, tmp_path / "e", progress=False)["metrics"]
-    for key in ("image_auroc_max", "image_auroc_topk", "image_auroc_detector"):
-        assert 0 <= m[key] <= 1
+    rows = list(csv.DictReader(open(tmp_path / "e" / "scores.csv")))
+    labels = [int(r["label"]) for r in rows]
+    for key, column in (("image_auroc_max", "max_score"), ("image_auroc_topk", "topk_score"),
+                        ("image_auroc_detector", "detector_score")):
+        assert m[key] == pytest.approx(roc_auc_score(labels, [float(r[column]) for r in rows]), abs=1e-4), key
     assert m["image_auroc"] == m["image_auroc_detector"]
 
 

@@ -47,10 +47,16 @@ def test_predict_writes_outputs(tiny_model_dir, demo_root, tmp_path):
 
 def test_evaluate_writes_metrics(tiny_model_dir, demo_root, tmp_path):
     result = evaluate(load(tiny_model_dir), demo_root, tmp_path, progress=False)
+    from sklearn.metrics import roc_auc_score
+
     m = result["metrics"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("pixel_auroc", "aupro", "pixel_ap", "image_auroc", "iou", "best_iou", "pixel_f1_max"):
-        assert 0.0 <= m[key] <= 1.0, key
+        assert saved["metrics"][key] == pytest.approx(m[key]), key  # the file holds what evaluate returned
     assert m["best_iou"] >= m["iou"]
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    labels, scores = [int(r["label"]) for r in rows], [float(r["score"]) for r in rows]
+    assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-4)  # from the scores it lists
     assert json.loads((tmp_path / "metrics.json").read_text())["n_images"] == 4 + 3 + 3
     for name in ("metrics.md", "scores.csv", "roc.png", "pro.png"):
         assert (tmp_path / name).stat().st_size > 0

@@ -64,7 +64,7 @@ def fit_detector(det: Detector, anoseg_map: Callable[[torch.Tensor], torch.Tenso
 
     Batches and synthetic anomalies come from per-step generators seeded with (seed, step), so a run
     resumed from its checkpoint (`folder`, every ``checkpoint_every`` steps and on Ctrl-C) ends with the
-    same weights as one that ran through. Returns the training time in seconds, earlier sessions included.
+    same weights as one that ran through. Returns the training time in seconds, the interrupted runs' included.
     """
     cfg = det.cfg
     det.generator.train()
