@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,18 @@ def profile_config(profile: str = "fast", **overrides: Any) -> Config:
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile {profile!r}: choose from {', '.join(PROFILES)}")
     return Config(profile=profile, **PROFILES[profile]).replace(**overrides)
+
+
+def resumed(saved: Config, asked: Config, may_change: Iterable[str]) -> Config:
+    """The one resume policy, for AnoSeg and detector runs alike: a resumed run keeps the recipe it started with.
+    Settings in `may_change` are taken from `asked`; any other that `asked` sets differently is named in a
+    warning and ignored."""
+    may_change = set(may_change)
+    ignored = [f.name for f in dataclasses.fields(Config) if f.name not in may_change | {"profile"}
+               and getattr(saved, f.name) != getattr(asked, f.name)]
+    if ignored:
+        warnings.warn(f"resuming with the saved settings; ignored: {', '.join(ignored)}", stacklevel=3)
+    return saved.replace(**{k: getattr(asked, k) for k in may_change})
 
 
 def settings_markdown() -> str:

@@ -6,6 +6,7 @@ uses without importing any of this (nor the synthetic anomalies).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from .checkpoint import (
     resume_weights,
     save_resume_point,
 )
+from .config import Config, resumed
 from .data import TrainingImages, train_images
 from .detector import Detector
 from .errors import AnosegError, ConfigError, ModelFileError
@@ -39,9 +41,9 @@ from .progress import bar
 # the paper's loss weights (appendix A): adversarial, reconstruction, synthetic-anomaly classification, feature matching
 LAMBDA_ADV, LAMBDA_REC, LAMBDA_CLS, LAMBDA_FM = 1.0, 10.0, 1.0, 1.0
 BETAS = (0.5, 0.999)
-# settings a resumed detector run must share with its checkpoint (detector_steps may grow: train longer)
-RESUME_KEYS = ("seed", "detector_batch_size", "detector_lr")
-SAVED_KEYS = (*RESUME_KEYS, "detector_steps")  # what a checkpoint records; a resumed run starts from these
+# the detector run's recipe: a resumed run keeps these (detector_steps may grow: train longer)
+RECIPE_KEYS = ("seed", "detector_batch_size", "detector_lr")
+SAVED_KEYS = (*RECIPE_KEYS, "detector_steps")  # what a checkpoint records
 
 
 def new_detector(cfg, device: torch.device) -> Detector:
@@ -110,14 +112,11 @@ def save_checkpoint(folder: Path, det: Detector, opt_g: torch.optim.Optimizer, o
 
 def load_checkpoint(folder: Path, det: Detector, opt_g: torch.optim.Optimizer,
                     opt_d: torch.optim.Optimizer) -> tuple[int, float]:
-    """Restore a detector run; returns (steps done, seconds spent). Refuses other settings than its own."""
+    """Restore a detector run (its settings are the checkpoint's, :func:`train_detector`); returns (steps done,
+    seconds spent)."""
     if not (folder / DETECTOR_CKPT_STATE).is_file():
         raise AnosegError(f"{folder}: no detector checkpoint to resume (train-detector without --resume starts one)")
     state = load_json(folder / DETECTOR_CKPT_STATE)
-    changed = [k for k, v in state.get("settings", {}).items() if k in RESUME_KEYS and getattr(det.cfg, k, v) != v]
-    if changed:
-        raise ConfigError(f"{folder}: the detector checkpoint was made with other settings ({', '.join(changed)}); "
-                          "resume with the same settings or start again without --resume")
     path = resume_weights(folder, DETECTOR_CKPT_STATE, f"{DETECTOR_CKPT_STEM}.safetensors")
     tensors = load_tensors(path)
     load_module(det.generator, tensors, "generator", path)
@@ -203,9 +202,11 @@ def train_detector(folder: str | Path, data: str | Path | None = None, overrides
     """
     folder = Path(folder)
     model = AnoSegModel.load(folder)
-    # resuming: the interrupted run's settings, unless given again (a different value is refused later)
-    earlier = checkpoint_settings(folder) if resume else {}
-    cfg = model.config.replace(**{**earlier, **(overrides or {})})
+    cfg = model.config.replace(**(overrides or {}))
+    if resume:  # the interrupted run's recipe, as AnoSeg training resumes; settings not given are the run's
+        saved = model.config.replace(**checkpoint_settings(folder))
+        cfg = resumed(saved, saved.replace(**(overrides or {})),
+                      {f.name for f in dataclasses.fields(Config)} - set(RECIPE_KEYS))
     model.config = cfg
     if (folder / DETECTOR_CKPT_STATE).is_file() and not (resume or overwrite):
         raise AnosegError(f"{folder}: an interrupted detector run left a checkpoint; continue it with --resume "

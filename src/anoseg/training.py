@@ -19,7 +19,7 @@ import torch
 from . import trainer as trainer_mod
 from .calibrate import calibrate, holdout_split
 from .checkpoint import deferred_interrupt, remove_resume_point
-from .config import RESUMABLE, Config
+from .config import RESUMABLE, Config, resumed
 from .data import TrainingImages, train_images
 from .detector_training import remove_detector
 from .distributed import DistContext, barrier, broadcast_flag, init_from_env, shard
@@ -42,19 +42,13 @@ from .trainer import Trainer, TrainingUnstable
 
 
 def prepare_folder(out: Path, cfg: Config, resume: bool, overwrite: bool) -> Config:
-    """Check the output folder so that no finished work is overwritten by accident; returns the config to use.
-
-    Resuming keeps the saved settings but for RESUMABLE ones, and warns about the others that differ."""
+    """Check the output folder so that no finished work is overwritten by accident; returns the config to use
+    (resuming: :func:`anoseg.config.resumed`, the saved recipe with RESUMABLE settings taken from `cfg`)."""
     has_ckpt, has_model = has_checkpoint(out), is_finished(out)
     if resume:
         if not has_ckpt:
             raise AnosegError(f"{out}: nothing to resume (no {CKPT_STATE})")
-        saved = read_config(out / CONFIG_FILE, for_training=True)
-        ignored = [k for k, v in cfg.to_dict().items()
-                   if k not in RESUMABLE and k != "profile" and saved.to_dict()[k] != v]
-        if ignored:
-            warnings.warn(f"resuming with the saved settings; ignored: {', '.join(ignored)}", stacklevel=3)
-        return saved.replace(**{k: getattr(cfg, k) for k in RESUMABLE})
+        return resumed(read_config(out / CONFIG_FILE, for_training=True), cfg, RESUMABLE)
     if (has_ckpt or has_model) and not overwrite:
         raise AnosegError(f"{out}: already holds a model or checkpoint; use --resume to continue it, "
                           "--overwrite to start again, or another --out")
