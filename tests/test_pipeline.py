@@ -231,3 +231,12 @@ def test_blended_image_score_decides_the_verdict_and_its_threshold(tiny_model_co
     assert model.image_threshold < before.image_threshold  # a mean of the top pixels lies below their maximum
     assert model.map_threshold == pytest.approx(before.map_threshold)  # pixels are scored as before
     assert load(tiny_model_copy).config.image_score_topk_weight == 1.0
+
+
+def test_training_learns_the_demo_data(demo_root, tmp_path):
+    # pixel AUROC on this demo set, tiny profile, fp32, seeds 0 / 1 / 2: 0.75 / 0.89 / 0.73 after 300 steps,
+    # 0.38 / 0.58 after one (measured 2026-12-06): the floor lies between what training reaches and chance
+    cfg = profile_config("tiny", steps=300, batch_size=8, precision="fp32")
+    model = train(cfg, demo_root, tmp_path / "m", progress=False)
+    metrics = evaluate(model, demo_root, None, progress=False)["metrics"]
+    assert metrics["pixel_auroc"] >= 0.65, metrics

@@ -8,7 +8,8 @@ import pytest
 
 from anoseg import load
 from anoseg.cli import main
-from anoseg.predict import iter_inputs, predict, predict_stream
+from anoseg.inputs import iter_inputs
+from anoseg.predict import predict, predict_stream
 
 from .conftest import write_png
 

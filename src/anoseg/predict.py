@@ -14,7 +14,6 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import DataError, OutputError
 from .fileio import (
-    IMAGE_SUFFIXES,
     TEXT,
     _write_atomic,
     load_image,
@@ -33,91 +31,13 @@ from .fileio import (
     write_text_atomic,
 )
 from .inference import AnoSegModel, Prediction
+from .inputs import check_inputs, iter_inputs
 from .progress import bar as progress_bar
 from .scoring import Thresholds
 from .visualize import save_map_png16, save_overlay
 
 RESULT_FIELDS = ["path", "score", "verdict", "image_threshold", "map_score", "max_score", "topk_score",
                  "detector_score", "map_threshold", "width", "height", "overlay", "map"]
-
-
-def _check_inputs(inputs: list[str | Path]) -> list[str]:
-    texts = [str(i) for i in inputs]
-    for text in texts:
-        if not Path(text).exists() and not glob.has_magic(text):
-            raise DataError(f"{text}: no such file or folder")
-    if not texts:
-        raise DataError("no inputs given")
-    return texts
-
-
-def _walk(folder: Path, skip: Path) -> Iterator[Path]:
-    """Image files under `folder`, in sorted order, without listing the whole tree at once."""
-    for here, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if (Path(here) / d).resolve() != skip)
-        for f in sorted(files):
-            if Path(f).suffix.lower() in IMAGE_SUFFIXES:
-                yield Path(here) / f
-
-
-def _unique(paths: Iterator[Path]) -> Iterator[Path]:
-    """Each real file once: a '**' glob through a symlink loop reaches the same file under many names."""
-    seen: set[str] = set()
-    for p in paths:
-        r = str(p.resolve())
-        if r not in seen:
-            seen.add(r)
-            yield p
-
-
-def iter_inputs(inputs: list[str | Path], skip: Path | None = None) -> Iterator[tuple[Path, Path]]:
-    """(image file, folder it is named relative to) for files, folders and globs, lazily and in order.
-
-    A file already reached through an earlier input is not repeated; `skip` (the output folder) is never
-    entered, so earlier outputs are not scored again.
-    """
-    texts = _check_inputs(inputs)
-    skip = (skip or Path("/nonexistent")).resolve()
-    base = _common_base(texts)
-    earlier: list[str] = []
-
-    def seen_before(p: Path) -> bool:  # bounded memory: compare with the earlier inputs, not with every file
-        r = str(p.resolve())
-        return any(r == e or r.startswith(e.rstrip(os.sep) + os.sep) or (glob.has_magic(e) and fnmatch(r, e))
-                   for e in earlier)
-
-    for text in texts:
-        path = Path(text)
-        if path.is_dir():
-            found: Iterator[Path] = _walk(path, skip)
-        elif path.is_file():
-            found = iter([path])
-        else:
-            found = _unique(Path(p) for p in glob.iglob(text, recursive=True))
-        for p in found:
-            if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            if p.resolve().is_relative_to(skip) or (earlier and seen_before(p)):
-                continue
-            yield p, base
-        earlier.append(str(path.resolve()) if not glob.has_magic(text) else os.path.abspath(text))
-
-
-def _common_base(texts: list[str]) -> Path:
-    """The folder output names are relative to: the inputs' common folder."""
-    roots = []
-    for text in texts:
-        p = Path(text)
-        if glob.has_magic(text):
-            parts = []
-            for part in Path(os.path.abspath(text)).parts:
-                if glob.has_magic(part):
-                    break
-                parts.append(part)
-            roots.append(str(Path(*parts)))
-        else:
-            roots.append(str(p.resolve() if p.is_dir() else p.resolve().parent))
-    return Path(os.path.commonpath(roots))
 
 
 def output_name(path: Path, base: Path, used: set[str]) -> str:
@@ -237,7 +157,7 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; give --out a folder")
-    _check_inputs(inputs)
+    check_inputs(inputs)
     done = _resume_tables(out) if resume else set()
     if resume:
         _check_same_inputs(out, inputs)
