@@ -47,12 +47,12 @@ def overrides(variant: str) -> dict:
     return dict(VARIANTS[variant]["set"])
 
 
-def run_steps(variant: str, steps: int) -> int:
+def run_steps(variant: str, steps: int, profile: str = "fast") -> int:
     """The steps a variant trains for in a run of `steps`: scaled by the profile's batch over the variant's, so
     a variant with another batch size sees as many images as the others."""
     from anoseg.config import profile_config
 
-    batch = profile_config("fast").batch_size
+    batch = profile_config(profile).batch_size
     return steps * batch // overrides(variant).get("batch_size", batch)
 
 
@@ -214,7 +214,7 @@ def main() -> None:
             if r.get("profile", "fast") == args.profile and data_label(r) == data_label({"data": str(data)})}
     # seed-major, then variant, then category: an interrupted run has covered every category evenly
     todo = [(v, c, s) for s in args.seeds for v in variants for c in categories
-            if (v, c, s, run_steps(v, steps)) not in done]
+            if (v, c, s, run_steps(v, steps, args.profile)) not in done]
     # evaluation-only variants of one category and seed share one child (and the default's model), after training
     trains = [job for job in todo if not evaluation_only(job[0])]
     groups: dict[tuple[str, int], list[str]] = {}
@@ -230,7 +230,7 @@ def main() -> None:
         vs, c, s = job
         start = time.perf_counter()
         # a group of evaluation-only variants (comma-separated) trains nothing of its own: the default's steps
-        one = [vs, c, str(s), str(run_steps(vs.split(",")[0], steps)), str(threads), args.profile]
+        one = [vs, c, str(s), str(run_steps(vs.split(",")[0], steps, args.profile)), str(threads), args.profile]
         proc = subprocess.run([sys.executable, __file__, "--one", *one, "--data", str(data)],
                               capture_output=True, text=True)
         if proc.returncode:
@@ -245,8 +245,8 @@ def main() -> None:
             print(f"{c} {r['variant']} seed {s}: " + " ".join(f"{k} {r[k]:.3f}" for k in KEYS)
                   + f" ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    longer = "".join(f", {v} {run_steps(v, steps)}" for v in sorted({j[0] for j in trains})
-                     if run_steps(v, steps) != steps)
+    longer = "".join(f", {v} {run_steps(v, steps, args.profile)}" for v in sorted({j[0] for j in trains})
+                     if run_steps(v, steps, args.profile) != steps)
     print(f"{len(trains)} training run(s) of {steps} steps{longer} and {len(todo) - len(trains)} evaluation-only, "
           f"{args.jobs} at a time", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
