@@ -32,6 +32,14 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def finite_weights(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """`tensors` when every floating-point value is a finite number; else a one-line ModelFileError."""
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point()):
+        raise ModelFileError(f"{path}: holds weights that are not finite numbers (NaN or infinity); the model "
+                             "cannot make maps, train it again")
+    return tensors
+
+
 def save_json(path: Path, data: dict[str, Any]) -> None:
     write_text_atomic(Path(path), json.dumps(data, indent=2) + "\n")
 

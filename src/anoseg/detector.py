@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_json, load_module, load_tensors, module_state, save_json, save_tensors
+from .checkpoint import finite_weights, load_json, load_module, load_tensors, module_state, save_json, save_tensors
 from .config import Config
 from .modelfolder import DETECTOR_META, DETECTOR_WEIGHTS, pop_threshold
 from .models import Decoder, Discriminator, Encoder, channels_last, stage_channels
@@ -84,7 +84,7 @@ class Detector:
     @classmethod
     def load(cls, folder: Path, cfg: Config, device: torch.device) -> Detector:
         det = cls(cfg, device)
-        tensors = load_tensors(folder / DETECTOR_WEIGHTS)
+        tensors = finite_weights(load_tensors(folder / DETECTOR_WEIGHTS), folder / DETECTOR_WEIGHTS)
         load_module(det.generator, tensors, "generator", folder / DETECTOR_WEIGHTS)
         load_module(det.discriminator, tensors, "discriminator", folder / DETECTOR_WEIGHTS)
         meta = load_json(folder / DETECTOR_META)

@@ -201,7 +201,7 @@ def _new_temp_file(path: Path) -> str:
 def temp_files(folder: Path, prefix: str) -> list[Path]:
     """The temporary files (:func:`_new_temp_file`) that atomic writes of names starting with `prefix` left in
     `folder`: a kill cut those writes short, so nothing renames or removes them."""
-    return list(Path(folder).glob(f".{prefix}*.tmp"))
+    return [p for p in Path(folder).glob(f".{prefix}*.tmp") if re.fullmatch(r"\..+\.[0-9a-f]{12}\.tmp", p.name)]
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_module, load_tensors, module_state, save_json, save_tensors
+from .checkpoint import finite_weights, load_module, load_tensors, module_state, save_json, save_tensors
 from .config import Config
 from .data import resize_rgb
 from .detector import Detector
@@ -161,7 +161,8 @@ class AnoSegModel:
         config = read_config(folder / CONFIG_FILE)
         meta, threshold, score_threshold = read_model_meta(folder)
         generator = Generator(config)
-        load_module(generator, load_tensors(folder / WEIGHTS_FILE), "generator", folder / WEIGHTS_FILE)
+        tensors = finite_weights(load_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
+        load_module(generator, tensors, "generator", folder / WEIGHTS_FILE)
         model = cls(config, generator, threshold, meta, device, score_threshold)
         if (folder / DETECTOR_WEIGHTS).exists():
             model.detector = Detector.load(folder, config, model.device)

@@ -28,6 +28,7 @@ from .fileio import (
     make_output_dir,
     safe_name,
     save_npy_atomic,
+    temp_files,
     write_text_atomic,
 )
 from .inference import AnoSegModel, Prediction
@@ -111,7 +112,10 @@ def _check_same_inputs(out: Path, inputs: list[str | Path]) -> None:
     try:
         first = json.loads((out / INPUTS_FILE).read_text())["inputs"]
     except (OSError, ValueError, KeyError, TypeError):
-        return  # an older run without the record: nothing to compare with
+        if (out / "predictions.jsonl").exists():  # results, but no record of what they were made from
+            raise DataError(f"--resume: {out} holds results but not their record of inputs ({INPUTS_FILE}); "
+                            "it cannot be resumed safely: give a new --out") from None
+        return  # nothing scored yet: nothing to compare with
     if first != _input_keys(inputs):
         raise DataError(f"--resume: the inputs differ from those of the run in {out} ({', '.join(first)}); "
                         "give the same inputs, or a new --out")
@@ -154,9 +158,7 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
     start = time.perf_counter()
     _check_options(map_format, workers)
     t_map, t_img = model.thresholds(map_threshold, image_threshold)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder; give --out a folder")
+    out = _check_output_folder(Path(out), resume)
     check_inputs(inputs)
     done = _resume_tables(out) if resume else set()
     if resume:
@@ -164,6 +166,8 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
     else:  # a fresh run: an earlier run's list of skipped files no longer applies
         (out / "skipped.txt").unlink(missing_ok=True)
         (out / INPUTS_FILE).unlink(missing_ok=True)
+    for leftover in temp_files(out, "") if out.is_dir() else []:  # of writes a kill cut short
+        leftover.unlink(missing_ok=True)
     tables = _Tables(out, append=resume and bool(done))
     # items one by one (workers take turns, so the order is the inputs' order), batched here for the model
     loader = DataLoader(_Images(inputs, out, done), batch_size=None, num_workers=workers, collate_fn=_as_is,
@@ -181,6 +185,17 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
     _check_something_scored(summary, inputs, out, done)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _check_output_folder(out: Path, resume: bool) -> Path:
+    """`out` can be a results folder, and holds no earlier run's results unless the run resumes it."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(f"{out}: {existing} is a file, not a folder; give --out a folder")
+    if not resume and (out / "predictions.jsonl").exists():
+        raise OutputError(f"{out}: holds the results of an earlier run; continue it with --resume, or give "
+                          "another --out")
+    return out
 
 
 def _check_options(map_format: str, workers: int) -> None:
@@ -217,6 +232,11 @@ def _check_something_scored(summary: PredictSummary, inputs: list, out: Path, do
     if done:
         return
     if summary.seen == 0:
+        inside = [str(i) for i in inputs if Path(str(i)).exists() and Path(str(i)).resolve().is_relative_to(
+            out.resolve())]
+        if inside:
+            raise DataError(f"{', '.join(inside)}: inside the output folder {out}, which predict never reads "
+                            "(its earlier outputs are not scored again); give another --out")
         raise DataError(f"no images found in {', '.join(map(str, inputs))}" +
                         (f" outside the output folder {out}" if any(Path(str(i)).is_dir() for i in inputs) else ""))
     if summary.scored == 0:

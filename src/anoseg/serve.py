@@ -8,6 +8,7 @@ pixel count and real image type, and refused with a JSON error that says what is
 
 import base64
 import io
+import math
 import secrets
 import tempfile
 import threading
@@ -44,8 +45,8 @@ class ServeSettings:
     busy_timeout_s: float = 60.0  # a request that waits longer for its turn is answered 503 "busy"
 
     def __post_init__(self) -> None:
-        if self.max_upload_mb <= 0:
-            raise AnosegError(f"--max-upload-mb {self.max_upload_mb}: must be positive")
+        if not (math.isfinite(self.max_upload_mb) and self.max_upload_mb > 0):
+            raise AnosegError(f"--max-upload-mb {self.max_upload_mb}: must be a positive number")
         if self.max_pixels < 1:
             raise AnosegError(f"--max-pixels {self.max_pixels}: must be at least 1")
         if self.max_concurrent < 1:

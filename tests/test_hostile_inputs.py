@@ -1,0 +1,115 @@
+"""Inputs a user can give that once ended in a traceback, an HTTP 500 or lost results: each now gets a clear
+error naming the problem (exit status 2) or the right result."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from anoseg import AnosegError, load
+from anoseg.checkpoint import load_tensors, save_tensors
+from anoseg.cli import main
+from anoseg.modelfolder import WEIGHTS_FILE
+
+
+def good_image(demo_root):
+    return demo_root / "test" / "good" / "000.png"
+
+
+def test_out_below_a_regular_file_is_one_clear_line(tiny_model_dir, demo_root, tmp_path, capsys):
+    blocker = tmp_path / "existing.txt"
+    blocker.write_text("a file")
+    assert main(["predict", str(tiny_model_dir), str(good_image(demo_root)), "--out", str(blocker / "sub"),
+                 "--quiet"]) == 2
+    assert "existing.txt is a file, not a folder; give --out a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["gpu", "mps", "xla", "meta", "cuda:x"])
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_an_unknown_or_unusable_device_is_refused_by_name(tiny_model_dir, demo_root, tmp_path, capsys, device,
+                                                          command):
+    args = [str(good_image(demo_root))] if command == "predict" else [str(demo_root)]
+    assert main([command, str(tiny_model_dir), *args, "--out", str(tmp_path / "o"), "--device", device,
+                 "--quiet"]) == 2
+    assert f"device {device!r}: use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["-1", "-2"])
+def test_a_negative_thread_count_is_refused_by_name(demo_root, tmp_path, capsys, text):
+    assert main(["train", str(demo_root), "--out", str(tmp_path / "m"), "--profile", "tiny", "--num-threads", text,
+                 "--quiet"]) == 2
+    assert f"setting num_threads={text}: must not be negative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0])
+def test_serve_refuses_a_non_finite_upload_limit_at_start(value):
+    from anoseg.serve import ServeSettings
+
+    with pytest.raises(AnosegError, match="--max-upload-mb .*: must be a positive number"):
+        ServeSettings(max_upload_mb=value)
+
+
+def test_a_model_with_non_finite_weights_is_refused_and_nothing_is_written(tiny_model_dir, demo_root, tmp_path,
+                                                                           capsys):
+    folder = tmp_path / "nan_model"
+    shutil.copytree(tiny_model_dir, folder)
+    tensors = load_tensors(folder / WEIGHTS_FILE)
+    save_tensors(folder / WEIGHTS_FILE, {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                                         for k, v in tensors.items()})
+    meta_before = (folder / "model.json").read_text()
+    for argv in (["predict", str(folder), str(good_image(demo_root)), "--out", str(tmp_path / "p")],
+                 ["evaluate", str(folder), str(demo_root), "--out", str(tmp_path / "e")],
+                 ["calibrate", str(folder)]):
+        assert main([*argv, "--quiet"] if argv[0] != "calibrate" else argv) == 2
+        err = capsys.readouterr().err
+        assert "not finite numbers (NaN or infinity)" in err and len(err.strip().splitlines()) == 1, err
+    assert (folder / "model.json").read_text() == meta_before
+    assert not (tmp_path / "p").exists() and not (tmp_path / "e").exists()
+
+
+def test_a_file_inside_the_output_folder_is_named_as_such(tiny_model_dir, demo_root, tmp_path, capsys,
+                                                          monkeypatch):
+    out = tmp_path / "od"
+    out.mkdir()
+    shutil.copy(good_image(demo_root), out / "ok.png")
+    monkeypatch.chdir(out)
+    assert main(["predict", str(tiny_model_dir), "ok.png", "--out", ".", "--quiet"]) == 2
+    assert "ok.png: inside the output folder ., which predict never reads" in capsys.readouterr().err
+
+
+def test_a_second_run_into_a_folder_of_results_is_refused_and_the_rows_are_kept(tiny_model_dir, demo_root,
+                                                                                tmp_path, capsys):
+    out = tmp_path / "r6"
+    assert main(["predict", str(tiny_model_dir), str(demo_root / "test" / "good"), "--out", str(out),
+                 "--quiet"]) == 0
+    rows = (out / "predictions.jsonl").read_text()
+    assert len(rows.splitlines()) == 4
+    assert main(["predict", str(tiny_model_dir), str(good_image(demo_root)), "--out", str(out), "--quiet"]) == 2
+    assert "holds the results of an earlier run; continue it with --resume, or give another --out" in \
+        capsys.readouterr().err
+    assert (out / "predictions.jsonl").read_text() == rows
+
+
+def test_resume_without_the_record_of_inputs_is_refused(tiny_model_dir, demo_root, tmp_path, capsys):
+    out = tmp_path / "rl"
+    assert main(["predict", str(tiny_model_dir), str(demo_root / "test" / "good"), "--out", str(out),
+                 "--quiet"]) == 0
+    (out / "predict_inputs.json").unlink()
+    assert main(["predict", str(tiny_model_dir), str(demo_root / "test" / "spot"), "--out", str(out), "--resume",
+                 "--quiet"]) == 2
+    assert "holds results but not their record of inputs" in capsys.readouterr().err
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 4
+
+
+def test_temporary_files_of_a_killed_run_are_removed_by_the_next(tiny_model_dir, demo_root, tmp_path):
+    out = tmp_path / "k"
+    inputs = [str(demo_root / "test" / "good")]
+    assert main(["predict", str(tiny_model_dir), *inputs, "--out", str(out), "--quiet"]) == 0
+    leftover = out / ".004_overlay.png.0123456789ab.tmp"  # what a kill -9 during a write leaves
+    leftover.write_bytes(b"half an overlay")
+    other = out / ".notes.tmp"  # not a name our writes make: left alone
+    other.write_text("mine")
+    assert main(["predict", str(tiny_model_dir), *inputs, "--out", str(out), "--resume", "--quiet"]) == 0
+    assert not leftover.exists() and other.exists()
+    assert load(tiny_model_dir) is not None and json.loads((out / "predict_inputs.json").read_text())
