@@ -113,3 +113,20 @@ def test_temporary_files_of_a_killed_run_are_removed_by_the_next(tiny_model_dir,
     assert main(["predict", str(tiny_model_dir), *inputs, "--out", str(out), "--resume", "--quiet"]) == 0
     assert not leftover.exists() and other.exists()
     assert load(tiny_model_dir) is not None and json.loads((out / "predict_inputs.json").read_text())
+
+
+def test_a_double_star_glob_through_two_symlink_loops_ends_and_finds_each_file_once(demo_root, tmp_path):
+    import subprocess
+    import sys
+
+    g = tmp_path / "g"
+    (g / "sub").mkdir(parents=True)
+    shutil.copy(good_image(demo_root), g / "a.png")
+    shutil.copy(good_image(demo_root), g / "sub" / "b.png")
+    (g / "sub" / "loop").symlink_to("..")
+    (g / "sub" / "loop_b").symlink_to("../sub")
+    code = ("import sys; from anoseg.inputs import iter_inputs; "
+            "print('\\n'.join(str(p.relative_to(sys.argv[1])) for p, _ in iter_inputs([sys.argv[1] + '/**/*.png'])))")
+    found = subprocess.run([sys.executable, "-c", code, str(g)], capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.split() == ["a.png", "sub/b.png"]  # links to folders are not followed, as for folders

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
-from collections.abc import Iterator
-from fnmatch import fnmatch
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import DataError
@@ -23,12 +24,17 @@ def check_inputs(inputs: list[str | Path]) -> list[str]:
     return texts
 
 
-def _walk(folder: Path, skip: Path) -> Iterator[Path]:
-    """Image files under `folder`, in sorted order, without listing the whole tree at once."""
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _walk(folder: Path, skip: Path, keep: Callable[[str], bool] = _is_image_name) -> Iterator[Path]:
+    """Files under `folder` (image files by default), in sorted order, without listing the whole tree at once;
+    links to folders are not followed."""
     for here, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if (Path(here) / d).resolve() != skip)
         for f in sorted(files):
-            if Path(f).suffix.lower() in IMAGE_SUFFIXES:
+            if keep(f):
                 yield Path(here) / f
 
 
@@ -40,6 +46,27 @@ def _unique(paths: Iterator[Path]) -> Iterator[Path]:
         if r not in seen:
             seen.add(r)
             yield p
+
+
+def _glob(pattern: str, skip: Path) -> Iterator[Path]:
+    """Files matching a glob pattern. '**' walks the folders below without following links to folders (as a
+    folder input does): glob's own '**' follows them, and two links that loop keep it busy for ever."""
+    if "**" not in pattern:
+        yield from (Path(p) for p in glob.iglob(pattern))
+        return
+    parts = Path(os.path.abspath(pattern)).parts
+    split = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root, rest = Path(*parts[:split]), parts[split:]
+    pieces = "".join("(?:[^/]+/)*" if part == "**" else _part_regex(part) + "/" for part in rest)
+    regex = re.compile((pieces[:-1] if pieces.endswith("/") else pieces + "[^/]+") + r"\Z")
+    for path in _walk(root, skip, lambda _: True):
+        if regex.match(path.relative_to(root).as_posix()):
+            yield path
+
+
+def _part_regex(part: str) -> str:
+    """One path component of a glob as a regular expression ('**' matches any number of folders)."""
+    return fnmatch.translate(part).removeprefix("(?s:").removesuffix(r")\Z").replace(".*", "[^/]*")
 
 
 def iter_inputs(inputs: list[str | Path], skip: Path | None = None) -> Iterator[tuple[Path, Path]]:
@@ -55,7 +82,7 @@ def iter_inputs(inputs: list[str | Path], skip: Path | None = None) -> Iterator[
 
     def seen_before(p: Path) -> bool:  # bounded memory: compare with the earlier inputs, not with every file
         r = str(p.resolve())
-        return any(r == e or r.startswith(e.rstrip(os.sep) + os.sep) or (glob.has_magic(e) and fnmatch(r, e))
+        return any(r == e or r.startswith(e.rstrip(os.sep) + os.sep) or (glob.has_magic(e) and fnmatch.fnmatch(r, e))
                    for e in earlier)
 
     for text in texts:
@@ -65,7 +92,7 @@ def iter_inputs(inputs: list[str | Path], skip: Path | None = None) -> Iterator[
         elif path.is_file():
             found = iter([path])
         else:
-            found = _unique(Path(p) for p in glob.iglob(text, recursive=True))
+            found = _unique(_glob(text, skip))
         for p in found:
             if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
