@@ -130,3 +130,18 @@ def test_a_double_star_glob_through_two_symlink_loops_ends_and_finds_each_file_o
     found = subprocess.run([sys.executable, "-c", code, str(g)], capture_output=True, text=True, timeout=60)
     assert found.returncode == 0, found.stderr
     assert found.stdout.split() == ["a.png", "sub/b.png"]  # links to folders are not followed, as for folders
+
+
+@pytest.mark.parametrize("host", ["taken", "256.1.1.1"])
+def test_serve_binds_before_it_announces_and_a_bad_address_is_one_line(tiny_model_dir, capsys, host):
+    import socket
+
+    pytest.importorskip("uvicorn")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        address = "127.0.0.1" if host == "taken" else host
+        assert main(["serve", str(tiny_model_dir), "--host", address, "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert "serving" not in out and f"cannot serve on {address}:{port}" in err and len(err.strip().splitlines()) == 1

@@ -10,6 +10,7 @@ import base64
 import io
 import math
 import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -275,5 +276,19 @@ def serve(model: AnoSegModel | str | Path, settings: ServeSettings, log_level: s
     except ImportError:
         raise AnosegError("the server needs uvicorn: pip install 'anoseg[deploy]'") from None
     app = create_app(model, settings)
-    print(f"anoseg: serving {model_name or model} on http://{settings.host}:{settings.port}/ (API docs at /docs)")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
+    sock = listening_socket(settings.host, settings.port)  # bound before anything is announced
+    port = sock.getsockname()[1]
+    print(f"anoseg: serving {model_name or model} on http://{settings.host}:{port}/ (API docs at /docs)")
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port; a taken port or an address that cannot be bound is one clear error."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise AnosegError(f"cannot serve on {host}:{port} ({e.strerror or e})") from None
+    return sock
