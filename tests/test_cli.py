@@ -129,8 +129,9 @@ def test_predict_rejects_nan_threshold_and_skips_own_outputs(tiny_model_dir, dem
     photos = tmp_path / "photos"
     for i in range(2):
         write_png(photos / f"{i}.png", np.zeros((16, 16, 3), np.uint8))
-    for _ in range(2):  # the second run must not pick up the first run's overlays
-        assert main(["predict", str(tiny_model_dir), str(photos), "--out", str(photos / "pred"), "--quiet"]) == 0
+    for resume in ([], ["--resume"]):  # the second run must not pick up the first run's overlays
+        assert main(["predict", str(tiny_model_dir), str(photos), "--out", str(photos / "pred"), "--quiet",
+                     *resume]) == 0
     assert len(list((photos / "pred").glob("*_overlay.png"))) == 2
 
 

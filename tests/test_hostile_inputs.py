@@ -145,3 +145,24 @@ def test_serve_binds_before_it_announces_and_a_bad_address_is_one_line(tiny_mode
         assert main(["serve", str(tiny_model_dir), "--host", address, "--port", str(port)]) == 2
     out, err = capsys.readouterr()
     assert "serving" not in out and f"cannot serve on {address}:{port}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_file_of_an_input_folder_is_scored_or_listed_with_its_reason(tiny_model_dir, demo_root, tmp_path,
+                                                                          capsys):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image = Image.open(good_image(demo_root)).convert("RGB")
+    for name, kind in (("a.gif", "GIF"), ("b.webp", "WEBP"), ("c.ppm", "PPM"), ("d.jpe", "JPEG"), ("e.jfif", "JPEG")):
+        image.save(photos / name, kind)
+    (photos / "notes.txt").write_text("not a picture")
+    out = tmp_path / "p"
+    assert main(["predict", str(tiny_model_dir), str(photos), "--out", str(out), "--quiet"]) == 0
+    assert "notes.txt" in capsys.readouterr().err  # a warning names it
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(r["path"].rsplit("/", 1)[1] for r in rows) == ["a.gif", "b.webp", "c.ppm", "d.jpe", "e.jfif"]
+    skipped = (out / "skipped.txt").read_text()
+    assert "notes.txt" in skipped and "not an image" in skipped
+    assert main(["predict", str(tiny_model_dir), str(photos / "a.gif"), "--out", str(tmp_path / "one"),
+                 "--quiet"]) == 0  # named alone, too

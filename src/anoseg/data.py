@@ -44,7 +44,8 @@ def train_images(root: str | Path) -> list[Path]:
         example = next(p for p in sorted(root.iterdir()) if p.is_dir() and is_mvtec_category(p))
         raise DataError(f"{root}: holds several MVTec categories; train one at a time, e.g. {example}")
     if not files:
-        raise DataError(f"{folder}: no training images (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"{folder}: no training images (looked for the image types Pillow reads: "
+                        f"{', '.join(IMAGE_SUFFIXES[:8])}, ...)")
     return files
 
 

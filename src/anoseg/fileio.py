@@ -17,7 +17,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError, ImageError, OutputError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# What Pillow opens, but for formats whose files hold no picture it decodes by itself (stubs that need a handler,
+# vector and scientific formats): one list for folders, names and uploads. Animations give their first frame.
+Image.init()
+_NOT_PICTURES = {"BUFR", "EPS", "GRIB", "HDF5", "IPTC", "MPEG", "WMF"}
+READABLE_FORMATS = tuple(sorted(set(Image.OPEN) - _NOT_PICTURES))
+IMAGE_SUFFIXES = tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in READABLE_FORMATS))
 
 # Refuse images whose declared size is absurd before decoding them (decompression bombs).
 MAX_PIXELS = 100_000_000

@@ -6,11 +6,10 @@ import fnmatch
 import glob
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import DataError
-from .fileio import IMAGE_SUFFIXES
 
 
 def check_inputs(inputs: list[str | Path]) -> list[str]:
@@ -24,18 +23,12 @@ def check_inputs(inputs: list[str | Path]) -> list[str]:
     return texts
 
 
-def _is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES
-
-
-def _walk(folder: Path, skip: Path, keep: Callable[[str], bool] = _is_image_name) -> Iterator[Path]:
-    """Files under `folder` (image files by default), in sorted order, without listing the whole tree at once;
-    links to folders are not followed."""
+def _walk(folder: Path, skip: Path) -> Iterator[Path]:
+    """Files under `folder`, in sorted order, without listing the whole tree at once; links to folders are not
+    followed."""
     for here, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if (Path(here) / d).resolve() != skip)
-        for f in sorted(files):
-            if keep(f):
-                yield Path(here) / f
+        yield from (Path(here) / f for f in sorted(files))
 
 
 def _unique(paths: Iterator[Path]) -> Iterator[Path]:
@@ -59,7 +52,7 @@ def _glob(pattern: str, skip: Path) -> Iterator[Path]:
     root, rest = Path(*parts[:split]), parts[split:]
     pieces = "".join("(?:[^/]+/)*" if part == "**" else _part_regex(part) + "/" for part in rest)
     regex = re.compile((pieces[:-1] if pieces.endswith("/") else pieces + "[^/]+") + r"\Z")
-    for path in _walk(root, skip, lambda _: True):
+    for path in _walk(root, skip):
         if regex.match(path.relative_to(root).as_posix()):
             yield path
 
@@ -94,7 +87,7 @@ def iter_inputs(inputs: list[str | Path], skip: Path | None = None) -> Iterator[
         else:
             found = _unique(_glob(text, skip))
         for p in found:
-            if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+            if not p.is_file():  # every file named is scored, or skipped with its reason: none is dropped unsaid
                 continue
             if p.resolve().is_relative_to(skip) or (earlier and seen_before(p)):
                 continue

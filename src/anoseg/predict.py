@@ -190,6 +190,8 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
 def _check_output_folder(out: Path, resume: bool) -> Path:
     """`out` can be a results folder, and holds no earlier run's results unless the run resumes it."""
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing == out and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; give --out a folder")
     if existing is not None and not existing.is_dir():
         raise OutputError(f"{out}: {existing} is a file, not a folder; give --out a folder")
     if not resume and (out / "predictions.jsonl").exists():

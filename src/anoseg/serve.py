@@ -24,12 +24,11 @@ import numpy as np
 from PIL import Image
 
 from .errors import AnosegError, DataError, ImageError, OutputError
-from .fileio import load_image_bytes, make_output_dir, safe_name, write_bytes_atomic
+from .fileio import READABLE_FORMATS, load_image_bytes, make_output_dir, safe_name, write_bytes_atomic
 from .inference import AnoSegModel
 from .scoring import Thresholds
 from .visualize import map_to_uint8, overlay
 
-UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 STATUS = {"empty": 400, "damaged": 400, "no_pixels": 400, "not_image": 415, "too_large": 413}
 
 
@@ -101,7 +100,7 @@ class Inspector:
 
     def _predict(self, data: bytes, name: str, overlay_png: bool, pictures: bool) -> dict[str, Any]:
         try:
-            image = load_image_bytes(data, name or "upload", self.settings.max_pixels, formats=UPLOAD_FORMATS)
+            image = load_image_bytes(data, name or "upload", self.settings.max_pixels, formats=READABLE_FORMATS)
         except ImageError as e:
             raise UploadError(STATUS.get(e.reason, 400), e.reason, str(e)) from None
         except DataError as e:
