@@ -124,8 +124,9 @@ def test_mvtec_root_instead_of_category(tmp_path, capsys):
 
 
 def test_predict_rejects_nan_threshold_and_skips_own_outputs(tiny_model_dir, demo_root, tmp_path, capsys):
-    assert "finite" in _err(capsys, ["predict", str(tiny_model_dir), str(demo_root / "test" / "good"),
-                                     "--out", str(tmp_path / "p"), "--threshold", "nan"])
+    err = _err(capsys, ["predict", str(tiny_model_dir), str(demo_root / "test" / "good"), "--out", str(tmp_path / "p"),
+                        "--threshold", "nan"])
+    assert "--map-threshold nan: must be a number in [0, 1]" in err
     photos = tmp_path / "photos"
     for i in range(2):
         write_png(photos / f"{i}.png", np.zeros((16, 16, 3), np.uint8))

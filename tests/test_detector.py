@@ -82,10 +82,10 @@ def test_image_threshold_judges_the_map_maximum_without_a_detector(tiny_model_di
     import csv
 
     model = load(tiny_model_dir)
-    predict(model, [demo_root / "test" / "good"], tmp_path, image_threshold=-1.0, progress=False)
+    predict(model, [demo_root / "test" / "good"], tmp_path, image_threshold=0.0, progress=False)
     with open(tmp_path / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert rows and all(r["verdict"] == "defect" and float(r["image_threshold"]) == -1.0 for r in rows)
+    assert rows and all(r["verdict"] == "defect" and float(r["image_threshold"]) == 0.0 for r in rows)
     assert all(float(r["map_threshold"]) == model.map_threshold for r in rows)  # the outlines keep their own
 
 

@@ -166,3 +166,32 @@ def test_every_file_of_an_input_folder_is_scored_or_listed_with_its_reason(tiny_
     assert "notes.txt" in skipped and "not an image" in skipped
     assert main(["predict", str(tiny_model_dir), str(photos / "a.gif"), "--out", str(tmp_path / "one"),
                  "--quiet"]) == 0  # named alone, too
+
+
+def test_a_damaged_line_in_the_middle_of_the_results_costs_that_line_alone(tiny_model_dir, demo_root, tmp_path,
+                                                                            capsys):
+    out = tmp_path / "r"
+    inputs = [str(demo_root / "test" / "good"), str(demo_root / "test" / "spot")]
+    assert main(["predict", str(tiny_model_dir), *inputs, "--out", str(out), "--quiet"]) == 0
+    lines = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) == 7
+    damaged = lines[:2] + ["garbage, not json\n"] + lines[3:]  # line 3 of 7 overwritten
+    (out / "predictions.jsonl").write_text("".join(damaged))
+    assert main(["predict", str(tiny_model_dir), *inputs, "--out", str(out), "--resume", "--quiet"]) == 0
+    assert "1 damaged line(s) dropped; their images are scored again" in capsys.readouterr().err
+    after = (out / "predictions.jsonl").read_text().splitlines(keepends=True)
+    assert after[:2] + after[2:6] == lines[:2] + lines[3:] and len(after) == 7  # six kept, one scored again
+    assert json.loads(after[-1])["path"] == json.loads(lines[2])["path"]
+
+
+@pytest.mark.parametrize("option, value, problem", [
+    ("--map-threshold", "-5", "must be a number in [0, 1] (map values lie there)"),
+    ("--map-threshold", "nan", "must be a number in [0, 1]"),
+    ("--image-threshold", "7", "must be a number in [0, 1]"),  # no detector: the score is the map's
+    ("--image-threshold", "inf", "must be a number in [0, 1]"),
+])
+def test_thresholds_outside_what_they_compare_with_are_refused_by_option(tiny_model_dir, demo_root, tmp_path,
+                                                                         capsys, option, value, problem):
+    assert main(["predict", str(tiny_model_dir), str(good_image(demo_root)), "--out", str(tmp_path / "p"), option,
+                 value, "--quiet"]) == 2
+    assert f"{option} {float(value)}: {problem}" in capsys.readouterr().err

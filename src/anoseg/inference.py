@@ -235,6 +235,8 @@ class AnoSegModel:
         The map threshold outlines defect pixels; the image threshold decides the verdict on
         `Prediction.score` (the detector's score when the model has a detector, else the map's maximum).
         """
-        t_map = self.map_threshold if map_threshold is None else check_threshold(map_threshold)
-        t_img = self.image_threshold if image_threshold is None else check_threshold(image_threshold)
+        t_map = self.map_threshold if map_threshold is None else \
+            check_threshold(map_threshold, "--map-threshold", in_unit_range=True)
+        t_img = self.image_threshold if image_threshold is None else \
+            check_threshold(image_threshold, "--image-threshold", in_unit_range=self.detector is None)
         return Thresholds(t_map, t_img)

@@ -29,6 +29,7 @@ from .fileio import (
     safe_name,
     save_npy_atomic,
     temp_files,
+    write_bytes_atomic,
     write_text_atomic,
 )
 from .inference import AnoSegModel, Prediction
@@ -321,21 +322,25 @@ class _Tables:
 
 
 def _resume_tables(out: Path) -> set[str]:
-    """Paths already scored in `out`; drops a half-written last line and makes the CSV match the JSONL."""
+    """Paths already scored in `out`. Keeps the valid lines of predictions.jsonl: a half-written last line (a kill)
+    goes quietly, a damaged line before it with a warning (its image is scored again); the CSV is made to match."""
     jsonl = out / "predictions.jsonl"
     if not jsonl.is_file():
         return set()
-    done: set[str] = set()
-    good_bytes = 0
-    with open(jsonl, "rb") as f:
-        for line in f:
-            try:
-                done.add(json.loads(line)["path"])
-            except (ValueError, KeyError, TypeError):
-                break  # a kill in the middle of a line: everything from here is rewritten
-            good_bytes += len(line)
-    with open(jsonl, "r+b") as f:
-        f.truncate(good_bytes)
+    lines = jsonl.read_bytes().splitlines(keepends=True)
+    kept, damaged = [], 0
+    for i, line in enumerate(lines):
+        try:
+            path = json.loads(line)["path"]
+        except (ValueError, KeyError, TypeError):
+            damaged += i < len(lines) - 1 or line.endswith(b"\n")
+            continue
+        kept.append((path, line if line.endswith(b"\n") else line + b"\n"))
+    if damaged:
+        warnings.warn(f"{jsonl}: {damaged} damaged line(s) dropped; their images are scored again", stacklevel=3)
+    if [line for _, line in kept] != lines:
+        write_bytes_atomic(jsonl, b"".join(line for _, line in kept))
+    done = {path for path, _ in kept}
 
     def rows() -> Iterator[dict]:
         with open(jsonl, **TEXT) as f:

@@ -77,10 +77,12 @@ def quantile_thresholds(cfg: Config, image_scores: list[float], map_pixels: np.n
                       float(np.quantile(image_scores, cfg.threshold_quantile)))
 
 
-def check_threshold(threshold: float) -> float:
-    """A user-given threshold must be a finite number."""
-    if not np.isfinite(threshold):
-        raise DataError(f"threshold {threshold}: must be a finite number (maps lie in [0, 1])")
+def check_threshold(threshold: float, option: str, in_unit_range: bool) -> float:
+    """A user-given threshold: a finite number, and in [0, 1] where it applies to map values."""
+    if not np.isfinite(threshold) or (in_unit_range and not 0.0 <= threshold <= 1.0):
+        where = "a number in [0, 1] (map values lie there)" if in_unit_range else \
+            "a finite number (detector scores may exceed 1)"
+        raise DataError(f"{option} {threshold}: must be {where}")
     return float(threshold)
 
 
