@@ -195,3 +195,22 @@ def test_thresholds_outside_what_they_compare_with_are_refused_by_option(tiny_mo
     assert main(["predict", str(tiny_model_dir), str(good_image(demo_root)), "--out", str(tmp_path / "p"), option,
                  value, "--quiet"]) == 2
     assert f"{option} {float(value)}: {problem}" in capsys.readouterr().err
+
+
+def test_each_skipped_file_is_one_line_spelled_alike_in_the_file_and_the_warning(tiny_model_dir, demo_root,
+                                                                                 tmp_path, capsys):
+    import os
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(good_image(demo_root), photos / "ok.png")
+    (photos / "two\nlines.png").write_bytes(b"not a png")
+    with open(os.path.join(os.fsencode(photos), b"\xff.png"), "wb") as f:  # a name that is not UTF-8
+        f.write(b"not a png either")
+    out = tmp_path / "p"
+    assert main(["predict", str(tiny_model_dir), str(photos), "--out", str(out), "--quiet"]) == 0
+    lines = (out / "skipped.txt").read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    assert len(lines) == 2
+    assert any("two\\nlines.png" in line for line in lines) and any("\\xff.png" in line for line in lines)
+    err = capsys.readouterr().err
+    assert all(line in err for line in lines)  # the warnings spell each file as skipped.txt does

@@ -319,6 +319,18 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def printable(text: str) -> str:
+    """`text` on one line, the same wherever it is shown (skipped.txt, warnings): control characters as \\n,
+    \\r, \\t or \\xNN, and the bytes of a name that is not UTF-8 (surrogate escapes) as \\xNN."""
+    def escape(m: re.Match) -> str:
+        c = m.group()
+        if "\udc80" <= c <= "\udcff":
+            return f"\\x{ord(c) - 0xDC00:02x}"
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c, f"\\x{ord(c):02x}")
+
+    return re.sub(r"[\x00-\x1f\x7f\udc80-\udcff]", escape, text)
+
+
 def safe_name(name: str) -> str:
     """A file name that cannot leave its folder: separators and odd characters become '_'."""
     parts = [p for p in re.split(r"[\\/]+", name) if p not in ("", ".", "..")]

@@ -26,6 +26,7 @@ from .fileio import (
     _write_atomic,
     load_image,
     make_output_dir,
+    printable,
     safe_name,
     save_npy_atomic,
     temp_files,
@@ -72,7 +73,7 @@ class _Images(IterableDataset):
             try:
                 yield path, name, load_image(path), None
             except DataError as e:
-                yield path, name, None, str(e)
+                yield path, name, None, printable(str(e))
 
 
 def _die_with_parent(parent: int, worker_id: int) -> None:  # noqa: ARG001
