@@ -214,3 +214,20 @@ def test_each_skipped_file_is_one_line_spelled_alike_in_the_file_and_the_warning
     assert any("two\\nlines.png" in line for line in lines) and any("\\xff.png" in line for line in lines)
     err = capsys.readouterr().err
     assert all(line in err for line in lines)  # the warnings spell each file as skipped.txt does
+
+
+@pytest.mark.parametrize("name", ["a" * 296 + ".png", "é" * 100 + ".png"])
+def test_saved_upload_names_keep_their_letters_and_extension(tiny_model_dir, demo_root, tmp_path, name):
+    from urllib.parse import quote
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from anoseg.serve import ServeSettings, create_app
+
+    client = TestClient(create_app(load(tiny_model_dir, device="cpu"), ServeSettings(save_uploads=str(tmp_path))))
+    r = client.post("/predict", content=good_image(demo_root).read_bytes(), headers={"x-filename": quote(name)})
+    assert r.status_code == 200, r.text
+    saved = r.json()["saved_as"]
+    assert saved.endswith(".png") and (tmp_path / saved).is_file() and len(saved.encode()) <= 255
+    assert ("é" in saved) == ("é" in name)

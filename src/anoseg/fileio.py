@@ -316,7 +316,7 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     _write_atomic(path, write)
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE = re.compile(r"[^\w.-]+")  # letters of any script and digits stay; the rest becomes "_"
 
 
 def printable(text: str) -> str:
@@ -332,7 +332,12 @@ def printable(text: str) -> str:
 
 
 def safe_name(name: str) -> str:
-    """A file name that cannot leave its folder: separators and odd characters become '_'."""
+    """A file name that cannot leave its folder: separators and odd characters become '_'. Letters of any script
+    stay; a long name is shortened to 200 bytes of UTF-8, keeping its extension."""
     parts = [p for p in re.split(r"[\\/]+", name) if p not in ("", ".", "..")]
     cleaned = _UNSAFE.sub("_", "__".join(parts)).strip("._") or "image"
-    return cleaned[:200]
+    stem, dot, ext = cleaned.rpartition(".")
+    suffix = f".{ext}" if dot and stem and len(ext) <= 10 else ""
+    base = cleaned[: len(cleaned) - len(suffix)]
+    base = base.encode()[: 200 - len(suffix.encode())].decode("utf-8", "ignore").rstrip("._") or "image"
+    return base + suffix

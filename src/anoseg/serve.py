@@ -194,7 +194,7 @@ async def upload_from(request: Any, settings: ServeSettings) -> tuple[bytes, str
     body = await read_body(request, settings.max_bytes)
     kind = request.headers.get("content-type", "")
     if not kind.startswith("multipart/form-data"):
-        return body, unquote(request.headers.get("x-filename", "upload"))[:200]
+        return body, unquote(request.headers.get("x-filename", "upload"))  # safe_name shortens it
 
     async def stream():
         yield body
