@@ -1,10 +1,10 @@
-"""Peak server memory under many large uploads at once (issue 12, item 2).
+"""Server memory under a burst of large uploads: the peak, and what the process still holds afterwards.
 
-    python bench/serve_memory.py [--uploads 16] [--side 6000] [--pictures]
+    python bench/serve_memory.py [--uploads 8] [--side 6000] [--pictures]
 
 Builds an untrained `fast` model (memory does not depend on the weights), sends `--uploads` solid-colour
-side x side PNGs at the same time through the FastAPI app, and prints the status codes and the
-process's peak RSS.
+side x side PNGs at the same time through the FastAPI app (`--max-concurrent 1`, the default), and prints the
+status codes, the process's RSS before, its peak and its RSS once the burst is over.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from anoseg.serve import ServeSettings, create_app
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--uploads", type=int, default=16)
+    ap.add_argument("--uploads", type=int, default=8)
     ap.add_argument("--side", type=int, default=6000)
     ap.add_argument("--pictures", action="store_true")
     args = ap.parse_args()
@@ -34,7 +34,7 @@ def main() -> None:
     data = buf.getvalue()
     client = TestClient(create_app(AnoSegModel(profile_config("fast"), map_threshold=0.5, device="cpu"),
                                    ServeSettings()))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = rss_now()
     start = time.perf_counter()
 
     def send(_):
@@ -46,7 +46,14 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{args.uploads} uploads of {len(data) / 1024:.0f} KB ({args.side} x {args.side}), pictures="
           f"{args.pictures}: status {sorted(set(codes))} counts {[codes.count(c) for c in sorted(set(codes))]}, "
-          f"{time.perf_counter() - start:.1f} s, peak RSS {peak:.0f} MB (before the uploads {base:.0f} MB)")
+          f"{time.perf_counter() - start:.1f} s, RSS before {base:.0f} MB, peak {peak:.0f} MB, "
+          f"held after {rss_now():.0f} MB")
+
+
+def rss_now() -> float:
+    """The process's resident memory now, in MB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 if __name__ == "__main__":
