@@ -192,7 +192,7 @@ def target_lines(records: list[dict]) -> list[str]:
             verdicts.append("n/a" if value is None else ("yes" if value >= goal else f"missed by {goal - value:.3f}"))
             lines.append(f"| {r['category']} | {key} | {goal} | {'n/a' if value is None else f'{value:.3f}'} "
                          f"| {verdicts[-1]} |")
-    where = "docs/design.md (\"Benchmark summary and what falls short\") and bench/ablation.md."
+    where = "docs/design.md (\"Benchmark\") and bench/ablation.md."
     if verdicts and all(v == "yes" for v in verdicts):
         return lines + ["", f"Every target listed is met. What each part of the recipe buys: {where}"]
     return lines + ["", f"What was tried for the missed ones, and what each part buys: {where}"]
