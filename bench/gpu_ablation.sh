@@ -21,7 +21,7 @@ for group in "$@"; do  # every group is checked before any starts
 done
 OUT=${OUT:-bench/gpu_out}
 LIMIT=${LIMIT:-520}
-WORK=bench/gpu_work
+WORK=bench/gpu_runs
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
 export PYTHONPATH=src:bench/gpu_vendor ABLATION_SIGMAS=${ABLATION_SIGMAS:-}
 { nvidia-smi -L; python -c "import sys, torch; print(sys.version, torch.__version__, torch.cuda.is_available())"

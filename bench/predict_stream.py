@@ -81,7 +81,7 @@ def main() -> int:
     p.add_argument("--counts", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--workers", type=int, nargs="+", default=[1])
     p.add_argument("--profile", default="fast")
-    p.add_argument("--work", default=str(HERE / "work" / "stream"))
+    p.add_argument("--work", default=str(HERE / "runs" / "stream"))
     args = p.parse_args()
     import shutil
 

@@ -301,7 +301,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", action="extend", default=[], help="category name(s) to run (comma-separated or repeated)",
                    type=lambda t: name_list(t, [c for _, c in CATEGORIES], "category"))
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE config overrides")
-    p.add_argument("--work", default=str(HERE / "work"), help="folder for models and evaluation outputs")
+    p.add_argument("--work", default=str(HERE / "runs"), help="folder for models and evaluation outputs")
     p.add_argument("--reuse", action="store_true", help="reuse trained models found in --work")
     p.add_argument("--detector", action="store_true", help="also train and score the anomaly detector")
     p.add_argument("--speed", action="store_true",
