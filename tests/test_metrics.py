@@ -40,10 +40,14 @@ def test_f1_max_and_best_iou_hand_case():
     assert iou == pytest.approx(2 / 3) and t == pytest.approx(0.8)
 
 
-def test_iou_at_threshold():
+def test_outline_at_threshold():
     masks = np.array([[1, 1, 0, 0]])
     maps = np.array([[0.9, 0.2, 0.8, 0.1]])
-    assert metrics.iou_at(masks, maps, 0.5) == pytest.approx(1 / 3)
+    counts = metrics.outline_counts(masks, maps, 0.5)
+    assert counts == (1, 1, 1)
+    scores = metrics.outline_scores(*counts)
+    assert scores["iou"] == pytest.approx(1 / 3) and scores["seg_f1"] == pytest.approx(0.5)
+    assert metrics.outline_scores(0, 0, 0)["seg_f1"] == 1.0  # nothing to find, nothing found
 
 
 def test_trapezoid_interpolates_at_limit():

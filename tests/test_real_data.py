@@ -6,7 +6,8 @@ from anoseg.data import load_sample_mask, mvtec_test_samples, train_images
 from anoseg.fileio import load_image
 from tests.conftest import REAL_DATA
 
-CATEGORIES = ["mvtec_ad/bottle", "kolektorsdd/commutator", "magnetic_tile/magnetic_tile"]
+CATEGORIES = ["mvtec_ad/bottle", "kolektorsdd/commutator", "magnetic_tile/magnetic_tile", "mvtec3d_tire/tire",
+              "bsdata/ball_screw_drive"]
 
 
 @pytest.mark.parametrize("category", CATEGORIES)

@@ -1,4 +1,7 @@
-"""Evaluate a trained model on a labelled test set: metrics JSON + Markdown, per-image scores, curve plots."""
+"""Evaluate a trained model on a labelled test set: metrics JSON + Markdown, per-image scores, curve plots.
+
+Memory does not grow with the test set: maps go into fixed-size histograms (pixel_histograms) one image at a time.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from . import metrics
 from .data import Sample, load_sample_mask
 from .fileio import load_image, make_output_dir, write_text_atomic
 from .inference import AnoSegModel, Prediction, verdict
+from .pixel_histograms import PixelHistograms
 from .progress import bar as progress_bar
 from .visualize import plot_pro, plot_roc
 
@@ -29,6 +33,10 @@ METRIC_NAMES = {
     "image_ap": "image AP",
     "image_f1_max": "image F1-max",
     "iou": "IoU at the map threshold",
+    "seg_f1": "outline F1 at the map threshold",
+    "seg_precision": "outline precision at the map threshold",
+    "seg_recall": "outline recall at the map threshold",
+    "aupimo": "AUPIMO (mean per-image overlap, FPR 1e-5 to 1e-4 on normal images)",
     "best_iou": "best IoU (upper bound)",
     "image_accuracy": "image accuracy at the image threshold",
     "image_auroc_map": "image AUROC, score = the map's image score (image_score_topk_weight)",
@@ -38,40 +46,40 @@ METRIC_NAMES = {
 }
 
 
-def collect(model: AnoSegModel, samples: list[Sample], progress: bool = True):
-    """Maps, masks and predictions for every sample (masks checked against their image's size)."""
-    maps, masks, preds = [], [], []
+def score_samples(model: AnoSegModel, samples: list[Sample], pixels: PixelHistograms,
+                  progress: bool = True) -> list[Prediction]:
+    """Predictions for every sample, in their order; each map goes into `pixels` and is then dropped.
+
+    Normal images run first: AUPIMO reads each anomalous image at false positive rates of the normal ones."""
+    order = sorted(range(len(samples)), key=lambda i: samples[i].label)
+    preds: list[Prediction] = [None] * len(samples)  # type: ignore[list-item]
     bs = model.config.batch_size_infer
     bar = progress_bar(total=len(samples), desc="evaluating", disable=not progress, leave=False)
-    for i in range(0, len(samples), bs):
-        chunk = samples[i:i + bs]
-        images = [load_image(s.path) for s in chunk]
-        for s, im, pred in zip(chunk, images, model.maps_for_batch(images)):
-            masks.append(load_sample_mask(s, im.shape[:2]))
-            maps.append(pred.anomaly_map)
-            pred.anomaly_map = None  # kept once, in `maps`
-            preds.append(pred)
+    for start in range(0, len(order), bs):
+        chunk = order[start:start + bs]
+        images = [load_image(samples[i].path) for i in chunk]
+        for i, im, pred in zip(chunk, images, model.maps_for_batch(images)):
+            s = samples[i]
+            pixels.add(None if s.label == 0 else s.defect_type, pred.anomaly_map, load_sample_mask(s, im.shape[:2]))
+            pred.anomaly_map = None
+            preds[i] = pred
         bar.update(len(chunk))
     bar.close()
-    return maps, masks, preds
+    return preds
 
 
-def compute_metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.ndarray, preds: list[Prediction],
-                    map_threshold: float | None, image_threshold: float | None,
-                    curves: dict[str, metrics.Curve] | None = None) -> dict[str, Any]:
-    """Every metric the data allows; ones it does not allow are None. `curves` receives the ROC curves.
-
-    `map_threshold` is the map's (pixels, IoU); `image_threshold` the one of the image score (verdicts).
-    """
-    out: dict[str, Any] = dict.fromkeys(METRIC_NAMES)
-    curves = {} if curves is None else curves
+def image_metrics(labels: np.ndarray, preds: list[Prediction], image_threshold: float | None,
+                  curves: dict[str, metrics.Curve] | None = None) -> dict[str, Any]:
+    """Image-level metrics (exact: one number per image); `curves` receives the image ROC curve."""
+    out: dict[str, Any] = {}
     scores = np.array([p.score for p in preds])
     if 0 < labels.sum() < len(labels):
         image = metrics.threshold_curve(labels, scores)
         out["image_auroc"] = image.auroc()
         out["image_ap"] = image.average_precision()
         out["image_f1_max"] = image.f1_max()[0]
-        curves["image"] = image
+        if curves is not None:
+            curves["image"] = image
         out["image_auroc_map"] = metrics.auroc(labels, [p.map_score for p in preds])
         out["image_auroc_max"] = metrics.auroc(labels, [p.max_score for p in preds])
         out["image_auroc_topk"] = metrics.auroc(labels, [p.topk_score for p in preds])
@@ -79,37 +87,23 @@ def compute_metrics(maps: list[np.ndarray], masks: list[np.ndarray], labels: np.
             out["image_auroc_detector"] = metrics.auroc(labels, [p.detector_score for p in preds])
     if image_threshold is not None:
         out["image_accuracy"] = float(np.mean((scores > image_threshold) == labels.astype(bool)))
-    flat_masks = np.concatenate([m.ravel() for m in masks])
-    if 0 < flat_masks.sum() < flat_masks.size:
-        flat_maps = np.concatenate([m.ravel() for m in maps])
-        pixel = metrics.threshold_curve(flat_masks, flat_maps)  # one sort serves all pixel metrics
-        out["pixel_auroc"] = pixel.auroc()
-        out["pixel_ap"] = pixel.average_precision()
-        out["pixel_f1_max"] = pixel.f1_max()[0]
-        out["best_iou"] = pixel.best_iou()[0]
-        out["aupro"] = float(metrics.aupro(masks, maps, PRO_FPR_LIMIT))
-        if map_threshold is not None:
-            out["iou"] = metrics.iou_at(flat_masks, flat_maps, map_threshold)
-        curves["pixel"] = pixel
     return out
 
 
-TYPE_METRICS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
+TYPE_METRICS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc", "seg_f1", "pixel_f1_max", "aupimo")
 
 
-def per_defect_type(samples: list[Sample], maps: list[np.ndarray], masks: list[np.ndarray],
-                    preds: list[Prediction]) -> dict[str, dict[str, Any]]:
-    """Pixel AUROC, AUPRO, pixel AP and image AUROC of each defect type, on its images plus all normal ones."""
+def per_defect_type(samples: list[Sample], preds: list[Prediction], pixels: PixelHistograms) -> dict[str, Any]:
+    """Metrics of each defect type, on its images plus all normal images."""
     types = sorted({s.defect_type for s in samples if s.label == 1})
     normal = [i for i, s in enumerate(samples) if s.label == 0]
     out: dict[str, dict[str, Any]] = {}
     for t in types:
         idx = normal + [i for i, s in enumerate(samples) if s.defect_type == t and s.label == 1]
-        m = compute_metrics([maps[i] for i in idx], [masks[i] for i in idx],
-                            np.array([samples[i].label for i in idx]), [preds[i] for i in idx], None, None)
-        defect_pixels = sum(int(masks[i].sum()) for i in idx)
-        out[t] = {"n_images": len(idx) - len(normal), "defect_pixels": defect_pixels,
-                  **{k: m[k] for k in TYPE_METRICS}}
+        m = {**pixels.metrics([None, t], PRO_FPR_LIMIT),
+             **image_metrics(np.array([samples[i].label for i in idx]), [preds[i] for i in idx], None)}
+        out[t] = {"n_images": len(idx) - len(normal), "defect_pixels": int(pixels.groups[t].defect.sum()),
+                  **{k: m.get(k) for k in TYPE_METRICS}}
     return out
 
 
@@ -142,17 +136,22 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
     """Run the model on labelled samples; write metrics.json, metrics.md, scores.csv, roc.png, pro.png to `out`."""
     start = time.perf_counter()
     t_map, t_img = model.thresholds(map_threshold, image_threshold)
-    maps, masks, preds = collect(model, samples, progress)
+    pixels = PixelHistograms(t_map)
+    preds = score_samples(model, samples, pixels, progress)
     labels = np.array([s.label for s in samples])
     curves: dict[str, metrics.Curve] = {}
+    found = {**pixels.metrics(fpr_limit=PRO_FPR_LIMIT), **image_metrics(labels, preds, t_img, curves)}
+    everything = pixels.merged()
+    if found["pixel_auroc"] is not None:
+        curves["pixel"] = pixels.curve(everything)
     result = {
-        "metrics": compute_metrics(maps, masks, labels, preds, t_map, t_img, curves),
+        "metrics": {k: found.get(k) for k in METRIC_NAMES},
         "map_threshold": t_map,
         "image_threshold": t_img,
         "image_score": "detector" if model.detector is not None else model.scorer.describe(),
         "n_images": len(samples),
         "n_defect": int(labels.sum()),
-        "per_defect_type": per_defect_type(samples, maps, masks, preds),
+        "per_defect_type": per_defect_type(samples, preds, pixels),
     }
     result["seconds"] = time.perf_counter() - start
     if out is not None:
@@ -161,7 +160,7 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
         write_text_atomic(out / "metrics.md", markdown_table(result))
         write_text_atomic(out / "scores.csv", _scores_csv(samples, preds, t_img))
-        _plots(out, maps, masks, curves, result["metrics"])
+        _plots(out, pixels, everything, curves, result["metrics"])
     return result
 
 
@@ -177,9 +176,10 @@ def _scores_csv(samples: list[Sample], preds: list[Prediction], threshold: float
     return buf.getvalue()
 
 
-def _plots(out: Path, maps, masks, curves: dict[str, metrics.Curve], m: dict[str, Any]) -> None:
+def _plots(out: Path, pixels: PixelHistograms, everything, curves: dict[str, metrics.Curve],
+           m: dict[str, Any]) -> None:
     if curves:
         plot_roc(out / "roc.png", {k: (c.fpr, c.tpr, m[f"{k}_auroc"]) for k, c in curves.items()})
     if m["aupro"] is not None:
-        fpr, pro = metrics.pro_curve(masks, maps)
+        fpr, pro = pixels.pro_curve(everything)
         plot_pro(out / "pro.png", fpr, pro, PRO_FPR_LIMIT, m["aupro"])

@@ -94,14 +94,6 @@ def best_iou(masks: np.ndarray, maps: np.ndarray) -> tuple[float, float]:
     return threshold_curve(masks, maps).best_iou()
 
 
-def iou_at(masks: np.ndarray, maps: np.ndarray, threshold: float) -> float:
-    """Intersection over union of {map > threshold} with the defect pixels, over the whole set."""
-    m = np.asarray(masks).astype(bool)
-    p = np.asarray(maps) > threshold
-    union = np.logical_or(m, p).sum()
-    return float(np.logical_and(m, p).sum() / union) if union else 1.0
-
-
 def trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     """Trapezoid area under y(x) for x in [x[0], x_max], interpolating at x_max (x ascending)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -156,3 +148,82 @@ def aupro(masks: list[np.ndarray], maps: list[np.ndarray], fpr_limit: float = 0.
     """Area under the PRO curve up to `fpr_limit`, divided by `fpr_limit` (1.0 is perfect)."""
     fpr, pro = pro_curve(masks, maps)
     return trapezoid_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+AUPIMO_FPR_RANGE = (1e-5, 1e-4)
+AUPIMO_POINTS = 100  # FPR values evenly spaced in log between the bounds, where each image's overlap is taken
+
+
+def aupimo_fprs() -> np.ndarray:
+    """The false positive rates (on normal images) at which AUPIMO reads each image's overlap."""
+    lo, hi = AUPIMO_FPR_RANGE
+    return np.logspace(np.log10(lo), np.log10(hi), AUPIMO_POINTS)
+
+
+def aupimo_of(mask: np.ndarray, amap: np.ndarray, thresholds: np.ndarray) -> float | None:
+    """One image's area under its per-image overlap curve: the mean (trapezoid in log FPR) of the share of its
+    defect pixels scoring >= each threshold; None for an image without defect pixels."""
+    defect = np.asarray(amap)[np.asarray(mask).astype(bool)]
+    if defect.size == 0:
+        return None
+    overlap = (defect[None, :] >= np.asarray(thresholds)[:, None]).mean(axis=1)
+    return float(np.trapezoid(overlap, dx=1.0 / (len(overlap) - 1)))
+
+
+def thresholds_at_fprs(fpr: np.ndarray, thresholds: np.ndarray, targets: np.ndarray,
+                       resolution: float = 0.0) -> np.ndarray:
+    """For each target, the threshold just above the highest score that would take the false positive rate over
+    the target: the next float up, or `resolution` up where scores are known to that resolution (histograms).
+
+    `thresholds` descend and `fpr[i]` is the rate of scores >= thresholds[i] (so it ascends)."""
+    j = np.searchsorted(fpr, targets, side="right")  # first index with fpr > target
+    over = thresholds[np.minimum(j, len(thresholds) - 1)]
+    above = over + resolution if resolution else np.nextafter(over, np.inf)
+    return np.where(j < len(thresholds), above, thresholds[-1])
+
+
+def exact_pixel_metrics(masks: list[np.ndarray], maps: list[np.ndarray], normal_image: list[bool],
+                        threshold: float | None = None, fpr_limit: float = 0.3) -> dict[str, float | None]:
+    """Every pixel metric from all pixels at once (the reference the streaming histograms are checked against).
+
+    `normal_image` says which images are normal ones (AUPIMO's false positive rate is measured on them)."""
+    flat_masks = np.concatenate([np.asarray(m).ravel() for m in masks]).astype(bool)
+    flat_maps = np.concatenate([np.asarray(a).ravel() for a in maps])
+    curve = threshold_curve(flat_masks, flat_maps)
+    out: dict[str, float | None] = {
+        "pixel_auroc": curve.auroc(), "pixel_ap": curve.average_precision(), "pixel_f1_max": curve.f1_max()[0],
+        "best_iou": curve.best_iou()[0], "aupro": aupro(masks, maps, fpr_limit)}
+    if threshold is not None:
+        out.update(outline_scores(*outline_counts(flat_masks, flat_maps, threshold)))
+    out["aupimo"] = None
+    normal = [np.asarray(a, np.float64).ravel() for a, n in zip(maps, normal_image) if n]
+    if normal:
+        values = np.concatenate(normal)
+        weights = np.concatenate([np.full(a.size, 1.0 / (a.size * len(normal))) for a in normal])
+        order = np.argsort(-values, kind="stable")
+        values = values[order]
+        last = np.r_[np.flatnonzero(np.diff(values)), values.size - 1]
+        fpr = np.cumsum(weights[order])[last]
+        t = thresholds_at_fprs(fpr, values[last], aupimo_fprs())
+        scores = [aupimo_of(m, a, t) for m, a, n in zip(masks, maps, normal_image) if not n]
+        scores = [s for s in scores if s is not None]
+        out["aupimo"] = float(np.mean(scores)) if scores else None
+    return out
+
+
+def outline_counts(masks: np.ndarray, maps: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """True positive, false positive and false negative pixels of the outline {map > threshold}."""
+    m = np.asarray(masks).astype(bool)
+    p = np.asarray(maps) > threshold
+    tp = int(np.count_nonzero(m & p))
+    return tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(m)) - tp
+
+
+def outline_scores(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """IoU, F1, precision and recall of an outline from its pixel counts (1.0 where nothing was to be found
+    and nothing was found)."""
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else 1.0
+
+    return {"iou": ratio(tp, tp + fp + fn), "seg_f1": ratio(2 * tp, 2 * tp + fp + fn),
+            "seg_precision": ratio(tp, tp + fp), "seg_recall": ratio(tp, tp + fn)}
