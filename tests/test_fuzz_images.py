@@ -131,7 +131,7 @@ def test_one_by_100000_loads_and_resizes(tmp_path):
     Image.fromarray(strip).save(path)
     assert load_image(path).shape == (1, 100_000, 3)
     images = TrainingImages.load([path], profile_config("tiny"), progress=False)
-    assert images.images[0].shape == (3, 64, 256) and images.second[0].shape == (3, 128, 512)  # capped at aspect 4
+    assert images.image(0).shape == (3, 64, 256) and images.image(0, 1).shape == (3, 128, 512)  # capped at aspect 4
 
 
 def test_palette_with_transparency_and_16bit_grey(tmp_path):

@@ -37,7 +37,9 @@ def test_second_scale_gives_crops_from_both_scales():
     assert crops.shape == (40, 3, 64, 64) and coords.shape == (40, 2, 64, 64)
     from_small = [bool((small[:, :, None] == c[:, :, :1].numpy()[:, :, None]).all(axis=(0, 1)).any()) for c in crops]
     assert 5 < sum(from_small) < 35  # about half of the crops from each scale
-    assert not images.all_square and len(images.subset(np.array([0])).second) == 1
+    one = images.subset(np.array([0]))
+    assert not images.all_square and len(one) == 1 and one.n_scales == 2
+    assert np.array_equal(one.image(0, 1), large)
 
 
 def test_crops_say_which_came_from_the_coarser_scale():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -12,8 +13,9 @@ from PIL import Image
 
 from .config import Config
 from .errors import DataError
-from .fileio import IMAGE_SUFFIXES, image_files, load_image, load_mask
+from .fileio import IMAGE_SUFFIXES, image_files, image_shape, load_image, load_mask
 from .geometry import Geometry, axis
+from .image_store import MEMORY_SHARE, ImageStore, available_memory, fingerprint
 from .progress import bar
 
 
@@ -139,55 +141,101 @@ class TrainingImages:
     In ``aspect`` mode a crop is a random image_size x image_size window, and its coordinate channels
     are the window's place in the whole image, as the model sees it when it maps the whole image.
     With ``second_short_side`` each image is also kept at that scale, and half of the crops come from it.
+    The images live in one :class:`~anoseg.image_store.ImageStore` (in memory, or a cache file for large sets).
     """
 
     def __init__(self, images: list[np.ndarray], geometry: Geometry, second: list[np.ndarray] | None = None) -> None:
-        self.images = images  # uint8 3 x H x W each
-        self.second = second  # the same images at the second scale, or None
-        self.geometry = geometry
+        """`images` uint8 3 x H x W each; `second` the same images at the second scale, or None."""
+        arrays = images if second is None else [a for pair in zip(images, second) for a in pair]
+        store = ImageStore([a.shape for a in arrays])
+        for i, a in enumerate(arrays):
+            store.put(i, a)
+        self._use(store, geometry, 1 if second is None else 2, np.arange(len(images)))
+
+    def _use(self, store: ImageStore, geometry: Geometry, n_scales: int, index: np.ndarray) -> None:
+        self.store, self.geometry, self.n_scales, self.index = store, geometry, n_scales, index
         self.size = geometry.image_size
-        self.all_square = second is None and all(im.shape[1] == im.shape[2] == self.size for im in images)
+        self.all_square = n_scales == 1 and all(store.shapes[j] == (3, self.size, self.size) for j in index)
+        self.description = f"{len(index)} images, {store.nbytes / 1e6:.0f} MB at working size, " + (
+            "in memory" if store.in_memory else f"in the cache file {store.path}")
+
+    @classmethod
+    def _of(cls, store: ImageStore, geometry: Geometry, n_scales: int, index: np.ndarray) -> TrainingImages:
+        images = cls.__new__(cls)
+        images._use(store, geometry, n_scales, index)
+        return images
 
     @classmethod
     def load(cls, paths: list[Path], cfg: Config, desc: str = "loading", progress: bool = True,
-             one_scale: bool = False) -> TrainingImages:
-        """The images at the working shape of each scale (of the first only with `one_scale`)."""
+             one_scale: bool = False, cache_dir: Path | None = None) -> TrainingImages:
+        """The images at the working shape of each scale (of the first only with `one_scale`).
+
+        With `cache_dir`, a set larger than image_store.MEMORY_SHARE of the memory available is kept in a cache
+        file there (used again while the inputs are unchanged); without, always in memory."""
         geometry = Geometry.from_config(cfg)
-        images: list[np.ndarray] = []
-        second: list[np.ndarray] | None = [] if geometry.second_short_side and not one_scale else None
-        for p in bar(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50):
-            im = load_image(p)
-            images.append(_chw(resize_rgb(im, geometry.working_shape(*im.shape[:2]))))
-            if second is not None:
-                second.append(_chw(resize_rgb(im, geometry.working_shape(*im.shape[:2], geometry.second_short_side))))
         if one_scale:
             geometry = Geometry(geometry.image_size, geometry.resize_mode)
-        return cls(images, geometry, second)
+        shapes = [(3, *shape) for p in paths for shape in geometry.working_shapes(*_planned_shape(p))]
+        store, key = None, ""
+        if cache_dir is not None and sum(int(np.prod(s)) for s in shapes) > MEMORY_SHARE * available_memory():
+            key = fingerprint(paths, shapes)
+            store = ImageStore.open_cache(cache_dir, key)
+            if store is not None:
+                images = cls._of(store, geometry, len(geometry.scales), np.arange(len(paths)))
+                _say(f"training images: {images.description} (built before, used again)", progress)
+                return images
+            store = ImageStore.create_cache(cache_dir, shapes)
+        store = store or ImageStore(shapes)
+        n = len(geometry.scales)
+        for j, p in enumerate(bar(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50)):
+            im = load_image(p)
+            for k, side in enumerate(geometry.scales):
+                store.put(j * n + k, _chw(resize_rgb(im, geometry.working_shape(*im.shape[:2], side))))
+        if key:
+            store.seal(key)
+        images = cls._of(store, geometry, n, np.arange(len(paths)))
+        _say(f"training images: {images.description}", progress)
+        return images
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.index)
+
+    def image(self, i: int, scale: int = 0) -> np.ndarray:
+        """Image i (of this set) at the given scale, uint8 3 x H x W."""
+        return self.store[int(self.index[i]) * self.n_scales + scale]
 
     def subset(self, indices: np.ndarray) -> TrainingImages:
-        second = None if self.second is None else [self.second[i] for i in indices]
-        return TrainingImages([self.images[i] for i in indices], self.geometry, second)
+        return self._of(self.store, self.geometry, self.n_scales, self.index[np.asarray(indices, dtype=np.int64)])
 
     def crops(self, indices: np.ndarray, rng: np.random.Generator) -> Crops:
         """Random image_size crops of the given images (the whole images in square mode)."""
         s = self.size
         if self.all_square:
-            return Crops(torch.from_numpy(np.stack([self.images[i] for i in indices])))
+            return Crops(torch.from_numpy(np.stack([self.image(i) for i in indices])))
         crops, coords, from_second = [], [], []
         for i in indices:
-            from_second.append(self.second is not None and rng.random() < 0.5)
-            im = self.second[i] if from_second[-1] else self.images[i]
+            from_second.append(self.n_scales == 2 and rng.random() < 0.5)
+            im = self.image(i, int(from_second[-1]))
             h, w = im.shape[1:]
             top, left = int(rng.integers(h - s + 1)), int(rng.integers(w - s + 1))
             crops.append(im[:, top:top + s, left:left + s])
             ys, xs = axis(h)[top:top + s], axis(w)[left:left + s]
             coords.append(torch.stack([xs[None, :].expand(s, s), ys[:, None].expand(s, s)]))
         # the second scale has the longer short side: crops of the first see more of the image, coarser
-        coarse = None if self.second is None else ~torch.tensor(from_second)
+        coarse = None if self.n_scales == 1 else ~torch.tensor(from_second)
         return Crops(torch.from_numpy(np.stack(crops)), torch.stack(coords), coarse)
+
+
+def _planned_shape(path: Path) -> tuple[int, int]:
+    """The image's (height, width) from its header; a file whose header cannot be read is decoded now, so that
+    its error stops the run before any work."""
+    shape = image_shape(path)
+    return shape if shape is not None else load_image(path).shape[:2]
+
+
+def _say(line: str, progress: bool) -> None:
+    if progress:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _chw(image: np.ndarray) -> np.ndarray:

@@ -65,6 +65,21 @@ def _decode(source: Path | io.BytesIO, label: str, max_pixels: int,
     return _upright(im)
 
 
+def image_shape(path: str | Path) -> tuple[int, int] | None:
+    """(height, width) as :func:`load_image` will return it, from the file's header (no pixels decoded);
+    None where the header cannot be read (loading the image then says why)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            try:
+                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            except Exception:  # unreadable EXIF: loading keeps the pixels as stored
+                turned = False
+    except Exception:  # any failure here is reported, in one line, by load_image
+        return None
+    return (w, h) if turned else (h, w)
+
+
 def _upright(im: Image.Image) -> Image.Image:
     """Apply the EXIF orientation (phone photos), so pixels, maps and masks are the way every viewer shows them."""
     try:

@@ -25,6 +25,7 @@ from .detector_training import remove_detector
 from .distributed import DistContext, barrier, broadcast_flag, init_from_env, shard
 from .errors import AnosegError
 from .fileio import make_output_dir
+from .image_store import remove_cache
 from .inference import AnoSegModel
 from .modelfolder import (
     CKPT_STATE,
@@ -113,7 +114,7 @@ def _set_up(cfg: Config, data: Path, out: Path, resume: bool, overwrite: bool, p
     train_idx, hold_idx = holdout_split(len(files), cfg)
     progress = progress and ctx.is_main
     # every file is read now, held-out ones included, so a bad file stops the run before training starts
-    images = TrainingImages.load(files, cfg, desc="loading images", progress=progress).subset(train_idx)
+    images = TrainingImages.load(files, cfg, desc="loading images", progress=progress, cache_dir=out).subset(train_idx)
     if ctx.is_main:  # only rank 0 writes
         _clear_old_outputs(out, resume)
         cfg.save(out / CONFIG_FILE)
@@ -172,11 +173,12 @@ def _finish(run: TrainingRun, stopped_early: bool) -> AnoSegModel:
         "steps_done": trainer.step_done, "stopped_early": stopped_early, "train_seconds": round(run.seconds(), 2),
         "n_train": len(run.train_idx), "data": str(run.data), "rollbacks": trainer.rollbacks,
         "lr_scale": trainer.lr_scale, "world_size": run.ctx.world,
-        "precision": resolve_precision(run.cfg.precision, trainer.device)})
+        "precision": resolve_precision(run.cfg.precision, trainer.device), "train_images": run.images.description})
     model.generator.eval()
     if run.ctx.is_main:
         calibrate(model, [run.files[i] for i in run.hold_idx] or [run.files[i] for i in run.train_idx])
         model.save(run.out)
+        remove_cache(run.out)  # the run is complete: its image cache is not needed again
     barrier(run.ctx)
     return model
 
