@@ -270,3 +270,29 @@ def test_every_type_predict_reads_is_taken_as_an_upload_too(client):
     for kind in ("GIF", "WEBP", "PPM"):
         r = client.post("/predict", content=png(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8), kind))
         assert r.status_code == 200, (kind, r.text)
+
+
+def test_memory_held_after_a_burst_does_not_grow_with_the_burst(model):
+    """Requests hold their upload's bytes, not decoded images, and nothing stays behind after the answers."""
+    import gc
+    import tracemalloc
+
+    upload = png(np.random.default_rng(0).integers(0, 256, (500, 500, 3), dtype=np.uint8))
+    client = TestClient(create_app(model, ServeSettings(max_concurrent=1, max_upload_mb=8, busy_timeout_s=600)))
+
+    def burst(n: int) -> int:
+        with ThreadPoolExecutor(n) as pool:
+            codes = list(pool.map(lambda _: client.post("/predict?pictures=true",
+                                                        files={"file": ("a.png", upload)}).status_code, range(n)))
+        assert codes == [200] * n
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    try:
+        burst(1)  # first-call caches
+        after_one, after_six = burst(1), burst(6)
+    finally:
+        tracemalloc.stop()
+    decoded = 500 * 500 * 3
+    assert after_six - after_one < decoded  # six decoded images and their maps would show here

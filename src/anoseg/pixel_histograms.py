@@ -46,10 +46,11 @@ class PixelHistograms:
         self._aupimo_thresholds: np.ndarray | None = None
 
     def bin_index(self, amap: np.ndarray) -> np.ndarray:
-        a = np.asarray(amap, dtype=np.float64).ravel()
-        if a.size and not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+        a = np.asarray(amap).ravel()
+        if a.size and not (a.min() >= 0.0 and a.max() <= 1.0):  # NaN fails both comparisons
             raise ValueError("anomaly maps must hold finite values in [0, 1]")
-        return np.minimum((a * self.bins).astype(np.int64), self.bins - 1)
+        scaled = np.multiply(a, self.bins, dtype=np.float64 if a.dtype == np.float64 else np.float32)
+        return np.minimum(scaled.astype(np.int64), self.bins - 1)
 
     def add(self, group: str | None, amap: np.ndarray, mask: np.ndarray) -> None:
         """Add one image: its map in [0, 1] and its mask (1 = defect) of the same shape; `group` is
