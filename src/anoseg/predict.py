@@ -30,7 +30,6 @@ from .fileio import (
     safe_name,
     save_npy_atomic,
     temp_files,
-    write_bytes_atomic,
     write_text_atomic,
 )
 from .inference import AnoSegModel, Prediction
@@ -322,37 +321,55 @@ class _Tables:
                 f.close()
 
 
+def _path_of(line: bytes) -> str | None:
+    """The image path a predictions.jsonl line records; None for a damaged line."""
+    try:
+        path = json.loads(line)["path"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return path if isinstance(path, str) else None
+
+
 def _resume_tables(out: Path) -> set[str]:
     """Paths already scored in `out`. Keeps the valid lines of predictions.jsonl: a half-written last line (a kill)
     goes quietly, a damaged line before it with a warning (its image is scored again); the CSV is made to match."""
     jsonl = out / "predictions.jsonl"
     if not jsonl.is_file():
         return set()
-    lines = jsonl.read_bytes().splitlines(keepends=True)
-    kept, damaged = [], 0
-    for i, line in enumerate(lines):
-        try:
-            path = json.loads(line)["path"]
-        except (ValueError, KeyError, TypeError):
-            damaged += i < len(lines) - 1 or line.endswith(b"\n")
-            continue
-        kept.append((path, line if line.endswith(b"\n") else line + b"\n"))
+    done, damaged, rewrite = _scan(jsonl)
     if damaged:
         warnings.warn(f"{jsonl}: {damaged} damaged line(s) dropped; their images are scored again", stacklevel=3)
-    if [line for _, line in kept] != lines:
-        write_bytes_atomic(jsonl, b"".join(line for _, line in kept))
-    done = {path for path, _ in kept}
-
-    def rows() -> Iterator[dict]:
-        with open(jsonl, **TEXT) as f:
-            for line in f:
-                yield json.loads(line)
-
-    def write(p: Path) -> None:
-        with open(p, "w", newline="", **TEXT) as f:
-            w = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
-            w.writeheader()
-            w.writerows(rows())
-
-    _write_atomic(out / "predictions.csv", write)
+    if rewrite:
+        _write_atomic(jsonl, functools.partial(_copy_valid_lines, jsonl))
+    _write_atomic(out / "predictions.csv", functools.partial(_csv_from_jsonl, jsonl))
     return done
+
+
+def _scan(jsonl: Path) -> tuple[set[str], int, bool]:
+    """(paths recorded, damaged lines, whether the file needs rewriting), read line by line: a run of millions
+    of rows is never held whole."""
+    done, damaged, rewrite = set(), 0, False
+    with open(jsonl, "rb") as f:
+        for line in f:
+            path = _path_of(line)
+            if path is None:
+                damaged += line.endswith(b"\n")  # an unfinished last line (a kill) goes quietly
+                rewrite = True
+            else:
+                done.add(path)
+                rewrite |= not line.endswith(b"\n")
+    return done, damaged, rewrite
+
+
+def _copy_valid_lines(jsonl: Path, dest: Path) -> None:
+    with open(jsonl, "rb") as src, open(dest, "wb") as dst:
+        for line in src:
+            if _path_of(line) is not None:
+                dst.write(line if line.endswith(b"\n") else line + b"\n")
+
+
+def _csv_from_jsonl(jsonl: Path, dest: Path) -> None:
+    with open(jsonl, **TEXT) as src, open(dest, "w", newline="", **TEXT) as f:
+        w = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        w.writeheader()
+        w.writerows(json.loads(line) for line in src)

@@ -1,0 +1,151 @@
+"""Label-free rules for the map threshold, compared by the outline F1 they give on the test set (issue 59).
+
+    python bench/threshold_rules.py --work RUNS [--seeds 0,1]
+
+For each benchmark model found in RUNS: its held-out normal training images (model.json `holdout_files`, the images
+`calibrate` uses) give each rule's threshold, without any test label; the test set is scored once into histograms,
+and each threshold's outline F1 (pixels with map >= threshold against the masks) is read from them. Writes
+bench/threshold_rules.json and .md: each category's F1 per rule, the best F1 over all thresholds (labels used:
+the upper bound) and the mean over categories.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from arguments import recorded_command, seed_list
+from run_bench import CATEGORIES, DATA, HERE, model_folder
+
+SYNTHETIC_COPIES = 4  # synthetic anomalies made from each held-out image (synthetic_f1 rule)
+
+
+def held_out_maps(model, files: list[Path]) -> tuple[list[np.ndarray], list[float]]:
+    maps, maxima = [], []
+    for p in model.iter_predict_files(files):
+        maps.append(p.anomaly_map.astype(np.float32))
+        maxima.append(float(p.anomaly_map.max()))
+    return maps, maxima
+
+
+def synthetic_f1_threshold(model, files: list[Path]) -> float:
+    """The threshold of the best pixel F1 on synthetic anomalies (the training augmentation) pasted into the
+    held-out normal images, each at its first working shape."""
+    import torch
+
+    from anoseg.augment import Augmenter
+    from anoseg.data import resize_rgb
+    from anoseg.fileio import load_image
+    from anoseg.pixel_histograms import PixelHistograms
+
+    rng = np.random.default_rng([model.config.seed, 11])
+    augment = Augmenter.from_config(model.config, anomaly_ratio=1.0)
+    hist = PixelHistograms()
+    images = [resize_rgb(load_image(f), model.geometry.working_shape(*load_image(f).shape[:2])) for f in files]
+    for _ in range(SYNTHETIC_COPIES):
+        for im in images:
+            x = torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255.0
+            source = torch.from_numpy(images[int(rng.integers(len(images)))]).permute(2, 0, 1).float() / 255.0
+            source = torch.nn.functional.interpolate(source[None], size=x.shape[-2:], mode="bilinear")[0]
+            out, mask = augment.synthesize(x[0], source, rng)
+            pred = model.maps_for_batch([(out.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)])[0]
+            hist.add("synthetic", pred.anomaly_map, mask[0].numpy() > 0.5)
+    curve = hist.curve(hist.merged())
+    return curve.f1_max()[1] if curve.n_pos and curve.n_neg else float("nan")
+
+
+def rules(model, files: list[Path]) -> dict[str, float]:
+    maps, maxima = held_out_maps(model, files)
+    pixels = np.concatenate([m.ravel() for m in maps])
+    median, q999 = np.quantile(pixels, [0.5, 0.999])
+    return {
+        "pixel_quantile_0.999 (today)": float(q999),
+        "pixel_quantile_0.9999": float(np.quantile(pixels, 0.9999)),
+        "max_of_maxima": float(max(maxima)),
+        "median_of_maxima": float(np.median(maxima)),
+        "margin: q0.999 + 2 x (q0.999 - median)": float(q999 + 2 * (q999 - median)),
+        "mean + 6 std": float(pixels.mean() + 6 * pixels.std()),
+        "synthetic_f1": synthetic_f1_threshold(model, files),
+    }
+
+
+def f1_at(hist, threshold: float) -> float:
+    """Outline F1 at `threshold` (map >= the bin edge at or below it), over the whole test set."""
+    g = hist.merged()
+    b = min(int(threshold * hist.bins), hist.bins - 1)
+    tp, fp = int(g.defect[b:].sum()), int(g.normal[b:].sum())
+    fn = int(g.defect.sum()) - tp
+    return 2 * tp / max(2 * tp + fp + fn, 1)
+
+
+def one(folder: Path, root: Path) -> dict:
+    import anoseg
+    from anoseg.data import load_sample_mask, mvtec_test_samples
+    from anoseg.fileio import load_image
+    from anoseg.pixel_histograms import PixelHistograms
+
+    model = anoseg.load(folder, device="cpu")
+    thresholds = rules(model, [Path(f) for f in model.meta["holdout_files"]])
+    hist = PixelHistograms()
+    samples = sorted(mvtec_test_samples(root), key=lambda s: s.label)
+    for i in range(0, len(samples), 16):
+        chunk = samples[i:i + 16]
+        images = [load_image(s.path) for s in chunk]
+        for s, im, p in zip(chunk, images, model.maps_for_batch(images)):
+            hist.add(None if s.label == 0 else s.defect_type, p.anomaly_map, load_sample_mask(s, im.shape[:2]))
+    curve = hist.curve(hist.merged())
+    return {"thresholds": thresholds, "seg_f1": {k: f1_at(hist, t) for k, t in thresholds.items()},
+            "pixel_f1_max": curve.f1_max()[0], "best_threshold": curve.f1_max()[1]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=str(HERE / "runs"))
+    p.add_argument("--seeds", default="0", type=seed_list)
+    p.add_argument("--profile", default="fast")
+    args = p.parse_args()
+    results: dict[str, dict] = {}
+    for dataset, category in CATEGORIES:
+        for seed in args.seeds:
+            folder = model_folder(Path(args.work), dataset, category, args.profile, seed)
+            if not (folder / "model.json").exists():
+                print(f"skipping {category} seed {seed}: no model in {folder}")
+                continue
+            start = time.perf_counter()
+            results.setdefault(category, {})[str(seed)] = one(folder, DATA / dataset / category)
+            print(f"{category} seed {seed}: {json.dumps(results[category][str(seed)]['seg_f1'])} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if not results:
+        print("no benchmark models found", file=sys.stderr)
+        return 1
+    write(results, recorded_command("threshold_rules.py", sys.argv[1:]))
+    return 0
+
+
+def write(results: dict, command: str) -> None:
+    names = list(next(iter(next(iter(results.values())).values()))["seg_f1"])
+    per_cat = {c: {k: float(np.mean([r["seg_f1"][k] for r in runs.values()])) for k in names}
+               for c, runs in results.items()}
+    best = {c: float(np.mean([r["pixel_f1_max"] for r in runs.values()])) for c, runs in results.items()}
+    mean = {k: float(np.mean([per_cat[c][k] for c in per_cat])) for k in names}
+    record = {"command": command, "date": time.strftime("%Y-%m-%d"), "results": results, "mean_seg_f1": mean}
+    (HERE / "threshold_rules.json").write_text(json.dumps(record, indent=2) + "\n")
+    cats = list(per_cat)
+    lines = ["# Map threshold rules, chosen without test labels: outline F1 on the test set", "",
+             f"`{command}`, {record['date']}. Each cell: pixel F1 of {{map >= threshold}} over the category's test "
+             "set (mean over the seeds found); the last row is the best F1 over all thresholds (chosen with the "
+             "labels: the upper bound).", "",
+             "| rule | " + " | ".join(cats) + " | mean |", "|---" * (len(cats) + 2) + "|"]
+    for k in sorted(names, key=lambda k: -mean[k]):
+        lines.append(f"| {k} | " + " | ".join(f"{per_cat[c][k]:.3f}" for c in cats) + f" | {mean[k]:.3f} |")
+    lines.append("| best over thresholds (labels) | " + " | ".join(f"{best[c]:.3f}" for c in cats)
+                 + f" | {np.mean(list(best.values())):.3f} |")
+    (HERE / "threshold_rules.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
