@@ -176,9 +176,25 @@ def test_eval_settings_keeps_the_rows_another_sweep_wrote_meanwhile(tmp_path):
 
 
 def test_targets_table_says_by_how_much_a_target_is_missed_and_when_all_are_met(run_bench):
-    met = {"category": "magnetic_tile", "profile": "fast", "pixel_auroc": 0.902, "aupro": 0.864, "image_auroc": 0.91}
+    met = {"category": "magnetic_tile", "profile": "fast", "pixel_auroc": 0.902, "aupro": 0.864, "image_auroc": 0.91,
+           "seg_f1": 0.41, "pixel_f1_max": 0.5}
     lines = run_bench.target_lines([met])
     assert "| magnetic_tile | pixel_auroc | 0.9 | 0.902 | yes |" in lines and "Every target listed is met" in lines[-1]
+    assert "| magnetic_tile | seg F1 / pixel F1-max | 0.8 | 0.820 | yes |" in lines
+    lines = run_bench.target_lines([{**met, "seg_f1": 0.2}])
+    assert "| magnetic_tile | seg F1 / pixel F1-max | 0.8 | 0.400 | missed by 0.400 |" in lines
     lines = run_bench.target_lines([{**met, "pixel_auroc": 0.896}])
     assert "| magnetic_tile | pixel_auroc | 0.9 | 0.896 | missed by 0.004 |" in lines
     assert lines[-1].startswith("What was tried for the missed ones")
+
+
+def test_headline_gives_the_mean_over_categories_and_the_outline_ratio(run_bench):
+    base = {"dataset": "d", "profile": "fast", "seeds": [0], "pixel_ap": 0.5, "image_auroc": 0.9, "aupro": 0.8,
+            "pixel_f1_max": 0.5, "aupimo": 0.3, "iou": 0.2, "best_iou": 0.3, "image_f1_max": 0.8, "train_seconds": 1.0}
+    rows = [{**base, "category": "a", "pixel_auroc": 0.9, "seg_f1": 0.25},
+            {**base, "category": "b", "pixel_auroc": 0.8, "seg_f1": 0.45}]
+    lines = run_bench.headline_lines(rows)
+    assert any(line.startswith("| d | a | fast | 0 | 0.900 |") and "| 0.250 | 0.500 | 0.300 |" in line
+               for line in lines)
+    mean = next(line for line in lines if line.startswith("| **mean** | 2 categories"))
+    assert "| 0.850 |" in mean and "| 0.350 | 0.700 | 0.300 |" in mean
