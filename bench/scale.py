@@ -35,6 +35,13 @@ TRAIN_STEPS = 20
 DISTINCT = 40
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far (user + system): unlike wall time, it does not grow when others share the
+    cores."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -85,12 +92,14 @@ def point_evaluate(work: Path, n: int, side: int) -> dict:
     samples = make_test_set(work / f"test_{side}", side)
     samples = [samples[i % len(samples)] for i in range(n)]
     model = AnoSegModel(profile_config("tiny"), map_threshold=0.5, map_score_threshold=0.5, device="cpu")
-    before = rss_mb()
+    before, cpu = rss_mb(), cpu_seconds()
     start = time.perf_counter()
     result = evaluate(model, samples, work / f"eval_{side}_{n}", progress=False)
-    seconds = time.perf_counter() - start
-    return {"kind": "evaluate", "images": n, "side": side, "megapixels": round(n * side * side / 1e6, 1),
-            "seconds": round(seconds, 1), "seconds_per_megapixel": round(seconds / (n * side * side / 1e6), 4),
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    megapixels = n * side * side / 1e6
+    return {"kind": "evaluate", "images": n, "side": side, "megapixels": round(megapixels, 1),
+            "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "cpu_seconds_per_megapixel": round(cpu / megapixels, 4),
             "rss_before_mb": round(before), "peak_rss_mb": round(peak_mb()),
             "pixel_auroc": round(result["metrics"]["pixel_auroc"], 4)}
 
@@ -121,10 +130,11 @@ def point_train(work: Path, n: int) -> dict:
 
     data = make_train_set(work / f"train_{n}", n)
     cfg = anoseg.profile_config("fast", steps=TRAIN_STEPS, checkpoint_every=TRAIN_STEPS)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     model = anoseg.train(cfg, data, work / f"model_{n}", overwrite=True, progress=False)
     return {"kind": "train", "images": n, "side": 512, "steps": TRAIN_STEPS,
-            "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_mb()),
+            "seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(cpu_seconds() - cpu, 1),
+            "peak_rss_mb": round(peak_mb()),
             "train_images": model.meta["train_images"]}
 
 
@@ -144,14 +154,15 @@ def point_serve(uploads: int) -> dict:
     client = TestClient(create_app(AnoSegModel(profile_config("fast"), map_threshold=0.5, device="cpu"),
                                    ServeSettings(busy_timeout_s=3600)))
     assert client.get("/health").status_code == 200
-    idle = rss_mb()
+    idle, cpu = rss_mb(), cpu_seconds()
     start = time.perf_counter()
     with ThreadPoolExecutor(uploads) as pool:
         codes = list(pool.map(lambda _: client.post("/predict?pictures=true", files={"file": ("big.png", data)})
                               .status_code, range(uploads)))
     seconds = time.perf_counter() - start
     return {"kind": "serve", "uploads": uploads, "side": SERVE_SIDE, "upload_kb": round(len(data) / 1024),
-            "status": sorted(set(codes)), "seconds": round(seconds, 1), "idle_rss_mb": round(idle),
+            "status": sorted(set(codes)), "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds() - cpu, 1),
+            "idle_rss_mb": round(idle),
             "peak_rss_mb": round(peak_mb()), "held_after_mb": round(rss_mb()),
             "held_over_idle_mb": round(rss_mb() - idle)}
 
@@ -213,14 +224,16 @@ def write(results_file: Path, rows: list[dict]) -> None:
     results_file.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     lines = ["# Scale: time and peak memory as the work grows", "",
              f"Machine: {meta['machine']}; written {meta['date']} by `python bench/scale.py`. Each row ran in its "
-             "own process; its command (in scale.json) reproduces it alone. Plot: scale.png.", "",
+             "own process; its command (in scale.json) reproduces it alone. Plot: scale.png. Wall seconds depend on "
+             "what else runs on the machine; CPU seconds (user + system) do not.", "",
              "## evaluate (tiny model, synthetic images, half with a defect)", "",
-             "| images | side | megapixels | seconds | s per megapixel | peak RSS MB |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['images']} | {r['side']} | {r['megapixels']} | {r['seconds']} | {r['seconds_per_megapixel']} "
-              f"| {r['peak_rss_mb']} |" for r in rows if r["kind"] == "evaluate"]
+             "| images | side | megapixels | seconds | CPU seconds | CPU s per megapixel | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['images']} | {r['side']} | {r['megapixels']} | {r['seconds']} | {r['cpu_seconds']} "
+              f"| {r['cpu_seconds_per_megapixel']} | {r['peak_rss_mb']} |" for r in rows if r["kind"] == "evaluate"]
     lines += ["", f"## train (fast profile, {TRAIN_STEPS} steps, 512 x 512 images)", "",
-              "| images | seconds | peak RSS MB | store |", "|---|---|---|---|"]
-    lines += [f"| {r['images']} | {r['seconds']} | {r['peak_rss_mb']} | {r['train_images']} |"
+              "| images | seconds | CPU seconds | peak RSS MB | store |", "|---|---|---|---|---|"]
+    lines += [f"| {r['images']} | {r['seconds']} | {r['cpu_seconds']} | {r['peak_rss_mb']} | {r['train_images']} |"
               for r in rows if r["kind"] == "train"]
     lines += ["", f"## serve (burst of concurrent {SERVE_SIDE} x {SERVE_SIDE} uploads, pictures, --max-concurrent 1)",
               "",
@@ -248,10 +261,10 @@ def plot(rows: list[dict]) -> None:
     ax.set(xscale="log", xlabel="test megapixels", ylabel="peak RSS (MB)", title="evaluate: memory stays flat")
     ax.axhline(2048, color="grey", ls=":", label="2 GB target")
     twin = ax.twinx()
-    pts = sorted((r["megapixels"], r["seconds"]) for r in ev)
+    pts = sorted((r["megapixels"], r["cpu_seconds"]) for r in ev)
     if pts:
-        twin.plot([p[0] for p in pts], [p[1] for p in pts], "k--", alpha=0.5, label="seconds")
-        twin.set(yscale="log", ylabel="seconds (dashed)")
+        twin.plot([p[0] for p in pts], [p[1] for p in pts], "k--", alpha=0.5, label="CPU seconds")
+        twin.set(yscale="log", ylabel="CPU seconds (dashed)")
     ax.legend(loc="upper left", fontsize=8)
     tr = sorted((r["images"], r["peak_rss_mb"]) for r in rows if r["kind"] == "train")
     axes[1].plot([p[0] for p in tr], [p[1] for p in tr], marker="o")

@@ -57,31 +57,38 @@ class PixelHistograms:
         None for a normal image, else its defect type."""
         if np.shape(amap) != np.shape(mask):
             raise ValueError(f"map and mask differ in shape: {np.shape(amap)} vs {np.shape(mask)}")
+        if group is None and self._aupimo_thresholds is not None:
+            raise RuntimeError("normal images must be added before anomalous ones (AUPIMO)")
         g = self.groups.setdefault(group, _Group.empty(self.bins))
         idx = self.bin_index(amap)
+        every = np.bincount(idx, minlength=self.bins)  # one pass over all pixels; defect pixels are few
         mask = np.asarray(mask).astype(bool)
         flat_mask = mask.ravel()
-        both = np.bincount(idx + self.bins * flat_mask, minlength=2 * self.bins)
-        g.normal += both[:self.bins]
-        g.defect += both[self.bins:]
-        if flat_mask.any():
+        defect = flat_mask.any()
+        if defect:
             labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=int))
             flat = labels.ravel()[flat_mask]
-            weight = 1.0 / np.bincount(flat)[flat]
-            g.region_weight += np.bincount(idx[flat_mask], weights=weight, minlength=self.bins)
+            hit = idx[flat_mask]
+            in_defect = np.bincount(hit, minlength=self.bins)
+            g.defect += in_defect
+            every -= in_defect
+            g.region_weight += np.bincount(hit, weights=1.0 / np.bincount(flat)[flat], minlength=self.bins)
             g.n_regions += n
+        g.normal += every
         if self.threshold is not None:
-            g.outline += metrics.outline_counts(mask, amap, self.threshold)
+            g.outline += self._outline(amap, flat_mask if defect else None)
         if group is None:
-            self._add_normal_image(idx)
+            self._normal_fpr_mass += every / max(idx.size, 1)
+            self._normal_images += 1
         else:
             self._add_aupimo(g, mask, amap)
 
-    def _add_normal_image(self, idx: np.ndarray) -> None:
-        if self._aupimo_thresholds is not None:
-            raise RuntimeError("normal images must be added before anomalous ones (AUPIMO)")
-        self._normal_fpr_mass += np.bincount(idx, minlength=self.bins) / max(idx.size, 1)
-        self._normal_images += 1
+    def _outline(self, amap: np.ndarray, flat_mask: np.ndarray | None) -> tuple[int, int, int]:
+        """(tp, fp, fn) of {map > threshold}."""
+        above = np.asarray(amap).ravel() > self.threshold
+        tp = 0 if flat_mask is None else int(np.count_nonzero(above[flat_mask]))
+        fn = 0 if flat_mask is None else int(np.count_nonzero(flat_mask)) - tp
+        return tp, int(np.count_nonzero(above)) - tp, fn
 
     def _add_aupimo(self, g: _Group, mask: np.ndarray, amap: np.ndarray) -> None:
         if self._normal_images == 0:
