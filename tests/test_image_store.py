@@ -108,3 +108,17 @@ def test_training_from_the_cache_file_resumes_and_cleans_up(demo_root, tmp_path,
 
 def test_available_memory_is_positive():
     assert image_store.available_memory() > 0
+
+
+def test_a_full_disk_while_building_the_cache_is_named(demo_root, tmp_path, monkeypatch, on_disk):
+    import errno
+
+    from anoseg.errors import OutputError
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(image_store.os, "pwrite", full)
+    with pytest.raises(OutputError, match="No space left on device.*MB beside the run"):
+        TrainingImages.load(train_images(demo_root)[:3], profile_config("tiny"), progress=False, cache_dir=tmp_path)
+    assert not (tmp_path / INDEX_FILE).exists()  # a half-built cache is never used

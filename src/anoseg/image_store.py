@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import OutputError
 from .fileio import write_text_atomic
 
 CACHE_FILE = "train_images.cache"
@@ -92,7 +93,11 @@ class ImageStore:
         if self._buffer is not None:
             self._buffer[self.offsets[i]:self.offsets[i + 1]] = image.ravel()
         else:
-            os.pwrite(self._file(), np.ascontiguousarray(image).tobytes(), int(self.offsets[i]))
+            try:
+                os.pwrite(self._file(), np.ascontiguousarray(image).tobytes(), int(self.offsets[i]))
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot write the training image cache ({e.strerror}); it needs "
+                                  f"{self.nbytes / 1e6:.0f} MB beside the run") from None
 
     def close(self) -> None:
         if self._fd is not None:
@@ -111,8 +116,11 @@ class ImageStore:
         (folder / INDEX_FILE).unlink(missing_ok=True)  # no index: a half-built cache is never read
         # each process builds its own file and renames it into place (torchrun ranks build side by side)
         store = cls(shapes, folder / f"{CACHE_FILE}.{os.getpid()}.tmp")
-        store._fd = os.open(store.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(store._fd, store.nbytes)
+        try:
+            store._fd = os.open(store.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(store._fd, store.nbytes)
+        except OSError as e:
+            raise OutputError(f"{store.path}: cannot create the training image cache ({e.strerror})") from None
         return store
 
     def seal(self, key: str) -> None:
