@@ -251,33 +251,30 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     ev = [r for r in rows if r["kind"] == "evaluate"]
-    ax = axes[0]
     for side, marker in ((512, "o"), (1024, "s")):
-        pts = sorted((r["megapixels"], r["peak_rss_mb"], r["seconds"]) for r in ev if r["side"] == side)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"peak RSS, {side} px")
-    ax.set(xscale="log", xlabel="test megapixels", ylabel="peak RSS (MB)", title="evaluate: memory stays flat")
-    ax.axhline(2048, color="grey", ls=":", label="2 GB target")
-    twin = ax.twinx()
-    pts = sorted((r["megapixels"], r["cpu_seconds"]) for r in ev)
-    if pts:
-        twin.plot([p[0] for p in pts], [p[1] for p in pts], "k--", alpha=0.5, label="CPU seconds")
-        twin.set(yscale="log", ylabel="CPU seconds (dashed)")
-    ax.legend(loc="upper left", fontsize=8)
+        pts = sorted((r["megapixels"], r["peak_rss_mb"], r["cpu_seconds"]) for r in ev if r["side"] == side)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"{side} x {side}")
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker=marker, label=f"{side} x {side}")
+    axes[0].axhline(2048, color="grey", ls=":", label="2 GB target")
+    axes[0].set(xlabel="test megapixels", ylabel="peak RSS (MB)", title="evaluate: memory")
+    axes[1].set(xlabel="test megapixels", ylabel="CPU seconds", title="evaluate: time (linear = slope 1)")
     tr = sorted((r["images"], r["peak_rss_mb"]) for r in rows if r["kind"] == "train")
-    axes[1].plot([p[0] for p in tr], [p[1] for p in tr], marker="o")
-    axes[1].axhline(4096, color="grey", ls=":", label="4 GB target")
-    axes[1].set(xscale="log", xlabel="training images (512 x 512)", ylabel="peak RSS (MB)", title="train")
-    axes[1].legend(fontsize=8)
+    axes[2].plot([p[0] for p in tr], [p[1] for p in tr], marker="o", label="peak RSS")
+    axes[2].axhline(4096, color="grey", ls=":", label="4 GB target")
+    axes[2].set(xlabel="training images (512 x 512)", ylabel="peak RSS (MB)", title=f"train ({TRAIN_STEPS} steps)")
     sv = sorted((r["uploads"], r["idle_rss_mb"], r["peak_rss_mb"], r["held_after_mb"]) for r in rows
                 if r["kind"] == "serve")
     for j, label in ((1, "idle (model loaded)"), (2, "peak"), (3, "held after the burst")):
-        axes[2].plot([p[0] for p in sv], [p[j] for p in sv], marker="o", label=label)
-    axes[2].set(xscale="log", xlabel=f"concurrent {SERVE_SIDE} x {SERVE_SIDE} uploads", ylabel="RSS (MB)",
-                title="serve burst")
-    axes[2].legend(fontsize=8)
+        axes[3].plot([p[0] for p in sv], [p[j] for p in sv], marker="o", label=label)
+    axes[3].set(xlabel=f"concurrent {SERVE_SIDE} x {SERVE_SIDE} uploads", ylabel="RSS (MB)", title="serve burst")
+    for ax, has_points in zip(axes, (ev, ev, tr, sv)):
+        if has_points:  # a log axis without points cannot be drawn
+            ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    if ev:
+        axes[1].set_yscale("log")
     fig.tight_layout()
     fig.savefig(HERE / "scale.png", dpi=110)
     plt.close(fig)

@@ -198,3 +198,18 @@ def test_headline_gives_the_mean_over_categories_and_the_outline_ratio(run_bench
                for line in lines)
     mean = next(line for line in lines if line.startswith("| **mean** | 2 categories"))
     assert "| 0.850 |" in mean and "| 0.350 | 0.700 | 0.300 |" in mean
+
+
+def test_scale_tables_and_plot_are_written_from_any_rows_so_far(tmp_path, monkeypatch):
+    scale = load("scale")
+    monkeypatch.setattr(scale, "HERE", tmp_path)
+    evaluate = {"kind": "evaluate", "images": 100, "side": 512, "megapixels": 26.2, "seconds": 9.0,
+                "cpu_seconds": 8.0, "cpu_seconds_per_megapixel": 0.305, "peak_rss_mb": 361}
+    serve = {"kind": "serve", "uploads": 8, "seconds": 30.0, "status": [200], "idle_rss_mb": 270,
+             "peak_rss_mb": 900, "held_after_mb": 380, "held_over_idle_mb": 110}
+    for rows in ([evaluate], [evaluate, serve]):  # the first point alone, then more kinds
+        scale.write(tmp_path / "scale.json", rows)
+        assert (tmp_path / "scale.png").stat().st_size > 0
+    text = (tmp_path / "scale.md").read_text()
+    assert "| 100 | 512 | 26.2 | 9.0 | 8.0 | 0.305 | 361 |" in text
+    assert "| 8 | 30.0 | [200] | 270 | 900 | 380 | 110 |" in text
