@@ -46,14 +46,20 @@ def synthetic_f1_threshold(model, files: list[Path]) -> float:
     augment = Augmenter.from_config(model.config, anomaly_ratio=1.0)
     hist = PixelHistograms()
     images = [resize_rgb(load_image(f), model.geometry.working_shape(*load_image(f).shape[:2])) for f in files]
+    s = model.config.image_size
     for _ in range(SYNTHETIC_COPIES):
-        for im in images:
-            x = torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255.0
-            source = torch.from_numpy(images[int(rng.integers(len(images)))]).permute(2, 0, 1).float() / 255.0
-            source = torch.nn.functional.interpolate(source[None], size=x.shape[-2:], mode="bilinear")[0]
-            out, mask = augment.synthesize(x[0], source, rng)
-            pred = model.maps_for_batch([(out.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)])[0]
-            hist.add("synthetic", pred.anomaly_map, mask[0].numpy() > 0.5)
+        for im in images:  # the augmentation works on square crops, as in training: made in one, put back
+            whole = torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).float() / 255.0
+            donor = images[int(rng.integers(len(images)))]
+            top, left = int(rng.integers(im.shape[0] - s + 1)), int(rng.integers(im.shape[1] - s + 1))
+            dt, dl = int(rng.integers(donor.shape[0] - s + 1)), int(rng.integers(donor.shape[1] - s + 1))
+            source = torch.from_numpy(np.ascontiguousarray(donor[dt:dt + s, dl:dl + s].transpose(2, 0, 1))) / 255.0
+            crop, crop_mask = augment.synthesize(whole[:, top:top + s, left:left + s], source.float(), rng)
+            whole[:, top:top + s, left:left + s] = crop
+            mask = np.zeros(im.shape[:2], bool)
+            mask[top:top + s, left:left + s] = crop_mask[0].numpy() > 0.5
+            picture = (whole.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            hist.add("synthetic", model.maps_for_batch([picture])[0].anomaly_map, mask)
     curve = hist.curve(hist.merged())
     return curve.f1_max()[1] if curve.n_pos and curve.n_neg else float("nan")
 
