@@ -182,7 +182,7 @@ class TrainingImages:
             store = ImageStore.open_cache(cache_dir, key)
             if store is not None:
                 images = cls._of(store, geometry, len(geometry.scales), np.arange(len(paths)))
-                _say(f"training images: {images.description} (built before, used again)", progress)
+                _say(f"images for training: {images.description} (built before, used again)", progress)
                 return images
             store = ImageStore.create_cache(cache_dir, shapes)
         store = store or ImageStore(shapes)
@@ -194,7 +194,7 @@ class TrainingImages:
         if key:
             store.seal(key)
         images = cls._of(store, geometry, n, np.arange(len(paths)))
-        _say(f"training images: {images.description}", progress)
+        _say(f"images for training: {images.description}", progress)
         return images
 
     def __len__(self) -> int:
