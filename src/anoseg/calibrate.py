@@ -14,6 +14,7 @@ from .scoring import quantile_thresholds
 
 HOLDOUT_MIN = 2  # at least this many held-out images (when holdout_fraction > 0)
 PIXEL_SAMPLE = 1 << 16  # map pixels per held-out image that choose the map threshold (a random sample)
+PIXEL_BUDGET = 1 << 24  # and at most this many in all (64 MB): with thousands of held-out images, fewer each
 
 
 def holdout_split(n: int, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
@@ -32,12 +33,13 @@ def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
     detector's. Returns what was done, for the model's metadata.
     """
     rng = np.random.default_rng([model.config.seed, 4])
+    per_image = max(1, min(PIXEL_SAMPLE, PIXEL_BUDGET // max(len(normal_files), 1)))
     map_scores, pixels, det_scores = [], [], []
     for p in model.iter_predict_files(normal_files):
         map_scores.append(p.map_score)
         det_scores.append(p.detector_score)
         flat = p.anomaly_map.ravel()  # a sample of each map's pixels: a huge image must not hold the memory
-        pixels.append(flat if flat.size <= PIXEL_SAMPLE else rng.choice(flat, PIXEL_SAMPLE, replace=False))
+        pixels.append(flat if flat.size <= per_image else rng.choice(flat, per_image, replace=False))
     chosen = quantile_thresholds(model.config, map_scores, np.concatenate(pixels))
     model.map_threshold, model.map_score_threshold = chosen.map, chosen.image
     q, qm = model.config.threshold_quantile, model.config.map_threshold_quantile

@@ -167,30 +167,29 @@ class TrainingImages:
 
     @classmethod
     def load(cls, paths: list[Path], cfg: Config, desc: str = "loading", progress: bool = True,
-             one_scale: bool = False, cache_dir: Path | None = None) -> TrainingImages:
+             one_scale: bool = False, cache_dir: Path | None = None, also_check: list[Path] = ()) -> TrainingImages:
         """The images at the working shape of each scale (of the first only with `one_scale`).
 
-        With `cache_dir`, a set larger than image_store.MEMORY_SHARE of the memory available is kept in a cache
-        file there (used again while the inputs are unchanged); without, always in memory."""
+        `also_check` are decoded too (a bad file stops the run now) but not kept. With `cache_dir`, a set larger
+        than image_store.MEMORY_SHARE of the memory available is kept in a cache file there (used again while
+        the inputs are unchanged); without, always in memory."""
         geometry = Geometry.from_config(cfg)
         if one_scale:
             geometry = Geometry(geometry.image_size, geometry.resize_mode)
+        n = len(geometry.scales)
         shapes = [(3, *shape) for p in paths for shape in geometry.working_shapes(*_planned_shape(p))]
         store, key = None, ""
         if cache_dir is not None and sum(int(np.prod(s)) for s in shapes) > MEMORY_SHARE * available_memory():
-            key = fingerprint(paths, shapes)
+            key = fingerprint([*paths, *also_check], shapes)
             store = ImageStore.open_cache(cache_dir, key)
             if store is not None:
-                images = cls._of(store, geometry, len(geometry.scales), np.arange(len(paths)))
+                images = cls._of(store, geometry, n, np.arange(len(paths)))
                 _say(f"images for training: {images.description} (built before, used again)", progress)
                 return images
             store = ImageStore.create_cache(cache_dir, shapes)
         store = store or ImageStore(shapes)
-        n = len(geometry.scales)
-        for j, p in enumerate(bar(paths, desc=desc, leave=False, disable=not progress or len(paths) < 50)):
-            im = load_image(p)
-            for k, side in enumerate(geometry.scales):
-                store.put(j * n + k, _chw(resize_rgb(im, geometry.working_shape(*im.shape[:2], side))))
+        _fill(store, geometry, paths, also_check, bar_options={"desc": desc, "leave": False,
+                                                               "disable": not progress or len(paths) < 50})
         if key:
             store.seal(key)
         images = cls._of(store, geometry, n, np.arange(len(paths)))
@@ -224,6 +223,17 @@ class TrainingImages:
         # the second scale has the longer short side: crops of the first see more of the image, coarser
         coarse = None if self.n_scales == 1 else ~torch.tensor(from_second)
         return Crops(torch.from_numpy(np.stack(crops)), torch.stack(coords), coarse)
+
+
+def _fill(store: ImageStore, geometry: Geometry, paths: list[Path], also_check: list[Path],
+          bar_options: dict) -> None:
+    """Decode every file; put those of `paths` into the store at each scale."""
+    n = len(geometry.scales)
+    for j, p in enumerate(bar([*paths, *also_check], **bar_options)):
+        im = load_image(p)
+        if j < len(paths):
+            for k, side in enumerate(geometry.scales):
+                store.put(j * n + k, _chw(resize_rgb(im, geometry.working_shape(*im.shape[:2], side))))
 
 
 def _planned_shape(path: Path) -> tuple[int, int]:

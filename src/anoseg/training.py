@@ -113,8 +113,9 @@ def _set_up(cfg: Config, data: Path, out: Path, resume: bool, overwrite: bool, p
     files = train_images(data)
     train_idx, hold_idx = holdout_split(len(files), cfg)
     progress = progress and ctx.is_main
-    # every file is read now, held-out ones included, so a bad file stops the run before training starts
-    images = TrainingImages.load(files, cfg, desc="loading images", progress=progress, cache_dir=out).subset(train_idx)
+    # every file is decoded now, held-out ones included, so a bad file stops the run before training starts
+    images = TrainingImages.load([files[i] for i in train_idx], cfg, desc="loading images", progress=progress,
+                                 cache_dir=out, also_check=[files[i] for i in hold_idx])
     if ctx.is_main:  # only rank 0 writes
         _clear_old_outputs(out, resume)
         cfg.save(out / CONFIG_FILE)
