@@ -468,9 +468,9 @@ def merge_seeds(runs: list[dict]) -> dict:
         values = [r[k] for r in runs if r.get(k) is not None]
         if values:
             out[k] = round(float(np.mean(values)), 1)
-    for k in ("pixel_auroc", "aupro", "image_auroc"):
+    for k in ("pixel_auroc", "aupro", "image_auroc"):  # a spread needs two seeds at least
         values = [r[k] for r in runs if r.get(k) is not None]
-        out[f"{k}_std"] = round(float(np.std(values)), 4) if values else None
+        out[f"{k}_std"] = round(float(np.std(values)), 4) if len(values) > 1 else None
     for k in ("peak_rss_mb", "train_peak_rss_mb"):
         peaks = [r[k] for r in runs if r.get(k) is not None]
         out[k] = max(peaks) if peaks else None
