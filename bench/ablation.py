@@ -39,7 +39,8 @@ DATA = HERE.parent.parent / "shared" / "data"
 CATEGORIES = {"bottle": "mvtec_ad", "commutator": "kolektorsdd", "magnetic_tile": "magnetic_tile",
               "tire": "mvtec3d_tire", "ball_screw_drive": "bsdata"}
 VARIANTS: dict[str, dict] = json.loads((HERE / "variants.json").read_text())
-KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc")
+KEYS = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc", "seg_f1")
+SCORE_KEYS = ("pixel_auroc", "aupro", "seg_f1")  # the recipe score: their mean (docs/design.md, acceptance rule)
 
 
 def overrides(variant: str) -> dict:
@@ -139,7 +140,7 @@ def run_one(variants: list[str], category: str, seed: int, steps: int, threads: 
             m = result["metrics"]
             records.append({"dataset": CATEGORIES[category], "category": category, "profile": profile,
                             "variant": variant, "seed": seed,
-                            "steps": steps, **{k: m[k] for k in KEYS}, "image_auroc_topk": m["image_auroc_topk"],
+                            "steps": steps, **{k: m.get(k) for k in KEYS}, "image_auroc_topk": m["image_auroc_topk"],
                             "per_defect_type": result["per_defect_type"],
                             "train_seconds": model.meta["train_seconds"], "settings": overrides(variant),
                             "device": str(model.device), "data": data_label({"data": str(data)}),
@@ -163,16 +164,74 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
              "evaluated on the category's test split; variant x category pairs not listed have not been run. "
              "Training times depend on the device and on how many runs shared it.", "",
              "| profile | category | variant | seed | steps | device | data | pixel AUROC | AUPRO@0.3 | pixel AP "
-             "| image AUROC | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| image AUROC | seg F1 @thr | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(VARIANTS)
     for r in sorted(records, key=lambda r: (r.get("profile", "fast"), r["category"], order.index(r["variant"]),
                                             data_label(r), r["steps"], r["seed"])):
         variant = f"{r['variant']} (default's weights)" if r.get("weights_of") else r["variant"]
         lines.append(f"| {r.get('profile', 'fast')} | {r['category']} | {variant} | {r['seed']} | {r['steps']} | "
-                     f"{r.get('device', 'cpu')} | {data_label(r)} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS)
+                     f"{r.get('device', 'cpu')} | {data_label(r)} | " + " | ".join(_f(r.get(k)) for k in KEYS)
                      + f" | {r['train_seconds']:.0f} |")
+    lines += acceptance_lines(records)
     lines += ["", "Variants:", "", *(f"- `{name}`: {v['about']}." for name, v in VARIANTS.items())]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _score(r: dict) -> float | None:
+    values = [r.get(k) for k in SCORE_KEYS]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def verdict(default: list[dict], variant: list[dict]) -> dict | None:
+    """The acceptance rule (docs/design.md) for one variant against the default, on the same runs; None where
+    the runs do not cover every category with two seeds, or lack a figure."""
+    runs = {(r["category"], r["seed"]): r for r in variant}
+    base = {(r["category"], r["seed"]): r for r in default}
+    keys = sorted(set(runs) & set(base))
+    seeds = {c: [s for cc, s in keys if cc == c] for c in CATEGORIES}
+    if any(len(v) < 2 for v in seeds.values()) or any(_score(runs[k]) is None or _score(base[k]) is None
+                                                       for k in keys):
+        return None
+    new, old = (sum(_score(d[k]) for k in keys) / len(keys) for d in (runs, base))
+    falls = []
+    for c, ss in seeds.items():
+        for f in SCORE_KEYS:
+            before = [base[(c, s)][f] for s in ss]
+            after = sum(runs[(c, s)][f] for s in ss) / len(ss)
+            if sum(before) / len(before) - after > max(before) - min(before):
+                falls.append(f"{c} {f}")
+    return {"score": new, "default": old, "falls": falls, "keep": new > old and not falls}
+
+
+def acceptance_lines(records: list[dict]) -> list[str]:
+    """Each variant judged by the acceptance rule, where its runs and the default's cover five categories and two
+    seeds with the same profile, steps and data."""
+    lines = []
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in records:
+        key = (r.get("profile", "fast"), r["steps"], data_label(r))
+        groups.setdefault(key, {}).setdefault(r["variant"], []).append(r)
+    for (profile, steps, data), variants in sorted(groups.items()):
+        for name, runs in variants.items():
+            if name == "default" or "default" not in variants:
+                continue
+            v = verdict(variants["default"], runs)
+            if v is not None:
+                lines.append(f"| {profile} | {steps} | {data} | {name} | {v['score']:.4f} | {v['default']:.4f} "
+                             f"| {v['score'] - v['default']:+.4f} | {', '.join(v['falls']) or 'none'} "
+                             f"| {'keep' if v['keep'] else 'reject'} |")
+    head = ["", "## Acceptance rule (docs/design.md)", "",
+            "Recipe score: the mean over five categories and two seeds of pixel AUROC, AUPRO and seg F1. A variant "
+            "is kept only if its score rises and no category's figure falls by more than the default's spread over "
+            "seeds.", ""]
+    if not lines:
+        return head + ["No variant has yet run on all five categories with two seeds beside the default."]
+    return head + ["| profile | steps | data | variant | score | default's | change | falls beyond the spread "
+                   "| verdict |", "|---|---|---|---|---|---|---|---|---|", *lines]
 
 
 def main() -> None:

@@ -213,3 +213,27 @@ def test_scale_tables_and_plot_are_written_from_any_rows_so_far(tmp_path, monkey
     text = (tmp_path / "scale.md").read_text()
     assert "| 100 | 512 | 26.2 | 9.0 | 8.0 | 0.305 | 361 |" in text
     assert "| 8 | 30.0 | [200] | 270 | 900 | 380 | 110 |" in text
+
+
+def test_acceptance_rule_keeps_a_change_only_when_the_mean_rises_and_no_category_pays():
+    ablation = load("ablation")
+
+    def runs(variant, shift=0.0, hurt=None):
+        out = []
+        for c in ablation.CATEGORIES:
+            for seed, wobble in ((0, 0.0), (1, 0.01)):  # the default's spread: 0.01 on every figure
+                drop = 0.05 if c == hurt else 0.0
+                out.append({"category": c, "seed": seed, "variant": variant, "steps": 100, "pixel_auroc": 0.9 + wobble
+                            + shift - drop, "aupro": 0.8 + wobble + shift, "seg_f1": 0.5 + wobble + shift})
+        return out
+
+    default = runs("default")
+    assert ablation.verdict(default, runs("better", 0.005))["keep"]
+    worse = ablation.verdict(default, runs("worse", -0.005))
+    assert not worse["keep"] and worse["falls"] == []  # within the spread, but the mean fell
+    paid = ablation.verdict(default, runs("paid", 0.01, hurt="tire"))
+    assert paid["score"] > paid["default"] and paid["falls"] == ["tire pixel_auroc"] and not paid["keep"]
+    one_seed = [r for r in runs("better", 0.005) if r["seed"] == 0]
+    assert ablation.verdict(default, one_seed) is None  # not judged on one seed
+    lines = ablation.acceptance_lines(default + runs("better", 0.005))
+    assert any("| better |" in line and line.endswith("| keep |") for line in lines)
