@@ -179,7 +179,7 @@ class TrainingImages:
         n = len(geometry.scales)
         shapes = [(3, *shape) for p in paths for shape in geometry.working_shapes(*_planned_shape(p))]
         store, key = None, ""
-        if cache_dir is not None and sum(int(np.prod(s)) for s in shapes) > MEMORY_SHARE * available_memory():
+        if cache_dir is not None and ImageStore.sizes(shapes).sum() > MEMORY_SHARE * available_memory():
             key = fingerprint([*paths, *also_check], shapes)
             store = ImageStore.open_cache(cache_dir, key)
             if store is not None:

@@ -71,10 +71,7 @@ def image_shape(path: str | Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
             w, h = im.size
-            try:
-                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            except Exception:  # unreadable EXIF: loading keeps the pixels as stored
-                turned = False
+            turned = _orientation(im) in (5, 6, 7, 8)  # the EXIF turns that swap width and height
     except Exception:  # any failure here is reported, in one line, by load_image
         return None
     return (w, h) if turned else (h, w)
@@ -82,13 +79,17 @@ def image_shape(path: str | Path) -> tuple[int, int] | None:
 
 def _upright(im: Image.Image) -> Image.Image:
     """Apply the EXIF orientation (phone photos), so pixels, maps and masks are the way every viewer shows them."""
-    try:
-        orientation = im.getexif().get(0x0112, 1)
-    except Exception:  # unreadable EXIF: Pillow raises many kinds; the pixels stay as stored
-        return im
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
+    if _orientation(im) in (2, 3, 4, 5, 6, 7, 8):
         return ImageOps.exif_transpose(im)
     return im
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1: as stored); 1 where the EXIF cannot be read (Pillow raises many kinds)."""
+    try:
+        return im.getexif().get(0x0112, 1)
+    except Exception:
+        return 1
 
 
 def _to_float_gray_or_rgb(im: Image.Image) -> np.ndarray:

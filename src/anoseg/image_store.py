@@ -54,11 +54,15 @@ class ImageStore:
 
     def __init__(self, shapes: list[tuple[int, int, int]], path: Path | None = None):
         self.shapes = [tuple(int(v) for v in s) for s in shapes]
-        sizes = np.array([int(np.prod(s)) for s in self.shapes], dtype=np.int64)
-        self.offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+        self.offsets = np.r_[0, np.cumsum(self.sizes(self.shapes))].astype(np.int64)
         self.path = path
         self._buffer = np.empty(int(self.offsets[-1]), dtype=np.uint8) if path is None else None
         self._fd: int | None = None
+
+    @staticmethod
+    def sizes(shapes: list[tuple[int, ...]]) -> np.ndarray:
+        """Bytes of each image of these shapes (uint8)."""
+        return np.array([int(np.prod(s)) for s in shapes], dtype=np.int64)
 
     @property
     def nbytes(self) -> int:

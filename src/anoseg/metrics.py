@@ -213,9 +213,9 @@ def exact_pixel_metrics(masks: list[np.ndarray], maps: list[np.ndarray], normal_
 
 def outline_counts(masks: np.ndarray, maps: np.ndarray, threshold: float) -> tuple[int, int, int]:
     """True positive, false positive and false negative pixels of the outline {map > threshold}."""
-    m = np.asarray(masks).astype(bool)
-    p = np.asarray(maps) > threshold
-    tp = int(np.count_nonzero(m & p))
+    m = np.asarray(masks).astype(bool).ravel()
+    p = np.asarray(maps).ravel() > threshold
+    tp = int(np.count_nonzero(p[m]))
     return tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(m)) - tp
 
 

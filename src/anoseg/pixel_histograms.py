@@ -44,6 +44,7 @@ class PixelHistograms:
         self._normal_fpr_mass = np.zeros(bins, np.float64)  # sum over normal images of 1/size per pixel
         self._normal_images = 0
         self._aupimo_thresholds: np.ndarray | None = None
+        self._edges = np.arange(bins - 1, -1, -1) / bins  # bin edges, descending (curves run from the top)
 
     def bin_index(self, amap: np.ndarray) -> np.ndarray:
         a = np.asarray(amap).ravel()
@@ -76,27 +77,20 @@ class PixelHistograms:
             g.n_regions += n
         g.normal += every
         if self.threshold is not None:
-            g.outline += self._outline(amap, flat_mask if defect else None)
+            g.outline += metrics.outline_counts(flat_mask, amap, self.threshold)
         if group is None:
             self._normal_fpr_mass += every / max(idx.size, 1)
             self._normal_images += 1
         else:
             self._add_aupimo(g, mask, amap)
 
-    def _outline(self, amap: np.ndarray, flat_mask: np.ndarray | None) -> tuple[int, int, int]:
-        """(tp, fp, fn) of {map > threshold}."""
-        above = np.asarray(amap).ravel() > self.threshold
-        tp = 0 if flat_mask is None else int(np.count_nonzero(above[flat_mask]))
-        fn = 0 if flat_mask is None else int(np.count_nonzero(flat_mask)) - tp
-        return tp, int(np.count_nonzero(above)) - tp, fn
-
     def _add_aupimo(self, g: _Group, mask: np.ndarray, amap: np.ndarray) -> None:
         if self._normal_images == 0:
             return
         if self._aupimo_thresholds is None:
             fpr = np.cumsum(self._normal_fpr_mass[::-1]) / self._normal_images
-            edges = np.arange(self.bins - 1, -1, -1) / self.bins  # descending, fpr[i] is of scores >= edges[i]
-            self._aupimo_thresholds = metrics.thresholds_at_fprs(fpr, edges, metrics.aupimo_fprs(),
+            # fpr[i] is the rate of normal-image scores >= self._edges[i]
+            self._aupimo_thresholds = metrics.thresholds_at_fprs(fpr, self._edges, metrics.aupimo_fprs(),
                                                                      1.0 / self.bins)
         score = metrics.aupimo_of(mask, amap, self._aupimo_thresholds)
         if score is not None:
@@ -117,23 +111,22 @@ class PixelHistograms:
             total.aupimo += g.aupimo
         return total
 
+    def _reached(self, g: _Group) -> np.ndarray:
+        """Which bins, from the top, some pixel of `g` falls in: the curves have a point at each."""
+        return (g.defect[::-1] + g.normal[::-1]) > 0
+
     def curve(self, g: _Group) -> metrics.Curve:
         """The threshold curve at every bin edge that some pixel reaches."""
-        defect, normal = g.defect[::-1], g.normal[::-1]
-        seen = (defect + normal) > 0
-        edges = np.arange(self.bins - 1, -1, -1) / self.bins
-        return metrics.Curve(edges[seen], np.cumsum(defect)[seen], np.cumsum(normal)[seen],
-                             int(defect.sum()), int(normal.sum()))
+        seen = self._reached(g)
+        return metrics.Curve(self._edges[seen], np.cumsum(g.defect[::-1])[seen], np.cumsum(g.normal[::-1])[seen],
+                             int(g.defect.sum()), int(g.normal.sum()))
 
     def pro_curve(self, g: _Group) -> tuple[np.ndarray, np.ndarray]:
         """PRO against the false positive rate at every bin edge some pixel reaches (as `metrics.pro_curve`)."""
         if g.n_regions == 0 or g.normal.sum() == 0:
             raise ValueError("PRO needs images with defect regions and normal pixels")
-        defect, normal = g.defect[::-1], g.normal[::-1]
-        seen = (defect + normal) > 0
-        fpr = np.r_[0.0, np.cumsum(normal)[seen] / normal.sum()]
-        pro = np.r_[0.0, np.cumsum(g.region_weight[::-1])[seen] / g.n_regions]
-        return np.clip(fpr, 0.0, 1.0), np.clip(pro, 0.0, 1.0)
+        pro = np.r_[0.0, np.cumsum(g.region_weight[::-1])[self._reached(g)] / g.n_regions]
+        return np.clip(self.curve(g).fpr, 0.0, 1.0), np.clip(pro, 0.0, 1.0)
 
     def metrics(self, names: list[str | None] | None = None, fpr_limit: float = 0.3) -> dict[str, float | None]:
         """Pixel metrics of the groups named (all by default); None where the pixels do not allow one."""
