@@ -32,7 +32,7 @@ from pathlib import Path
 
 from arguments import name_list, positive_int, recorded_command, seed_list
 from resultsfile import locked, read_rows
-from run_bench import rescored
+from run_bench import _f, rescored
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
@@ -175,10 +175,6 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
     lines += acceptance_lines(records)
     lines += ["", "Variants:", "", *(f"- `{name}`: {v['about']}." for name, v in VARIANTS.items())]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-
-def _f(v) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
 
 
 def _score(r: dict) -> float | None:

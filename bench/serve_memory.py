@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
+from scale import rss_mb
 
 from anoseg import AnoSegModel, profile_config
 from anoseg.serve import ServeSettings, create_app
@@ -34,7 +35,7 @@ def main() -> None:
     data = buf.getvalue()
     client = TestClient(create_app(AnoSegModel(profile_config("fast"), map_threshold=0.5, device="cpu"),
                                    ServeSettings()))
-    base = rss_now()
+    base = rss_mb()
     start = time.perf_counter()
 
     def send(_):
@@ -47,13 +48,7 @@ def main() -> None:
     print(f"{args.uploads} uploads of {len(data) / 1024:.0f} KB ({args.side} x {args.side}), pictures="
           f"{args.pictures}: status {sorted(set(codes))} counts {[codes.count(c) for c in sorted(set(codes))]}, "
           f"{time.perf_counter() - start:.1f} s, RSS before {base:.0f} MB, peak {peak:.0f} MB, "
-          f"held after {rss_now():.0f} MB")
-
-
-def rss_now() -> float:
-    """The process's resident memory now, in MB (Linux)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+          f"held after {rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":

@@ -79,13 +79,13 @@ def rules(model, files: list[Path]) -> dict[str, float]:
     }
 
 
-def f1_at(hist, threshold: float) -> float:
-    """Outline F1 at `threshold` (map >= the bin edge at or below it), over the whole test set."""
-    g = hist.merged()
+def f1_at(hist, g, threshold: float) -> float:
+    """Outline F1 at `threshold` (map >= the bin edge at or below it) of the merged group `g` of `hist`."""
+    from anoseg.metrics import outline_scores
+
     b = min(int(threshold * hist.bins), hist.bins - 1)
     tp, fp = int(g.defect[b:].sum()), int(g.normal[b:].sum())
-    fn = int(g.defect.sum()) - tp
-    return 2 * tp / max(2 * tp + fp + fn, 1)
+    return outline_scores(tp, fp, int(g.defect.sum()) - tp)["seg_f1"]
 
 
 def one(folder: Path, root: Path) -> dict:
@@ -103,8 +103,9 @@ def one(folder: Path, root: Path) -> dict:
         images = [load_image(s.path) for s in chunk]
         for s, im, p in zip(chunk, images, model.maps_for_batch(images)):
             hist.add(None if s.label == 0 else s.defect_type, p.anomaly_map, load_sample_mask(s, im.shape[:2]))
-    curve = hist.curve(hist.merged())
-    return {"thresholds": thresholds, "seg_f1": {k: f1_at(hist, t) for k, t in thresholds.items()},
+    everything = hist.merged()
+    curve = hist.curve(everything)
+    return {"thresholds": thresholds, "seg_f1": {k: f1_at(hist, everything, t) for k, t in thresholds.items()},
             "pixel_f1_max": curve.f1_max()[0], "best_threshold": curve.f1_max()[1]}
 
 
