@@ -36,7 +36,7 @@ def available_memory() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: keep the images in memory, as before there was a store
+        return 1 << 62  # unknown: keep the images in memory
 
 
 def fingerprint(files: list[Path], shapes: list[tuple[int, ...]]) -> str:
