@@ -41,24 +41,25 @@ def assert_agree(streamed: dict, exact: dict) -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_streaming_agrees_with_exact(seed):
     masks, maps, groups = synthetic_set(seed)
-    h = PixelHistograms(threshold=0.4)
-    for g, m, a in zip(groups, masks, maps):
-        h.add(g, a, m)
+    outlines = [None if i % 3 == 0 else 0.3 + 0.1 * (i % 4) for i in range(len(maps))]  # some images unoutlined
+    h = PixelHistograms(outlines=True)
+    for g, m, a, t in zip(groups, masks, maps, outlines):
+        h.add(g, a, m, t)
     normal = [g is None for g in groups]
-    assert_agree(h.metrics(), metrics.exact_pixel_metrics(masks, maps, normal, threshold=0.4))
+    assert_agree(h.metrics(), metrics.exact_pixel_metrics(masks, maps, normal, outlines))
     for t in ("cut", "hole"):  # a defect type: its images and all normal ones
         idx = [i for i, g in enumerate(groups) if g in (None, t)]
         exact = metrics.exact_pixel_metrics([masks[i] for i in idx], [maps[i] for i in idx],
-                                            [normal[i] for i in idx], threshold=0.4)
+                                            [normal[i] for i in idx], [outlines[i] for i in idx])
         assert_agree(h.metrics([None, t]), exact)
 
 
 def test_coarse_bins_disagree_so_the_check_can_fail():
     masks, maps, groups = synthetic_set(0)
-    h = PixelHistograms(threshold=0.4, bins=16)
+    h = PixelHistograms(outlines=True, bins=16)
     for g, m, a in zip(groups, masks, maps):
-        h.add(g, a, m)
-    exact = metrics.exact_pixel_metrics(masks, maps, [g is None for g in groups], threshold=0.4)
+        h.add(g, a, m, 0.4)
+    exact = metrics.exact_pixel_metrics(masks, maps, [g is None for g in groups], [0.4] * len(maps))
     with pytest.raises(AssertionError):
         assert_agree(h.metrics(), exact)
 
@@ -66,12 +67,15 @@ def test_coarse_bins_disagree_so_the_check_can_fail():
 def test_outline_counts_are_exact_and_hand_checked():
     mask = np.array([[1, 1, 0, 0]], bool)
     amap = np.array([[0.9, 0.2, 0.8, 0.1]], np.float32)
-    h = PixelHistograms(threshold=0.5)
-    h.add("cut", amap, mask)
+    h = PixelHistograms(outlines=True)
+    h.add("cut", amap, mask, 0.5)
     m = h.metrics()
     # outline {0.9, 0.8}: tp 1, fp 1, fn 1
     assert m["iou"] == pytest.approx(1 / 3) and m["seg_f1"] == pytest.approx(0.5)
     assert m["seg_precision"] == pytest.approx(0.5) and m["seg_recall"] == pytest.approx(0.5)
+    h.add("cut", amap, mask, None)  # an image without outline: its two defect pixels are missed
+    m = h.metrics()
+    assert m["seg_recall"] == pytest.approx(1 / 4) and m["seg_precision"] == pytest.approx(0.5)
 
 
 def test_aupimo_hand_case():
@@ -111,12 +115,15 @@ def test_model_maps_agree(tiny_model_dir, demo_root):
     model = anoseg.load(tiny_model_dir)
     samples = sorted(mvtec_test_samples(demo_root), key=lambda s: s.label)
     images = [load_image(s.path) for s in samples]
-    maps = [p.anomaly_map for p in model.maps_for_batch(images)]
+    preds = model.maps_for_batch(images)
+    maps = [p.anomaly_map for p in preds]
     masks = [load_sample_mask(s, im.shape[:2]) for s, im in zip(samples, images)]
-    h = PixelHistograms(threshold=model.map_threshold)
-    for s, a, m in zip(samples, maps, masks):
-        h.add(None if s.label == 0 else s.defect_type, a, m)
-    exact = metrics.exact_pixel_metrics(masks, maps, [s.label == 0 for s in samples], model.map_threshold)
+    outlines = [p.outline_threshold(model.thresholds()) for p in preds]
+    assert any(t is None for t in outlines) and any(t is not None for t in outlines)  # both kinds of image
+    h = PixelHistograms(outlines=True)
+    for s, a, m, t in zip(samples, maps, masks, outlines):
+        h.add(None if s.label == 0 else s.defect_type, a, m, t)
+    exact = metrics.exact_pixel_metrics(masks, maps, [s.label == 0 for s in samples], outlines)
     assert_agree(h.metrics(), exact)
     result = anoseg.evaluate(model, demo_root, None, progress=False)
     streamed = h.metrics()

@@ -17,9 +17,10 @@ import numpy as np
 from . import metrics
 from .data import Sample, load_sample_mask
 from .fileio import load_image, make_output_dir, write_text_atomic
-from .inference import AnoSegModel, Prediction, verdict
+from .inference import AnoSegModel, Prediction
 from .pixel_histograms import PixelHistograms
 from .progress import bar as progress_bar
+from .scoring import OUTLINE_FRACTION, Thresholds, verdict
 from .visualize import plot_pro, plot_roc
 
 PRO_FPR_LIMIT = 0.3
@@ -32,10 +33,10 @@ METRIC_NAMES = {
     "image_auroc": "image AUROC",
     "image_ap": "image AP",
     "image_f1_max": "image F1-max",
-    "iou": "IoU at the map threshold",
-    "seg_f1": "outline F1 at the map threshold",
-    "seg_precision": "outline precision at the map threshold",
-    "seg_recall": "outline recall at the map threshold",
+    "iou": "IoU of the outlines",
+    "seg_f1": "F1 of the outlines",
+    "seg_precision": "precision of the outlines",
+    "seg_recall": "recall of the outlines",
     "aupimo": "AUPIMO (mean per-image overlap, FPR 1e-5 to 1e-4 on normal images)",
     "best_iou": "best IoU (upper bound)",
     "image_accuracy": "image accuracy at the image threshold",
@@ -46,9 +47,10 @@ METRIC_NAMES = {
 }
 
 
-def score_samples(model: AnoSegModel, samples: list[Sample], pixels: PixelHistograms,
+def score_samples(model: AnoSegModel, samples: list[Sample], pixels: PixelHistograms, thresholds: Thresholds,
                   progress: bool = True) -> list[Prediction]:
-    """Predictions for every sample, in their order; each map goes into `pixels` and is then dropped.
+    """Predictions for every sample, in their order; each map and its outline (at `thresholds`) go into `pixels`
+    and the map is then dropped.
 
     Normal images run first: AUPIMO reads each anomalous image at false positive rates of the normal ones."""
     order = sorted(range(len(samples)), key=lambda i: samples[i].label)
@@ -60,7 +62,8 @@ def score_samples(model: AnoSegModel, samples: list[Sample], pixels: PixelHistog
         images = [load_image(samples[i].path) for i in chunk]
         for i, im, pred in zip(chunk, images, model.maps_for_batch(images)):
             s = samples[i]
-            pixels.add(None if s.label == 0 else s.defect_type, pred.anomaly_map, load_sample_mask(s, im.shape[:2]))
+            pixels.add(None if s.label == 0 else s.defect_type, pred.anomaly_map, load_sample_mask(s, im.shape[:2]),
+                       pred.outline_threshold(thresholds))
             pred.anomaly_map = None
             preds[i] = pred
         bar.update(len(chunk))
@@ -115,7 +118,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for key, name in METRIC_NAMES.items():
         lines.append(f"| {name} | {f(result['metrics'].get(key))} |")
     info = (f"\n{result['n_images']} images ({result['n_defect']} defect); image score: {result['image_score']}, "
-            f"image threshold {result['image_threshold']}; map threshold {result['map_threshold']}; "
+            f"image threshold {result['image_threshold']}; map threshold {result['map_threshold']}; outlines: in "
+            f"images judged defect, the pixels above the map threshold and {OUTLINE_FRACTION:g} x the map's maximum; "
             f"{result['seconds']:.1f} s.\n")
     types = result.get("per_defect_type") or {}
     if types:
@@ -135,9 +139,10 @@ def evaluate(model: AnoSegModel, samples: list[Sample], out: str | Path | None =
              image_threshold: float | None = None) -> dict[str, Any]:
     """Run the model on labelled samples; write metrics.json, metrics.md, scores.csv, roc.png, pro.png to `out`."""
     start = time.perf_counter()
-    t_map, t_img = model.thresholds(map_threshold, image_threshold)
-    pixels = PixelHistograms(t_map)
-    preds = score_samples(model, samples, pixels, progress)
+    thresholds = model.thresholds(map_threshold, image_threshold)
+    t_map, t_img = thresholds
+    pixels = PixelHistograms(outlines=t_map is not None)
+    preds = score_samples(model, samples, pixels, thresholds, progress)
     labels = np.array([s.label for s in samples])
     curves: dict[str, metrics.Curve] = {}
     found = {**pixels.metrics(fpr_limit=PRO_FPR_LIMIT), **image_metrics(labels, preds, t_img, curves)}

@@ -32,7 +32,7 @@ from .modelfolder import (
 from .models import Generator
 from .postprocess import MapPostprocessor, fuse_scales
 from .runtime import autocast, resolve_device
-from .scoring import ImageScorer, Thresholds, check_threshold, verdict
+from .scoring import ImageScorer, Thresholds, check_threshold, outline_threshold, verdict
 
 
 def model_input(images: list[np.ndarray], shape: int | tuple[int, int]) -> np.ndarray:
@@ -99,10 +99,17 @@ class Prediction:
             return None if v is None else round(v, 6)
 
         h, w = self.anomaly_map.shape[:2]
+        cut = self.outline_threshold(thresholds)
         return {"score": r(self.score), "verdict": verdict(self.score, thresholds.image),
                 "image_threshold": thresholds.image, "map_score": r(self.map_score), "max_score": r(self.max_score),
                 "topk_score": r(self.topk_score),
-                "detector_score": r(self.detector_score), "map_threshold": thresholds.map, "width": w, "height": h}
+                "detector_score": r(self.detector_score), "map_threshold": thresholds.map,
+                "outline_threshold": cut, "width": w, "height": h}
+
+    def outline_threshold(self, thresholds: Thresholds) -> float | None:
+        """The map value above which this image's pixels are outlined; None: no outline (see
+        :func:`anoseg.scoring.outline_threshold`)."""
+        return outline_threshold(thresholds, self.score, self.max_score)
 
 
 class AnoSegModel:

@@ -3,8 +3,9 @@
 Each group of images (the normal images; the images of each defect type) keeps, over `BINS` equal bins of the
 map's range [0, 1], the counts of its defect and normal pixels and the PRO weight of its defect pixels (1 / the
 size of the pixel's connected defect region). Curves are read at the bin edges: pixels in one bin count as tied.
-Counts at the map threshold are exact (taken from each map). AUPIMO needs the false positive rates of the
-normal images before it reads an anomalous image, so normal images must be added first.
+Counts of the outline (each image's pixels above its outline threshold) are exact (taken from each map). AUPIMO
+needs the false positive rates of the normal images before it reads an anomalous image, so normal images must be
+added first.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class _Group:
     normal: np.ndarray
     region_weight: np.ndarray
     n_regions: int = 0
-    outline: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))  # tp, fp, fn at the threshold
+    outline: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))  # tp, fp, fn of the outlines
     aupimo: list[float] = field(default_factory=list)
 
     @classmethod
@@ -37,8 +38,8 @@ class PixelHistograms:
     """Accumulates maps and masks image by image; `metrics(groups)` gives what `metrics.exact_pixel_metrics`
     gives for the same images."""
 
-    def __init__(self, threshold: float | None = None, bins: int = BINS):
-        self.threshold = threshold
+    def __init__(self, outlines: bool = False, bins: int = BINS):
+        self.outlines = outlines  # count each image's outline (IoU, seg_f1, precision, recall)
         self.bins = bins
         self.groups: dict[str | None, _Group] = {}  # None: the normal images
         self._normal_fpr_mass = np.zeros(bins, np.float64)  # sum over normal images of 1/size per pixel
@@ -53,9 +54,10 @@ class PixelHistograms:
         scaled = np.multiply(a, self.bins, dtype=np.float64 if a.dtype == np.float64 else np.float32)
         return np.minimum(scaled.astype(np.int64), self.bins - 1)
 
-    def add(self, group: str | None, amap: np.ndarray, mask: np.ndarray) -> None:
+    def add(self, group: str | None, amap: np.ndarray, mask: np.ndarray, outline: float | None = None) -> None:
         """Add one image: its map in [0, 1] and its mask (1 = defect) of the same shape; `group` is
-        None for a normal image, else its defect type."""
+        None for a normal image, else its defect type; `outline` is the image's outline threshold (None: nothing
+        outlined)."""
         if np.shape(amap) != np.shape(mask):
             raise ValueError(f"map and mask differ in shape: {np.shape(amap)} vs {np.shape(mask)}")
         if group is None and self._aupimo_thresholds is not None:
@@ -76,8 +78,8 @@ class PixelHistograms:
             g.region_weight += np.bincount(hit, weights=1.0 / np.bincount(flat)[flat], minlength=self.bins)
             g.n_regions += n
         g.normal += every
-        if self.threshold is not None:
-            g.outline += metrics.outline_counts(flat_mask, amap, self.threshold)
+        if self.outlines:
+            g.outline += metrics.outline_counts(flat_mask, amap, outline)
         if group is None:
             self._normal_fpr_mass += every / max(idx.size, 1)
             self._normal_images += 1
@@ -142,6 +144,6 @@ class PixelHistograms:
         out.update(pixel_auroc=c.auroc(), pixel_ap=c.average_precision(), pixel_f1_max=c.f1_max()[0],
                    best_iou=c.best_iou()[0])
         out["aupro"] = metrics.trapezoid_to(*self.pro_curve(g), fpr_limit) / fpr_limit if g.n_regions else None
-        if self.threshold is not None:
+        if self.outlines:
             out.update(metrics.outline_scores(*(int(v) for v in g.outline)))
         return out

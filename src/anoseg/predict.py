@@ -39,7 +39,7 @@ from .scoring import Thresholds
 from .visualize import save_map_png16, save_overlay
 
 RESULT_FIELDS = ["path", "score", "verdict", "image_threshold", "map_score", "max_score", "topk_score",
-                 "detector_score", "map_threshold", "width", "height", "overlay", "map"]
+                 "detector_score", "map_threshold", "outline_threshold", "width", "height", "overlay", "map"]
 
 
 def output_name(path: Path, base: Path, used: set[str]) -> str:
@@ -249,15 +249,16 @@ def _check_something_scored(summary: PredictSummary, inputs: list, out: Path, do
 
 def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Prediction, t_map: float | None,
                t_img: float | None, map_format: str) -> dict[str, Any]:
+    thresholds = Thresholds(t_map, t_img)
     overlay_file = f"{name}_overlay.png"
-    save_overlay(out / overlay_file, image, pred.anomaly_map, t_map)
+    save_overlay(out / overlay_file, image, pred.anomaly_map, pred.outline_threshold(thresholds))
     map_file = f"{name}_map.{map_format}"
     if map_format == "png":
         save_map_png16(out / map_file, pred.anomaly_map)
     else:
         save_npy_atomic(out / map_file, pred.anomaly_map)
 
-    return {"path": str(path), **pred.to_record(Thresholds(t_map, t_img)), "overlay": overlay_file, "map": map_file}
+    return {"path": str(path), **pred.to_record(thresholds), "overlay": overlay_file, "map": map_file}
 
 
 def _as_is(item: Any) -> Any:

@@ -2,8 +2,10 @@
 
 The image score of a map is (1 - w) x its maximum + w x the mean of its highest TOPK_FRACTION pixels, with
 w = ``image_score_topk_weight``. The model carries two thresholds, both chosen from held-out normal images only
-(:mod:`anoseg.calibrate`): the **map threshold** outlines defect pixels (map values above it), the **image
-threshold** decides the verdict on the image score (on the detector's score when the model has a detector).
+(:mod:`anoseg.calibrate`): the **image threshold** decides the verdict on the image score (on the detector's score
+when the model has a detector), the **map threshold** is the lowest map value an outline may hold. An image judged
+normal has no outline; in one judged defect, the outline holds the pixels above the map threshold that reach
+OUTLINE_FRACTION of the map's maximum (:func:`outline_threshold`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from .config import Config
 from .errors import DataError
 
 TOPK_FRACTION = 0.01  # the top-k mean averages this share of a map's highest pixels
+# A defect's outline keeps the pixels whose map reaches this share of the image's maximum: its extent then follows
+# the defect's own peak, not one height for strong and faint defects alike (docs/design.md, "The outline").
+OUTLINE_FRACTION = 0.4
 
 
 @dataclass(frozen=True)
@@ -91,3 +96,14 @@ def verdict(score: float, threshold: float | None) -> str | None:
     if threshold is None:
         return None
     return "defect" if score > threshold else "normal"
+
+
+def outline_threshold(thresholds: Thresholds, score: float, peak: float) -> float | None:
+    """The map value above which one image's pixels are outlined, or None where nothing is outlined.
+
+    `score` is the image's verdict score and `peak` its map's maximum. An image judged normal has no outline; in
+    one judged defect (or where there is no image threshold) the outline holds the pixels above the map threshold
+    and above OUTLINE_FRACTION x `peak`. Without a map threshold nothing is outlined."""
+    if thresholds.map is None or verdict(score, thresholds.image) == "normal":
+        return None
+    return max(thresholds.map, OUTLINE_FRACTION * float(peak))

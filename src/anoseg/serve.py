@@ -122,14 +122,16 @@ class Inspector:
             pred = self.model.maps_for_batch([image])[0]
         saved = self.save_upload(data, name) if self.settings.save_uploads else {}
         h, w = image.shape[:2]
+        thresholds = Thresholds(self.map_threshold, self.image_threshold)
+        cut = pred.outline_threshold(thresholds)
         result: dict[str, Any] = {
-            **pred.to_record(Thresholds(self.map_threshold, self.image_threshold)),
+            **pred.to_record(thresholds),
             "score_kind": "detector" if pred.detector_score is not None else self.model.scorer.kind, "map_size": [w, h],
             "defect_fraction": None if self.map_threshold is None else
-            round(float((pred.anomaly_map > self.map_threshold).mean()), 6), **saved,
+            0.0 if cut is None else round(float((pred.anomaly_map > cut).mean()), 6), **saved,
         }
         if overlay_png or pictures:
-            result["overlay_png"] = png_b64(overlay(image, pred.anomaly_map, self.map_threshold))
+            result["overlay_png"] = png_b64(overlay(image, pred.anomaly_map, cut))
         if pictures:  # what the page needs to re-draw outlines at any threshold without a new upload
             result["heatmap_png"] = png_b64(overlay(image, pred.anomaly_map, None))
             result["map_png"] = png_b64(map_to_uint8(pred.anomaly_map))
