@@ -49,7 +49,7 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
 def _threshold_options(p: argparse.ArgumentParser) -> None:
     # --threshold and --detector-threshold: the names before the two thresholds had their own, still accepted
     p.add_argument("--map-threshold", "--threshold", dest="map_threshold", type=float,
-                   help="override the map threshold (map pixels above it are outlined as defect)")
+                   help="override the map threshold (the lowest map value an outline holds)")
     p.add_argument("--image-threshold", "--detector-threshold", dest="image_threshold", type=float,
                    help="override the image threshold (the verdict on the image score: the detector's, "
                         "else the map's image score)")
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ca = sub.add_parser("calibrate", help="choose a trained model's thresholds again (no training)",
-                        description="Choose the image threshold (verdict) and the map threshold (outlined pixels) "
+                        description="Choose the image threshold (verdict) and the map threshold (outlines' floor) "
                         "again from the held-out normal images the model lists, e.g. with other quantiles, with "
                         f"other map settings ({', '.join(MAP_SETTINGS)}: they change the maps, not the weights), "
                         "or for a model saved before the map had its own threshold. The detector is kept.")
@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("evaluate", help="metrics on a labelled test set",
-                        description="Pixel AUROC, AUPRO (FPR <= 0.3), pixel AP, image AUROC, F1-max, IoU at the "
-                        "map threshold and best IoU. Writes metrics.json, metrics.md, scores.csv, roc.png, pro.png.")
+                        description="Pixel AUROC, AUPRO (FPR <= 0.3), pixel AP, image AUROC, F1-max, IoU and F1 of "
+                        "the outlines, best IoU and AUPIMO. Writes metrics.json, metrics.md, scores.csv, roc.png, "
+                        "pro.png.")
     ev.add_argument("model", help="trained model folder")
     ev.add_argument("data", nargs="?", help="MVTec category folder (uses DATA/test and DATA/ground_truth)")
     ev.add_argument("--normal", help="folder of normal test images (plain layout)")
