@@ -4,8 +4,8 @@
 
 For each benchmark model found in RUNS: its held-out normal training images (model.json `holdout_files`, the images
 `calibrate` uses) give each rule's threshold, without any test label. A rule outlines the pixels above a threshold
-(global rules), or, in images judged defect only, the pixels above the 0.999 quantile and a fraction of the
-image's own map maximum (the default: anoseg.scoring.outline_threshold). The test set is scored once and each
+(global rules), or above the 0.999 quantile and a fraction of the image's own map maximum (the default:
+anoseg.scoring.outline_threshold), some in images judged defect only. The test set is scored once and each
 rule's outline counted image by image. Writes bench/threshold_rules.json and .md: each category's F1 per rule,
 the best F1 of one threshold over all test pixels (labels used: the upper bound of a global threshold) and the
 mean over categories.
@@ -98,11 +98,12 @@ def rules(model, files: list[Path]) -> dict[str, Rule]:
         "synthetic_f1": synthetic_f1_threshold(model, files),
     }
     out = {k: Rule(t) for k, t in global_rules.items()}
-    out["q0.999, images judged defect"] = Rule(float(q999), 0.0, True)
     for fraction in (0.3, 0.4, 0.5):
-        name = f"q0.999 and {fraction:g} x peak, images judged defect"
-        out[name + (" (default)" if fraction == OUTLINE_FRACTION else "")] = Rule(float(q999), fraction, True)
-    out["q0.99 and 0.4 x peak, images judged defect"] = Rule(float(q99), 0.4, True)
+        name = f"q0.999 and {fraction:g} x peak"
+        out[name + (" (default)" if fraction == OUTLINE_FRACTION else "")] = Rule(float(q999), fraction)
+    out["q0.99 and 0.4 x peak"] = Rule(float(q99), 0.4)
+    out["q0.999, images judged defect"] = Rule(float(q999), 0.0, True)
+    out["q0.999 and 0.4 x peak, images judged defect"] = Rule(float(q999), 0.4, True)
     return out
 
 

@@ -129,13 +129,11 @@ def test_calibrate_applies_a_map_setting_and_chooses_thresholds_for_it(tiny_mode
     assert (folder / "model.safetensors").read_bytes() == weights
 
 
-def test_outline_follows_the_verdict_and_the_maps_own_peak():
+def test_outline_follows_the_maps_own_peak_above_the_map_threshold():
     t = Thresholds(map=0.1, image=0.5)
-    assert outline_threshold(t, score=0.4, peak=0.9) is None  # judged normal: no outline
-    assert outline_threshold(t, score=0.6, peak=0.9) == pytest.approx(OUTLINE_FRACTION * 0.9)
-    assert outline_threshold(t, score=0.6, peak=0.2) == 0.1  # a faint peak: the map threshold is the floor
-    assert outline_threshold(Thresholds(0.1, None), score=0.0, peak=0.9) == pytest.approx(OUTLINE_FRACTION * 0.9)
-    assert outline_threshold(Thresholds(None, 0.5), score=0.9, peak=0.9) is None  # no map threshold, no outline
+    assert outline_threshold(t, peak=0.9) == pytest.approx(OUTLINE_FRACTION * 0.9)
+    assert outline_threshold(t, peak=0.2) == 0.1  # a faint peak: the map threshold is the floor
+    assert outline_threshold(Thresholds(None, 0.5), peak=0.9) is None  # no map threshold, no outline
 
 
 def test_a_strong_and_a_faint_defect_get_outlines_of_their_own_width():
@@ -146,7 +144,7 @@ def test_a_strong_and_a_faint_defect_get_outlines_of_their_own_width():
     widths = []
     for height in (0.9, 0.3):
         amap = (height * spot).astype(np.float32)
-        cut = outline_threshold(t, score=float(amap.max()), peak=float(amap.max()))
+        cut = outline_threshold(t, peak=float(amap.max()))
         widths.append(int((amap[32] > cut).sum()))
     assert widths[0] == widths[1] > 0
     assert (0.9 * spot[32] > 0.05).sum() > (0.3 * spot[32] > 0.05).sum()  # as one height would draw them

@@ -119,7 +119,6 @@ def test_model_maps_agree(tiny_model_dir, demo_root):
     maps = [p.anomaly_map for p in preds]
     masks = [load_sample_mask(s, im.shape[:2]) for s, im in zip(samples, images)]
     outlines = [p.outline_threshold(model.thresholds()) for p in preds]
-    assert any(t is None for t in outlines) and any(t is not None for t in outlines)  # both kinds of image
     h = PixelHistograms(outlines=True)
     for s, a, m, t in zip(samples, maps, masks, outlines):
         h.add(None if s.label == 0 else s.defect_type, a, m, t)

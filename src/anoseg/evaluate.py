@@ -118,8 +118,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for key, name in METRIC_NAMES.items():
         lines.append(f"| {name} | {f(result['metrics'].get(key))} |")
     info = (f"\n{result['n_images']} images ({result['n_defect']} defect); image score: {result['image_score']}, "
-            f"image threshold {result['image_threshold']}; map threshold {result['map_threshold']}; outlines: in "
-            f"images judged defect, the pixels above the map threshold and {OUTLINE_FRACTION:g} x the map's maximum; "
+            f"image threshold {result['image_threshold']}; map threshold {result['map_threshold']}; outlines: the "
+            f"pixels above the map threshold and {OUTLINE_FRACTION:g} x the image's map maximum; "
             f"{result['seconds']:.1f} s.\n")
     types = result.get("per_defect_type") or {}
     if types:

@@ -109,7 +109,7 @@ class Prediction:
     def outline_threshold(self, thresholds: Thresholds) -> float | None:
         """The map value above which this image's pixels are outlined; None: no outline (see
         :func:`anoseg.scoring.outline_threshold`)."""
-        return outline_threshold(thresholds, self.score, self.max_score)
+        return outline_threshold(thresholds, self.max_score)
 
 
 class AnoSegModel:

@@ -3,9 +3,8 @@
 The image score of a map is (1 - w) x its maximum + w x the mean of its highest TOPK_FRACTION pixels, with
 w = ``image_score_topk_weight``. The model carries two thresholds, both chosen from held-out normal images only
 (:mod:`anoseg.calibrate`): the **image threshold** decides the verdict on the image score (on the detector's score
-when the model has a detector), the **map threshold** is the lowest map value an outline may hold. An image judged
-normal has no outline; in one judged defect, the outline holds the pixels above the map threshold that reach
-OUTLINE_FRACTION of the map's maximum (:func:`outline_threshold`).
+when the model has a detector), the **map threshold** is the lowest map value an outline may hold: an image's
+outline holds the pixels above it that reach OUTLINE_FRACTION of the image's map maximum (:func:`outline_threshold`).
 """
 
 from __future__ import annotations
@@ -98,12 +97,9 @@ def verdict(score: float, threshold: float | None) -> str | None:
     return "defect" if score > threshold else "normal"
 
 
-def outline_threshold(thresholds: Thresholds, score: float, peak: float) -> float | None:
-    """The map value above which one image's pixels are outlined, or None where nothing is outlined.
-
-    `score` is the image's verdict score and `peak` its map's maximum. An image judged normal has no outline; in
-    one judged defect (or where there is no image threshold) the outline holds the pixels above the map threshold
-    and above OUTLINE_FRACTION x `peak`. Without a map threshold nothing is outlined."""
-    if thresholds.map is None or verdict(score, thresholds.image) == "normal":
+def outline_threshold(thresholds: Thresholds, peak: float) -> float | None:
+    """The map value above which one image's pixels are outlined: the map threshold or OUTLINE_FRACTION x `peak`
+    (the image's map maximum), whichever is higher; None (nothing outlined) without a map threshold."""
+    if thresholds.map is None:
         return None
     return max(thresholds.map, OUTLINE_FRACTION * float(peak))

@@ -127,8 +127,7 @@ class Inspector:
         result: dict[str, Any] = {
             **pred.to_record(thresholds),
             "score_kind": "detector" if pred.detector_score is not None else self.model.scorer.kind, "map_size": [w, h],
-            "defect_fraction": None if self.map_threshold is None else
-            0.0 if cut is None else round(float((pred.anomaly_map > cut).mean()), 6), **saved,
+            "defect_fraction": None if cut is None else round(float((pred.anomaly_map > cut).mean()), 6), **saved,
         }
         if overlay_png or pictures:
             result["overlay_png"] = png_b64(overlay(image, pred.anomaly_map, cut))
