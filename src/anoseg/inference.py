@@ -239,7 +239,7 @@ class AnoSegModel:
     def thresholds(self, map_threshold: float | None = None, image_threshold: float | None = None) -> Thresholds:
         """The map and image thresholds, the model's own unless overridden.
 
-        The map threshold outlines defect pixels; the image threshold decides the verdict on
+        The map threshold is the outlines' floor; the image threshold decides the verdict on
         `Prediction.score` (the detector's score when the model has a detector, else the map's maximum).
         """
         t_map = self.map_threshold if map_threshold is None else \

@@ -66,7 +66,7 @@ def _topk_mean_exportable(flat: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The two decision thresholds of a model. `map` outlines defect pixels; `image` decides the verdict."""
+    """The two thresholds of a model. `map` is the lowest value an outline holds; `image` decides the verdict."""
 
     map: float | None
     image: float | None
