@@ -164,7 +164,7 @@ def write_tables(path: Path, records: list[dict], command: str) -> None:
              "evaluated on the category's test split; variant x category pairs not listed have not been run. "
              "Training times depend on the device and on how many runs shared it.", "",
              "| profile | category | variant | seed | steps | device | data | pixel AUROC | AUPRO@0.3 | pixel AP "
-             "| image AUROC | seg F1 @thr | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| image AUROC | seg F1 | train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = list(VARIANTS)
     for r in sorted(records, key=lambda r: (r.get("profile", "fast"), r["category"], order.index(r["variant"]),
                                             data_label(r), r["steps"], r["seed"])):

@@ -235,7 +235,7 @@ QUALITY = ("pixel_auroc", "aupro", "pixel_ap", "image_auroc", "pixel_f1_max", "s
 
 def headline_lines(records: list[dict]) -> list[str]:
     lines = ["| dataset | category | profile | seeds | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | pixel F1-max "
-             "| seg F1 @thr | seg F1 / F1-max | AUPIMO |", "|---" * 12 + "|"]
+             "| seg F1 | seg F1 / F1-max | AUPIMO |", "|---" * 12 + "|"]
     for r in records:
         lines.append(
             f"| {r['dataset']} | {r['category']} | {r['profile']} | {','.join(map(str, r.get('seeds', [0])))} | "
@@ -249,7 +249,7 @@ def headline_lines(records: list[dict]) -> list[str]:
             cells = " | ".join(_f(v) for v in means[:6]) + f" | {_f(ratio)} | {_f(means[6])}"
             lines.append(f"| **mean** | {len(rows)} categories | {profile} | | {cells} |")
     lines += ["", "## Outline, time and memory", "",
-              "| category | seg precision | seg recall | IoU@thr | best IoU | image F1-max | train s | train peak MB "
+              "| category | seg precision | seg recall | IoU | best IoU | image F1-max | train s | train peak MB "
               "| peak RSS MB | img/s batch | img/s single | ONNX img/s batch | ONNX img/s single |", "|---" * 13 + "|"]
     for r in records:
         lines.append(
@@ -288,7 +288,7 @@ def image_score_lines(records: list[dict]) -> list[str]:
 def detail_lines(records: list[dict]) -> list[str]:
     lines = ["", "## Per defect type (each type's images and all normal images; mean over seeds)", "",
              "| category | defect type | images | pixel AUROC | AUPRO@0.3 | pixel AP | image AUROC | pixel F1-max "
-             "| seg F1 @thr | AUPIMO |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| seg F1 | AUPIMO |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         for t, d in (r.get("per_defect_type") or {}).items():
             lines.append(f"| {r['category']} | {t} | {d['n_images']} | {_f(d['pixel_auroc'])} | {_f(d['aupro'])} | "
@@ -305,14 +305,14 @@ def detail_lines(records: list[dict]) -> list[str]:
 
 NOTES = ("Image score in the first table: the map's image score, (1 - w) x the maximum of the finished anomaly map "
          "+ w x the mean of its top 1% pixels (w = `image_score_topk_weight`), the model as `train` makes it, "
-         "without a detector; the image-level table gives the image AUROC of each score. seg F1 @thr is the pixel "
-         "F1 of the outline a user sees ({map > the model's map threshold}); seg F1 / F1-max compares it with the best "
-         "threshold chosen with the labels. AUPIMO: the mean over anomalous images of the share of their defect "
-         "pixels found, read at false positive rates 1e-5 to 1e-4 of the normal test images (Bertoldo et al. "
-         "2024). Pixel metrics come from histograms of 2^16 bins (bench/metrics_agreement.md: agreement with the exact "
-         "computation). IoU@thr uses the model's map "
-         "threshold, chosen from held-out normal training images only (the 0.999 quantile of their map pixels, "
-         "`map_threshold_quantile`); best IoU picks the threshold with the labels (upper bound). train s: the mean "
+         "without a detector; the image-level table gives the image AUROC of each score. seg F1 (with its precision "
+         "and recall) and IoU are those of the outlines a user sees: in each image the pixels above the model's map "
+         "threshold (the 0.999 quantile of held-out normal training images' map pixels, `map_threshold_quantile`) "
+         "and above 0.4 x the image's map maximum, chosen without test labels; seg F1 / F1-max compares seg F1 with "
+         "the best single threshold chosen with the labels. AUPIMO: the mean over anomalous images of the share of "
+         "their defect pixels found, read at false positive rates 1e-5 to 1e-4 of the normal test images (Bertoldo "
+         "et al. 2024). Pixel metrics come from histograms of 2^16 bins (bench/metrics_agreement.md: agreement with "
+         "the exact computation); best IoU picks the threshold with the labels (upper bound). train s: the mean "
          "over seeds of each model's training time as its model.json records it (each run's in results.json "
          "`runs`); a run that shared the cores with others took longer than one alone. Inference: 256 px RGB "
          "images, end to end (resize, network, smoothing, map back to 256 px). PyTorch and ONNX Runtime speeds "
