@@ -120,6 +120,7 @@ def run_one(variants: list[str], category: str, seed: int, steps: int, threads: 
     import torch
 
     import anoseg
+    from anoseg.calibrate import calibrate
 
     torch.set_num_threads(threads)
     trained = "default" if all(map(evaluation_only, variants)) else variants[0]
@@ -132,9 +133,12 @@ def run_one(variants: list[str], category: str, seed: int, steps: int, threads: 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(keep) / f"{profile}_{category}_{trained}_{seed}_{steps}" if keep else Path(tmp)
         model = trained_model(cfg, root, folder, bool(keep))
-        base = model.config
+        base, thresholds = model.config, (model.map_threshold, model.map_score_threshold)
         for variant in variants:
             model.config = base.replace(**overrides(variant)) if trained != variant else base  # map settings only
+            model.map_threshold, model.map_score_threshold = thresholds
+            if trained != variant:  # other maps: their thresholds chosen again, as `anoseg calibrate` does
+                calibrate(model, [Path(f) for f in model.meta["holdout_files"]])
             evals = folder / ("eval" if trained == variant else f"eval_{variant}")
             result = anoseg.evaluate(model, root, evals if keep else None, progress=False)
             m = result["metrics"]

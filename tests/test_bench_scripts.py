@@ -237,3 +237,26 @@ def test_acceptance_rule_keeps_a_change_only_when_the_mean_rises_and_no_category
     assert ablation.verdict(default, one_seed) is None  # not judged on one seed
     lines = ablation.acceptance_lines(default + runs("better", 0.005))
     assert any("| better |" in line and line.endswith("| keep |") for line in lines)
+
+
+def test_ablation_chooses_thresholds_for_a_map_only_variants_maps(demo_root, tmp_path, monkeypatch):
+    """A variant that changes the maps is scored at thresholds chosen for its maps, not at the default's."""
+    import json
+
+    from anoseg import load as load_model
+    from anoseg.calibrate import calibrate
+
+    ablation = load("ablation")
+    (tmp_path / "data" / "mvtec_ad").mkdir(parents=True)
+    (tmp_path / "data" / "mvtec_ad" / "bottle").symlink_to(demo_root)
+    monkeypatch.setenv("ABLATION_KEEP", str(tmp_path / "keep"))
+    rows = ablation.run_one(["default", "no_broad"], "bottle", 0, 6, 1, data=tmp_path / "data", profile="tiny")
+    assert [r["variant"] for r in rows] == ["default", "no_broad"]
+    folder = tmp_path / "keep" / "tiny_bottle_default_0_6"
+    used = {v: json.loads((folder / name / "metrics.json").read_text())["map_threshold"]
+            for v, name in (("default", "eval"), ("no_broad", "eval_no_broad"))}
+    model = load_model(folder)
+    assert used["default"] == model.map_threshold
+    model.config = model.config.replace(broad_weight=0.0)
+    calibrate(model, [Path(f) for f in model.meta["holdout_files"]])
+    assert used["no_broad"] == pytest.approx(model.map_threshold) and used["no_broad"] != used["default"]
