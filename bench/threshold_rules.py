@@ -77,7 +77,9 @@ class Rule:
     gated: bool = False
 
     def cut(self, pred, image_threshold: float) -> float | None:
-        if self.gated and not pred.score > image_threshold:
+        from anoseg.scoring import verdict
+
+        if self.gated and verdict(pred.score, image_threshold) == "normal":
             return None
         return max(self.floor, self.fraction * pred.max_score)
 
