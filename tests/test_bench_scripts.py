@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -260,3 +261,26 @@ def test_ablation_chooses_thresholds_for_a_map_only_variants_maps(demo_root, tmp
     model.config = model.config.replace(broad_weight=0.0)
     calibrate(model, [Path(f) for f in model.meta["holdout_files"]])
     assert used["no_broad"] == pytest.approx(model.map_threshold) and used["no_broad"] != used["default"]
+
+
+@pytest.mark.parametrize("text, says", [("128,x", "short sides"), ("100", "multiple of 16"), ("0", "multiple of 16")])
+def test_map_scales_refuses_a_side_the_network_cannot_take(text, says):
+    with pytest.raises(argparse.ArgumentTypeError, match=says):
+        load("map_scales").side_list(text)
+    assert load("map_scales").side_list("256,128,256") == [128, 256]
+
+
+def test_map_scales_fuses_the_models_own_scales_as_the_model_does(tiny_model_dir):
+    """The comparison of scales is only fair if a model's own combination gives the map the model gives."""
+    import anoseg
+
+    map_scales = load("map_scales")
+    model = anoseg.load(tiny_model_dir, device="cpu")
+    image = np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8)
+    own = model.maps_for_batch([image])[0]
+    raws = map_scales.raw_maps(model, image, list(model.geometry.scales))
+    amap, score = map_scales.finished(model, raws, image.shape[:2])
+    np.testing.assert_allclose(amap, own.anomaly_map, atol=2e-3)
+    assert score == pytest.approx(own.map_score, abs=2e-3)
+    one_scale, _ = map_scales.finished(model, raws[:1], image.shape[:2])
+    assert np.abs(one_scale - own.anomaly_map).max() > 1e-3  # the second scale counts

@@ -1,0 +1,168 @@
+"""Map trained models at other sets of scales (short sides), evaluation only: which scales should a model map at?
+
+    python bench/map_scales.py --work RUNS [--seeds 0,1] [--sides 128,256,384] [--only tire,bottle]
+
+For each benchmark model found in RUNS, each image (held-out normal training images and the test set) is mapped
+once at every short side in --sides, and the raw maps are kept. Every combination of those sides is then
+finished as the model finishes its own scales (`MapPostprocessor`: each scale smoothed in its own pixels, the
+scales averaged at the first scale's shape, broad share, peak boost), calibrated on the held-out images as
+`calibrate` does (map threshold: the 0.999 quantile of their pixels) and scored: pixel AUROC, AUPRO, image AUROC,
+best pixel F1 and the outline's F1 (`seg_f1`). A side the model never trained at is mapped all the same.
+Writes bench/map_scales.json and .md (mean over the seeds found).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from arguments import name_list, recorded_command, seed_list
+from run_bench import CATEGORIES, DATA, HERE, model_folder
+
+FIGURES = ("pixel_auroc", "aupro", "image_auroc", "pixel_f1_max", "seg_f1", "aupimo")
+
+
+def side_list(text: str) -> list[int]:
+    try:
+        sides = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of short sides") from None
+    if not sides or sides[0] < 16 or any(s % 16 for s in sides):
+        raise argparse.ArgumentTypeError(f"{text!r}: each short side must be a multiple of 16")
+    return sides
+
+
+def raw_maps(model, image: np.ndarray, sides: list[int]) -> list[np.ndarray]:
+    """The unsmoothed map of one image at each short side (float16, the side's working shape)."""
+    import torch
+
+    from anoseg.inference import model_input
+
+    out = []
+    for side in sides:
+        x = torch.from_numpy(model_input([image], model.geometry.working_shape(*image.shape[:2], side)))
+        with torch.no_grad():
+            out.append(model.raw_maps(x.to(model.device))[0, 0].cpu().numpy().astype(np.float16))
+    return out
+
+
+def finished(model, raws: list[np.ndarray], size: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """The finished map at the image's size and its image score, from raw maps of the scales to combine, made
+    as `MapPostprocessor` makes the model's own: each smoothed in its own pixels, averaged at the shape of the
+    model's first scale, then the broad share and the peak boost."""
+    import torch
+    import torch.nn.functional as F
+
+    from anoseg.postprocess import gaussian_blur
+
+    pp, first = model.postprocess, model.geometry.working_shape(*size)
+    smooth = [gaussian_blur(torch.from_numpy(r.astype(np.float32))[None, None], pp.smoothing_sigma) for r in raws]
+    m = sum(F.interpolate(s, size=first, mode="bilinear", align_corners=False, antialias=True) for s in smooth)
+    m = pp.boost_peaks(pp.add_broad(m / len(raws)))
+    score = float(model.scorer(m)[0][0])
+    full = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
+    return full.numpy(), score
+
+
+def scored(model, hold: list[list[np.ndarray]], test: list[dict], which: list[int]) -> dict[str, float | None]:
+    """The figures of one combination of scales (indices into each image's raw maps)."""
+    from anoseg.metrics import auroc
+    from anoseg.pixel_histograms import PixelHistograms
+    from anoseg.scoring import Thresholds, outline_threshold
+
+    pixels = [finished(model, [r[i] for i in which], r[-1])[0].ravel() for r in hold]
+    t_map = float(np.quantile(np.concatenate(pixels), model.config.map_threshold_quantile))
+    hist, scores = PixelHistograms(outlines=True), []
+    for t in test:
+        amap, score = finished(model, [t["raw"][i] for i in which], t["mask"].shape)
+        hist.add(None if t["label"] == 0 else t["type"], amap, t["mask"],
+                 outline_threshold(Thresholds(t_map, None), float(amap.max())))
+        scores.append(score)
+    found = hist.metrics()
+    labels = np.array([t["label"] for t in test])
+    return {**{k: found.get(k) for k in FIGURES if k != "image_auroc"}, "image_auroc": auroc(labels, np.array(scores))}
+
+
+def one(folder: Path, root: Path, sides: list[int]) -> dict[str, dict]:
+    import anoseg
+    from anoseg.data import load_sample_mask, mvtec_test_samples
+    from anoseg.fileio import load_image
+
+    model = anoseg.load(folder, device="cpu")
+    hold = []
+    for f in model.meta["holdout_files"]:
+        image = load_image(f)
+        hold.append([*raw_maps(model, image, sides), image.shape[:2]])
+    test = []
+    for s in sorted(mvtec_test_samples(root), key=lambda s: s.label):  # normal images first (AUPIMO)
+        image = load_image(s.path)
+        test.append({"label": s.label, "type": s.defect_type, "raw": raw_maps(model, image, sides),
+                     "mask": load_sample_mask(s, image.shape[:2]) > 0})
+    out = {}
+    for n in range(1, len(sides) + 1):
+        for which in itertools.combinations(range(len(sides)), n):
+            out["+".join(str(sides[i]) for i in which)] = scored(model, hold, test, list(which))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default=str(HERE / "runs"), help="the benchmark's model folders (run_bench.py --work)")
+    p.add_argument("--seeds", default="0", type=seed_list)
+    p.add_argument("--sides", default="128,256,384", type=side_list, help="short sides to map at")
+    p.add_argument("--only", default=",".join(c for _, c in CATEGORIES),
+                   type=lambda t: name_list(t, [c for _, c in CATEGORIES], "category"))
+    p.add_argument("--profile", default="fast")
+    args = p.parse_args()
+    results: dict[str, dict] = {}
+    for dataset, category in CATEGORIES:
+        for seed in args.seeds if category in args.only else []:
+            folder = model_folder(Path(args.work), dataset, category, args.profile, seed)
+            if not (folder / "model.json").exists():
+                print(f"skipping {category} seed {seed}: no model in {folder}")
+                continue
+            start = time.perf_counter()
+            found = one(folder, DATA / dataset / category, args.sides)
+            results.setdefault(category, {})[str(seed)] = found
+            for combo, figures in found.items():
+                print(f"{category} seed {seed} {combo}: " + " ".join(f"{k} {_f(v)}" for k, v in figures.items()))
+            print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if not results:
+        print("no benchmark models found", file=sys.stderr)
+        return 1
+    write(results, recorded_command("map_scales.py", sys.argv[1:]))
+    return 0
+
+
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def write(results: dict, command: str) -> None:
+    record = {"command": command, "date": time.strftime("%Y-%m-%d"), "results": results}
+    (HERE / "map_scales.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = ["# Maps at other sets of scales (evaluation only)", "",
+             f"`{command}`, {record['date']}. Each cell: pixel AUROC / AUPRO / image AUROC / seg_f1 (pixel F1-max), "
+             "mean over the seeds found; a combination fuses the maps of those short sides as the model fuses "
+             "its own.", ""]
+    combos = list(next(iter(next(iter(results.values())).values())))
+    cats = list(results)
+    lines += ["| short sides | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+    for combo in combos:
+        cells = []
+        for c in cats:
+            runs = results[c].values()
+            mean = {k: np.mean([r[combo][k] for r in runs if r[combo][k] is not None] or [np.nan]) for k in FIGURES}
+            cells.append(" / ".join(f"{mean[k]:.3f}" for k in ("pixel_auroc", "aupro", "image_auroc", "seg_f1"))
+                         + f" ({mean['pixel_f1_max']:.3f})")
+        lines.append(f"| {combo} | " + " | ".join(cells) + " |")
+    (HERE / "map_scales.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
