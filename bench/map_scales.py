@@ -8,7 +8,7 @@ finished as the model finishes its own scales (`MapPostprocessor`: each scale sm
 scales averaged at the first scale's shape, broad share, peak boost), calibrated on the held-out images as
 `calibrate` does (map threshold: the 0.999 quantile of their pixels) and scored: pixel AUROC, AUPRO, image AUROC,
 best pixel F1 and the outline's F1 (`seg_f1`). A side the model never trained at is mapped all the same.
-Writes bench/map_scales.json and .md (mean over the seeds found).
+Writes bench/map_scales.json and .md, or --out (mean over the seeds found).
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def main() -> int:
     p.add_argument("--only", default=",".join(c for _, c in CATEGORIES),
                    type=lambda t: name_list(t, [c for _, c in CATEGORIES], "category"))
     p.add_argument("--profile", default="fast")
+    p.add_argument("--out", default=str(HERE / "map_scales"), help="results file stem (.json and .md)")
     args = p.parse_args()
     results: dict[str, dict] = {}
     for dataset, category in CATEGORIES:
@@ -135,7 +136,7 @@ def main() -> int:
     if not results:
         print("no benchmark models found", file=sys.stderr)
         return 1
-    write(results, recorded_command("map_scales.py", sys.argv[1:]))
+    write(results, recorded_command("map_scales.py", sys.argv[1:]), Path(args.out))
     return 0
 
 
@@ -143,9 +144,9 @@ def _f(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def write(results: dict, command: str) -> None:
+def write(results: dict, command: str, out: Path) -> None:
     record = {"command": command, "date": time.strftime("%Y-%m-%d"), "results": results}
-    (HERE / "map_scales.json").write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# Maps at other sets of scales (evaluation only)", "",
              f"`{command}`, {record['date']}. Each cell: pixel AUROC / AUPRO / image AUROC / seg_f1 (pixel F1-max), "
              "mean over the seeds found; a combination fuses the maps of those short sides as the model fuses "
@@ -161,7 +162,7 @@ def write(results: dict, command: str) -> None:
             cells.append(" / ".join(f"{mean[k]:.3f}" for k in ("pixel_auroc", "aupro", "image_auroc", "seg_f1"))
                          + f" ({mean['pixel_f1_max']:.3f})")
         lines.append(f"| {combo} | " + " | ".join(cells) + " |")
-    (HERE / "map_scales.md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
