@@ -52,36 +52,33 @@ def raw_maps(model, image: np.ndarray, sides: list[int]) -> list[np.ndarray]:
 
 
 def finished(model, raws: list[np.ndarray], size: tuple[int, int]) -> tuple[np.ndarray, float]:
-    """The finished map at the image's size and its image score, from raw maps of the scales to combine, made
-    as `MapPostprocessor` makes the model's own: each smoothed in its own pixels, averaged at the shape of the
-    model's first scale, then the broad share and the peak boost."""
+    """The finished map at the image's size and its image score, from raw maps of the scales to combine, fused by
+    the model's post-processor at the shape of the model's first scale, as the model's own are."""
     import torch
     import torch.nn.functional as F
 
-    from anoseg.postprocess import gaussian_blur
-
-    pp, first = model.postprocess, model.geometry.working_shape(*size)
-    smooth = [gaussian_blur(torch.from_numpy(r.astype(np.float32))[None, None], pp.smoothing_sigma) for r in raws]
-    m = sum(F.interpolate(s, size=first, mode="bilinear", align_corners=False, antialias=True) for s in smooth)
-    m = pp.boost_peaks(pp.add_broad(m / len(raws)))
+    maps = [torch.from_numpy(r.astype(np.float32))[None, None] for r in raws]
+    m = model.postprocess(maps, model.geometry.working_shape(*size))
     score = float(model.scorer(m)[0][0])
     full = F.interpolate(m, size=size, mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
     return full.numpy(), score
 
 
-def scored(model, hold: list[list[np.ndarray]], test: list[dict], which: list[int]) -> dict[str, float | None]:
-    """The figures of one combination of scales (indices into each image's raw maps)."""
+def scored(model, hold: list[dict], test: list[dict], which: list[int]) -> dict[str, float | None]:
+    """The figures of one combination of scales (indices into each image's raw maps), at thresholds chosen on
+    the held-out images as `calibrate` chooses them."""
     from anoseg.metrics import auroc
     from anoseg.pixel_histograms import PixelHistograms
-    from anoseg.scoring import Thresholds, outline_threshold
+    from anoseg.scoring import outline_threshold, quantile_thresholds
 
-    pixels = [finished(model, [r[i] for i in which], r[-1])[0].ravel() for r in hold]
-    t_map = float(np.quantile(np.concatenate(pixels), model.config.map_threshold_quantile))
+    normal = [finished(model, [h["raw"][i] for i in which], h["size"]) for h in hold]
+    pixels = np.concatenate([m.ravel() for m, _ in normal])
+    thresholds = quantile_thresholds(model.config, [s for _, s in normal], pixels)
     hist, scores = PixelHistograms(outlines=True), []
     for t in test:
         amap, score = finished(model, [t["raw"][i] for i in which], t["mask"].shape)
-        hist.add(None if t["label"] == 0 else t["type"], amap, t["mask"],
-                 outline_threshold(Thresholds(t_map, None), float(amap.max())))
+        outline = outline_threshold(thresholds, float(amap.max()))
+        hist.add(None if t["label"] == 0 else t["type"], amap, t["mask"], outline)
         scores.append(score)
     found = hist.metrics()
     labels = np.array([t["label"] for t in test])
@@ -97,7 +94,7 @@ def one(folder: Path, root: Path, sides: list[int]) -> dict[str, dict]:
     hold = []
     for f in model.meta["holdout_files"]:
         image = load_image(f)
-        hold.append([*raw_maps(model, image, sides), image.shape[:2]])
+        hold.append({"raw": raw_maps(model, image, sides), "size": image.shape[:2]})
     test = []
     for s in sorted(mvtec_test_samples(root), key=lambda s: s.label):  # normal images first (AUPIMO)
         image = load_image(s.path)

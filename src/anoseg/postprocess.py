@@ -36,12 +36,16 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, k.view(1, 1, -1, 1))
 
 
-def fuse_scales(maps: list[torch.Tensor]) -> torch.Tensor:
-    """The mean of maps of one batch made at several scales, at the first scale's shape."""
-    shape = maps[0].shape[-2:]
-    total = maps[0]
+def fuse_scales(maps: list[torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """The mean of maps of one batch made at several scales, at the first scale's shape (or at `shape`)."""
+    size = maps[0].shape[-2:] if shape is None else shape
+
+    def resized(m: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(m, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    total = maps[0] if shape is None else resized(maps[0])
     for m in maps[1:]:
-        total = total + F.interpolate(m, size=shape, mode="bilinear", align_corners=False, antialias=True)
+        total = total + resized(m)
     return total / len(maps)
 
 
@@ -58,9 +62,10 @@ class MapPostprocessor:
     def from_config(cls, cfg: Config) -> MapPostprocessor:
         return cls(cfg.smoothing_sigma, cfg.broad_weight, cfg.broad_sigma, cfg.peak_boost)
 
-    def __call__(self, raw: list[torch.Tensor]) -> torch.Tensor:
-        """The finished B x 1 x H x W map of one batch from its raw maps, one per scale, in [0, 1]."""
-        smooth = fuse_scales([gaussian_blur(r, self.smoothing_sigma) for r in raw])
+    def __call__(self, raw: list[torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """The finished B x 1 x H x W map of one batch from its raw maps, one per scale, in [0, 1], at the first
+        scale's shape (or at `shape`)."""
+        smooth = fuse_scales([gaussian_blur(r, self.smoothing_sigma) for r in raw], shape)
         return self.boost_peaks(self.add_broad(smooth))
 
     def add_broad(self, maps: torch.Tensor) -> torch.Tensor:
