@@ -284,3 +284,33 @@ def test_map_scales_fuses_the_models_own_scales_as_the_model_does(tiny_model_dir
     assert score == pytest.approx(own.map_score, abs=2e-3)
     one_scale, _ = map_scales.finished(model, raws[:1], image.shape[:2])
     assert np.abs(one_scale - own.anomaly_map).max() > 1e-3  # the second scale counts
+
+
+def test_map_scales_other_fusions_finish_a_map_as_the_model_does(tiny_model_dir):
+    """Each fusion only changes how scales combine: one scale alone gives the model's own finish, and two scales
+    give another map; noise weights favour the scale that is quieter on normal images."""
+    import anoseg
+
+    map_scales = load("map_scales")
+    model = anoseg.load(tiny_model_dir, device="cpu")
+    image = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    rng = np.random.default_rng(2)  # distinct scales (an untrained tiny model's two maps are nearly equal)
+    raws = [rng.random(r.shape).astype(np.float16)
+            for r in map_scales.raw_maps(model, image, list(model.geometry.scales))]
+    mean_one, _ = map_scales.finished(model, raws[:1], image.shape[:2])
+    mean_two, _ = map_scales.finished(model, raws, image.shape[:2])
+    for fusion in ("geometric", "max"):
+        alone, _ = map_scales.finished(model, raws[:1], image.shape[:2], fusion)
+        np.testing.assert_allclose(alone, mean_one, atol=1e-4)
+        both, _ = map_scales.finished(model, raws, image.shape[:2], fusion)
+        assert np.abs(both - mean_two).max() > 1e-4
+    quiet, noisy = (np.full_like(raws[0], 0.01), raws[1])
+    noisy = np.clip(noisy.astype(np.float32) + 0.5, 0, 1).astype(np.float16)
+    weights = map_scales.noise_weights(model, [{"raw": [quiet, noisy], "size": image.shape[:2]}], [0, 1])
+    assert sum(weights) == pytest.approx(1.0) and weights[0] > 0.9
+
+
+def test_map_scales_refuses_an_unknown_fusion():
+    assert load("map_scales").fusion_list("max,mean,max") == ["max", "mean"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown fusion median"):
+        load("map_scales").fusion_list("mean,median")
