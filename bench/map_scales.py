@@ -68,13 +68,11 @@ def raw_maps(model, image: np.ndarray, sides: list[int]) -> list[np.ndarray]:
 def smoothed(model, raws: list[np.ndarray], shape: tuple[int, int]) -> list:
     """Each scale's raw map smoothed in its own pixels by the model's post-processor, then resized to `shape`."""
     import torch
-    import torch.nn.functional as F
 
-    from anoseg.postprocess import gaussian_blur
+    from anoseg.postprocess import at_shape, gaussian_blur
 
     sigma = model.postprocess.smoothing_sigma
-    return [F.interpolate(gaussian_blur(torch.from_numpy(r.astype(np.float32))[None, None], sigma), size=shape,
-                          mode="bilinear", align_corners=False, antialias=True) for r in raws]
+    return at_shape([gaussian_blur(torch.from_numpy(r.astype(np.float32))[None, None], sigma) for r in raws], shape)
 
 
 def fused(model, raws: list[np.ndarray], shape: tuple[int, int], fusion: str, weights: list[float] | None):

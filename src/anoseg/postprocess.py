@@ -36,16 +36,22 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, k.view(1, 1, -1, 1))
 
 
-def fuse_scales(maps: list[torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
-    """The mean of maps of one batch made at several scales, at the first scale's shape (or at `shape`)."""
+def at_shape(maps: list[torch.Tensor], shape: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """Maps of one batch made at several scales, each resized to the first scale's shape (or to `shape`)."""
     size = maps[0].shape[-2:] if shape is None else shape
 
     def resized(m: torch.Tensor) -> torch.Tensor:
         return F.interpolate(m, size=size, mode="bilinear", align_corners=False, antialias=True)
 
-    total = maps[0] if shape is None else resized(maps[0])
-    for m in maps[1:]:
-        total = total + resized(m)
+    return [maps[0] if shape is None else resized(maps[0]), *(resized(m) for m in maps[1:])]
+
+
+def fuse_scales(maps: list[torch.Tensor], shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """The mean of maps of one batch made at several scales, at the first scale's shape (or at `shape`)."""
+    resized = at_shape(maps, shape)
+    total = resized[0]
+    for m in resized[1:]:
+        total = total + m
     return total / len(maps)
 
 
