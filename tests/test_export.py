@@ -11,7 +11,7 @@ from anoseg import load  # noqa: E402
 from anoseg.cli import main  # noqa: E402
 from anoseg.errors import AnosegError, ModelFileError  # noqa: E402
 from anoseg.export import ONNX_FILE, ONNX_META, OnnxModel, check_export, export_onnx  # noqa: E402
-from anoseg.scoring import OUTLINE_FRACTION  # noqa: E402
+from anoseg.scoring import OUTLINE_EDGE, OUTLINE_REACH  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def test_dynamic_batch_and_sidecar(exported, tiny_model_dir):
     meta = json.loads((exported / ONNX_META).read_text())
     model = load(tiny_model_dir)
     assert meta["image_size"] == model.config.image_size and meta["image_threshold"] == model.image_threshold
-    assert meta["map_threshold"] == model.map_threshold and meta["outline_fraction"] == OUTLINE_FRACTION
+    assert meta["map_threshold"] == model.map_threshold
+    assert meta["outline"]["edge_fraction"] == OUTLINE_EDGE and meta["outline"]["reach_fraction"] == OUTLINE_REACH
     assert meta["input"]["scale"] == pytest.approx(1 / 127.5) and meta["input"]["offset"] == -1.0
     runner = OnnxModel(exported)
     s, s2 = meta["image_size"], meta["second_short_side"]  # the tiny profile maps at two scales

@@ -50,12 +50,12 @@ def test_overlay_in_bands_equals_the_whole_image_computation(monkeypatch, tmp_pa
     expected = whole.astype(np.uint8)
     expected[vis.outline(amap > 0.5, width)] = vis.OUTLINE_RGB
     monkeypatch.setattr(vis, "ROWS_PER_CHUNK", 7)  # many band edges
-    assert np.array_equal(vis.overlay(image, amap, 0.5), expected)
-    vis.save_overlay(tmp_path / "overlay.png", image, amap, 0.5)  # what predict writes, band by band
+    assert np.array_equal(vis.overlay(image, amap, amap > 0.5), expected)
+    vis.save_overlay(tmp_path / "overlay.png", image, amap, amap > 0.5)  # what predict writes, band by band
     assert np.array_equal(np.asarray(Image.open(tmp_path / "overlay.png")), expected)
     for w in (1, 3, 9):  # outlines of any width, cut into bands, are the whole-map ones
         full = vis.outline(amap > 0.5, w)
-        bands = np.concatenate([vis._outline_rows(amap, 0.5, w, r, min(7, 301 - r)) for r in range(0, 301, 7)])
+        bands = np.concatenate([vis._outline_rows(amap > 0.5, w, r, min(7, 301 - r)) for r in range(0, 301, 7)])
         assert np.array_equal(full, bands), w
 
 
@@ -70,7 +70,7 @@ base = rss()
 image = load_image(sys.argv[1])
 amap = np.zeros(image.shape[:2], np.float32)
 amap[1000:3000, 2000:5000] = 0.9  # one defect region, outlined
-save_overlay(Path(sys.argv[2]) / "overlay.png", image, amap, 0.5)
+save_overlay(Path(sys.argv[2]) / "overlay.png", image, amap, amap > 0.5)
 save_map_png16(Path(sys.argv[2]) / "map.png", amap)
 hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
 print("RATIO", (int(hwm.split()[1]) * 1024 - base) / image.nbytes)

@@ -8,7 +8,7 @@ import torch
 
 from anoseg import AnoSegModel, ConfigError, calibrate, load, profile_config
 from anoseg.postprocess import MapPostprocessor
-from anoseg.scoring import OUTLINE_FRACTION, Thresholds, outline_threshold
+from anoseg.scoring import OUTLINE_EDGE, OUTLINE_REACH, Thresholds, outline_levels, outline_region
 
 
 def boost_peaks(m, sigma, boost):
@@ -131,9 +131,27 @@ def test_calibrate_applies_a_map_setting_and_chooses_thresholds_for_it(tiny_mode
 
 def test_outline_follows_the_maps_own_peak_above_the_map_threshold():
     t = Thresholds(map=0.1, image=0.5)
-    assert outline_threshold(t, peak=0.9) == pytest.approx(OUTLINE_FRACTION * 0.9)
-    assert outline_threshold(t, peak=0.2) == 0.1  # a faint peak: the map threshold is the floor
-    assert outline_threshold(Thresholds(None, 0.5), peak=0.9) is None  # no map threshold, no outline
+    normal = outline_levels(t, peak=0.45, score=0.45)  # judged normal: the map threshold is the floor
+    assert normal.edge == pytest.approx(max(0.1, OUTLINE_EDGE * 0.45))
+    assert normal.reach == pytest.approx(OUTLINE_REACH * 0.45)
+    assert outline_levels(t, peak=0.2, score=0.2).edge == 0.1  # a faint peak: the floor holds
+    defect = outline_levels(Thresholds(map=0.4, image=0.5), peak=0.9, score=0.8)
+    assert defect.edge == pytest.approx(OUTLINE_EDGE * 0.9) and defect.edge < 0.4  # judged defect: no floor
+    assert outline_levels(Thresholds(None, 0.5), peak=0.9, score=0.9) is None  # no map threshold, no outline
+    assert not outline_region(np.ones((4, 4), np.float32), None).any()
+
+
+def test_outline_keeps_the_regions_that_reach_the_peak():
+    """A weak bump elsewhere in the image is above the edge but not outlined; a second strong region is."""
+    amap = np.zeros((40, 40), np.float32)
+    amap[5:10, 5:10] = 0.8  # the peak's region
+    amap[25:30, 25:30] = 0.5  # above 0.35 x 0.8, below 0.9 x 0.8: left out
+    amap[5:10, 30:35] = 0.75  # reaches 0.9 x 0.8: outlined
+    region = outline_region(amap, outline_levels(Thresholds(map=0.1, image=0.3), peak=0.8, score=0.8))
+    assert region[5:10, 5:10].all() and region[5:10, 30:35].all()
+    assert not region[25:30, 25:30].any() and region.sum() == 50
+    shrunk = outline_region(amap * 0.5, outline_levels(Thresholds(map=0.1, image=0.3), peak=0.8, score=0.8))
+    assert shrunk[5:10, 5:10].all()  # a resized map below its levels' reach: its own peak's region still counts
 
 
 def test_a_strong_and_a_faint_defect_get_outlines_of_their_own_width():
@@ -144,7 +162,7 @@ def test_a_strong_and_a_faint_defect_get_outlines_of_their_own_width():
     widths = []
     for height in (0.9, 0.3):
         amap = (height * spot).astype(np.float32)
-        cut = outline_threshold(t, peak=float(amap.max()))
-        widths.append(int((amap[32] > cut).sum()))
+        region = outline_region(amap, outline_levels(t, peak=float(amap.max()), score=float(amap.max())))
+        widths.append(int(region[32].sum()))
     assert widths[0] == widths[1] > 0
     assert (0.9 * spot[32] > 0.05).sum() > (0.3 * spot[32] > 0.05).sum()  # as one height would draw them

@@ -40,11 +40,14 @@ def test_f1_max_and_best_iou_hand_case():
     assert iou == pytest.approx(2 / 3) and t == pytest.approx(0.8)
 
 
-def test_outline_at_threshold():
+def test_outline_counts():
     masks = np.array([[1, 1, 0, 0]])
-    maps = np.array([[0.9, 0.2, 0.8, 0.1]])
-    counts = metrics.outline_counts(masks, maps, 0.5)
+    outlined = np.array([[True, False, True, False]])
+    counts = metrics.outline_counts(masks, outlined)
     assert counts == (1, 1, 1)
+    assert metrics.outline_counts(masks, None) == (0, 0, 2)  # nothing outlined
+    with pytest.raises(ValueError, match="differ in shape"):
+        metrics.outline_counts(masks, outlined[:, :3])
     scores = metrics.outline_scores(*counts)
     assert scores["iou"] == pytest.approx(1 / 3) and scores["seg_f1"] == pytest.approx(0.5)
     assert metrics.outline_scores(0, 0, 0)["seg_f1"] == 1.0  # nothing to find, nothing found

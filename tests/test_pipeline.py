@@ -12,7 +12,7 @@ from PIL import Image
 from anoseg import AnosegError, ModelFileError, evaluate, load, predict, profile_config, train
 from anoseg.checkpoint import load_tensors
 from anoseg.modelfolder import read_config
-from anoseg.scoring import OUTLINE_FRACTION
+from anoseg.scoring import OUTLINE_EDGE, OUTLINE_REACH, OutlineLevels, outline_region
 from anoseg.trainer import checkpoint_weights
 from anoseg.visualize import overlay
 
@@ -53,12 +53,15 @@ def test_each_image_is_outlined_at_its_own_threshold(tiny_model_dir, demo_root, 
     records = predict(model, [str(demo_root / "test" / "*" / "*.png")], tmp_path, progress=False,
                       map_threshold=map_threshold)
     for r in records:
-        assert r["outline_threshold"] == pytest.approx(max(r["map_threshold"], OUTLINE_FRACTION * r["max_score"]),
-                                                       abs=1e-6)
+        floor = r["map_threshold"] if r["verdict"] == "normal" else 0.0
+        assert r["outline_threshold"] == pytest.approx(max(floor, OUTLINE_EDGE * r["max_score"]), abs=1e-6)
+        assert r["outline_reach"] == pytest.approx(max(r["outline_threshold"], OUTLINE_REACH * r["max_score"]),
+                                                   abs=1e-6)
         image = np.asarray(Image.open(r["path"]).convert("RGB"))
         amap = model.predict_images([image])[0].anomaly_map
         drawn = np.asarray(Image.open(tmp_path / r["overlay"]))
-        assert np.array_equal(drawn, overlay(image, amap, r["outline_threshold"]))
+        levels = OutlineLevels(r["outline_threshold"], r["outline_reach"])
+        assert np.array_equal(drawn, overlay(image, amap, outline_region(amap, levels)))
     if map_threshold == 0.0:
         assert len({r["outline_threshold"] for r in records}) == len(records)  # each image its own
 

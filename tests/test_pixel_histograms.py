@@ -41,7 +41,8 @@ def assert_agree(streamed: dict, exact: dict) -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_streaming_agrees_with_exact(seed):
     masks, maps, groups = synthetic_set(seed)
-    outlines = [None if i % 3 == 0 else 0.3 + 0.1 * (i % 4) for i in range(len(maps))]  # some images unoutlined
+    cuts = [None if i % 3 == 0 else 0.3 + 0.1 * (i % 4) for i in range(len(maps))]  # some images unoutlined
+    outlines = [None if t is None else a > t for a, t in zip(maps, cuts)]
     h = PixelHistograms(outlines=True)
     for g, m, a, t in zip(groups, masks, maps, outlines):
         h.add(g, a, m, t)
@@ -58,8 +59,8 @@ def test_coarse_bins_disagree_so_the_check_can_fail():
     masks, maps, groups = synthetic_set(0)
     h = PixelHistograms(outlines=True, bins=16)
     for g, m, a in zip(groups, masks, maps):
-        h.add(g, a, m, 0.4)
-    exact = metrics.exact_pixel_metrics(masks, maps, [g is None for g in groups], [0.4] * len(maps))
+        h.add(g, a, m, a > 0.4)
+    exact = metrics.exact_pixel_metrics(masks, maps, [g is None for g in groups], [a > 0.4 for a in maps])
     with pytest.raises(AssertionError):
         assert_agree(h.metrics(), exact)
 
@@ -68,7 +69,7 @@ def test_outline_counts_are_exact_and_hand_checked():
     mask = np.array([[1, 1, 0, 0]], bool)
     amap = np.array([[0.9, 0.2, 0.8, 0.1]], np.float32)
     h = PixelHistograms(outlines=True)
-    h.add("cut", amap, mask, 0.5)
+    h.add("cut", amap, mask, amap > 0.5)
     m = h.metrics()
     # outline {0.9, 0.8}: tp 1, fp 1, fn 1
     assert m["iou"] == pytest.approx(1 / 3) and m["seg_f1"] == pytest.approx(0.5)
@@ -118,7 +119,7 @@ def test_model_maps_agree(tiny_model_dir, demo_root):
     preds = model.maps_for_batch(images)
     maps = [p.anomaly_map for p in preds]
     masks = [load_sample_mask(s, im.shape[:2]) for s, im in zip(samples, images)]
-    outlines = [p.outline_threshold(model.thresholds()) for p in preds]
+    outlines = [p.outline(model.thresholds()) for p in preds]
     h = PixelHistograms(outlines=True)
     for s, a, m, t in zip(samples, maps, masks, outlines):
         h.add(None if s.label == 0 else s.defect_type, a, m, t)

@@ -20,7 +20,7 @@ from .fileio import load_image, make_output_dir, write_text_atomic
 from .inference import AnoSegModel, Prediction
 from .pixel_histograms import PixelHistograms
 from .progress import bar as progress_bar
-from .scoring import OUTLINE_FRACTION, Thresholds, verdict
+from .scoring import OUTLINE_RULE, Thresholds, verdict
 from .visualize import plot_pro, plot_roc
 
 PRO_FPR_LIMIT = 0.3
@@ -63,7 +63,7 @@ def score_samples(model: AnoSegModel, samples: list[Sample], pixels: PixelHistog
         for i, im, pred in zip(chunk, images, model.maps_for_batch(images)):
             s = samples[i]
             pixels.add(None if s.label == 0 else s.defect_type, pred.anomaly_map, load_sample_mask(s, im.shape[:2]),
-                       pred.outline_threshold(thresholds))
+                       pred.outline(thresholds))
             pred.anomaly_map = None
             preds[i] = pred
         bar.update(len(chunk))
@@ -118,9 +118,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for key, name in METRIC_NAMES.items():
         lines.append(f"| {name} | {f(result['metrics'].get(key))} |")
     info = (f"\n{result['n_images']} images ({result['n_defect']} defect); image score: {result['image_score']}, "
-            f"image threshold {result['image_threshold']}; map threshold {result['map_threshold']}; outlines: the "
-            f"pixels above the map threshold and {OUTLINE_FRACTION:g} x the image's map maximum; "
-            f"{result['seconds']:.1f} s.\n")
+            f"image threshold {result['image_threshold']}; map threshold {result['map_threshold']}; outlines: "
+            f"{OUTLINE_RULE}; {result['seconds']:.1f} s.\n")
     types = result.get("per_defect_type") or {}
     if types:
         names = " | ".join(METRIC_NAMES[k] for k in TYPE_METRICS)

@@ -24,7 +24,7 @@ from .errors import AnosegError, ModelFileError
 from .fileio import _write_atomic, make_output_dir, write_text_atomic
 from .geometry import MAX_ASPECT, Geometry
 from .inference import AnoSegModel, Prediction, by_working_shape, model_input, predictions_from_maps
-from .scoring import OUTLINE_FRACTION, TOPK_FRACTION, ImageScorer
+from .scoring import OUTLINE_EDGE, OUTLINE_REACH, OUTLINE_RULE, TOPK_FRACTION, ImageScorer
 
 RESIZE_DOC = {
     "square": "square, bilinear, to image_size x image_size (aspect ratio not kept)",
@@ -163,7 +163,7 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
            if cfg.second_short_side else {}),
         "batch": batch,
         "map_threshold": t_map,
-        "outline_fraction": OUTLINE_FRACTION,  # outline: map > max(map_threshold, outline_fraction x the map's max)
+        "outline": {"rule": OUTLINE_RULE, "edge_fraction": OUTLINE_EDGE, "reach_fraction": OUTLINE_REACH},
         "score_output": "detector_score" if model.detector is not None else "map_score",
         "image_threshold": t_img,
         "topk_fraction": TOPK_FRACTION,

@@ -32,7 +32,7 @@ from .modelfolder import (
 from .models import Generator
 from .postprocess import MapPostprocessor, fuse_scales
 from .runtime import autocast, resolve_device
-from .scoring import ImageScorer, Thresholds, check_threshold, outline_threshold, verdict
+from .scoring import ImageScorer, OutlineLevels, Thresholds, check_threshold, outline_levels, outline_region, verdict
 
 
 def model_input(images: list[np.ndarray], shape: int | tuple[int, int]) -> np.ndarray:
@@ -99,17 +99,21 @@ class Prediction:
             return None if v is None else round(v, 6)
 
         h, w = self.anomaly_map.shape[:2]
-        cut = self.outline_threshold(thresholds)
+        levels = self.outline_levels(thresholds)
         return {"score": r(self.score), "verdict": verdict(self.score, thresholds.image),
                 "image_threshold": thresholds.image, "map_score": r(self.map_score), "max_score": r(self.max_score),
                 "topk_score": r(self.topk_score),
                 "detector_score": r(self.detector_score), "map_threshold": thresholds.map,
-                "outline_threshold": cut, "width": w, "height": h}
+                "outline_threshold": None if levels is None else levels.edge,
+                "outline_reach": None if levels is None else levels.reach, "width": w, "height": h}
 
-    def outline_threshold(self, thresholds: Thresholds) -> float | None:
-        """The map value above which this image's pixels are outlined; None: no outline (see
-        :func:`anoseg.scoring.outline_threshold`)."""
-        return outline_threshold(thresholds, self.max_score)
+    def outline_levels(self, thresholds: Thresholds) -> OutlineLevels | None:
+        """This image's outline levels; None: no outline (see :func:`anoseg.scoring.outline_levels`)."""
+        return outline_levels(thresholds, self.max_score, self.score)
+
+    def outline(self, thresholds: Thresholds) -> np.ndarray:
+        """The pixels this image's outline holds (bool, the map's shape)."""
+        return outline_region(self.anomaly_map, self.outline_levels(thresholds))
 
 
 class AnoSegModel:

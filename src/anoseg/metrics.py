@@ -183,13 +183,13 @@ def thresholds_at_fprs(fpr: np.ndarray, thresholds: np.ndarray, targets: np.ndar
 
 
 def exact_pixel_metrics(masks: list[np.ndarray], maps: list[np.ndarray], normal_image: list[bool],
-                        outlines: list[float | None] | None = None,
+                        outlines: list[np.ndarray | None] | None = None,
                         fpr_limit: float = 0.3) -> dict[str, float | None]:
     """Every pixel metric from all pixels at once (the reference the streaming histograms are checked against).
 
     `normal_image` says which images are normal ones (AUPIMO's false positive rate is measured on them);
-    `outlines` gives each image's outline threshold (:func:`anoseg.scoring.outline_threshold`; None: no outline)
-    for the outline's figures (IoU, seg_f1, precision, recall)."""
+    `outlines` gives each image's outlined region (:func:`anoseg.scoring.outline_region`; None: no outline) for
+    the outline's figures (IoU, seg_f1, precision, recall)."""
     flat_masks = np.concatenate([np.asarray(m).ravel() for m in masks]).astype(bool)
     flat_maps = np.concatenate([np.asarray(a).ravel() for a in maps])
     curve = threshold_curve(flat_masks, flat_maps)
@@ -197,7 +197,7 @@ def exact_pixel_metrics(masks: list[np.ndarray], maps: list[np.ndarray], normal_
         "pixel_auroc": curve.auroc(), "pixel_ap": curve.average_precision(), "pixel_f1_max": curve.f1_max()[0],
         "best_iou": curve.best_iou()[0], "aupro": aupro(masks, maps, fpr_limit)}
     if outlines is not None:
-        counts = [outline_counts(m, a, t) for m, a, t in zip(masks, maps, outlines, strict=True)]
+        counts = [outline_counts(m, o) for m, o in zip(masks, outlines, strict=True)]
         out.update(outline_scores(*(sum(c) for c in zip(*counts))))
     out["aupimo"] = None
     normal = [np.asarray(a, np.float64).ravel() for a, n in zip(maps, normal_image) if n]
@@ -215,13 +215,15 @@ def exact_pixel_metrics(masks: list[np.ndarray], maps: list[np.ndarray], normal_
     return out
 
 
-def outline_counts(masks: np.ndarray, maps: np.ndarray, threshold: float | None) -> tuple[int, int, int]:
-    """True positive, false positive and false negative pixels of the outline {map > threshold} (None: nothing
-    outlined)."""
+def outline_counts(masks: np.ndarray, region: np.ndarray | None) -> tuple[int, int, int]:
+    """True positive, false positive and false negative pixels of an outlined `region` (bool, the masks' shape;
+    None: nothing outlined)."""
     m = np.asarray(masks).astype(bool).ravel()
-    if threshold is None:
+    if region is None:
         return 0, 0, int(np.count_nonzero(m))
-    p = np.asarray(maps).ravel() > threshold
+    if np.size(region) != m.size:
+        raise ValueError(f"outline and mask differ in shape: {np.shape(region)} vs {np.shape(masks)}")
+    p = np.asarray(region, dtype=bool).ravel()
     tp = int(np.count_nonzero(p[m]))
     return tp, int(np.count_nonzero(p)) - tp, int(np.count_nonzero(m)) - tp
 

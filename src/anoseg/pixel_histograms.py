@@ -3,7 +3,7 @@
 Each group of images (the normal images; the images of each defect type) keeps, over `BINS` equal bins of the
 map's range [0, 1], the counts of its defect and normal pixels and the PRO weight of its defect pixels (1 / the
 size of the pixel's connected defect region). Curves are read at the bin edges: pixels in one bin count as tied.
-Counts of the outline (each image's pixels above its outline threshold) are exact (taken from each map). AUPIMO
+Counts of the outline (the pixels each image's outline holds) are exact (taken from each map). AUPIMO
 needs the false positive rates of the normal images before it reads an anomalous image, so normal images must be
 added first.
 """
@@ -54,10 +54,10 @@ class PixelHistograms:
         scaled = np.multiply(a, self.bins, dtype=np.float64 if a.dtype == np.float64 else np.float32)
         return np.minimum(scaled.astype(np.int64), self.bins - 1)
 
-    def add(self, group: str | None, amap: np.ndarray, mask: np.ndarray, outline: float | None = None) -> None:
+    def add(self, group: str | None, amap: np.ndarray, mask: np.ndarray, outline: np.ndarray | None = None) -> None:
         """Add one image: its map in [0, 1] and its mask (1 = defect) of the same shape; `group` is
-        None for a normal image, else its defect type; `outline` is the image's outline threshold (None: nothing
-        outlined)."""
+        None for a normal image, else its defect type; `outline` is the image's outlined region (bool, the map's
+        shape; None: nothing outlined)."""
         if np.shape(amap) != np.shape(mask):
             raise ValueError(f"map and mask differ in shape: {np.shape(amap)} vs {np.shape(mask)}")
         if group is None and self._aupimo_thresholds is not None:
@@ -79,7 +79,7 @@ class PixelHistograms:
             g.n_regions += n
         g.normal += every
         if self.outlines:
-            g.outline += metrics.outline_counts(flat_mask, amap, outline)
+            g.outline += metrics.outline_counts(flat_mask, outline)
         if group is None:
             self._normal_fpr_mass += every / max(idx.size, 1)
             self._normal_images += 1

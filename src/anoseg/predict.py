@@ -39,7 +39,8 @@ from .scoring import Thresholds
 from .visualize import save_map_png16, save_overlay
 
 RESULT_FIELDS = ["path", "score", "verdict", "image_threshold", "map_score", "max_score", "topk_score",
-                 "detector_score", "map_threshold", "outline_threshold", "width", "height", "overlay", "map"]
+                 "detector_score", "map_threshold", "outline_threshold", "outline_reach", "width", "height", "overlay",
+                 "map"]
 
 
 def output_name(path: Path, base: Path, used: set[str]) -> str:
@@ -251,7 +252,7 @@ def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Predic
                t_img: float | None, map_format: str) -> dict[str, Any]:
     thresholds = Thresholds(t_map, t_img)
     overlay_file = f"{name}_overlay.png"
-    save_overlay(out / overlay_file, image, pred.anomaly_map, pred.outline_threshold(thresholds))
+    save_overlay(out / overlay_file, image, pred.anomaly_map, pred.outline(thresholds))
     map_file = f"{name}_map.{map_format}"
     if map_format == "png":
         save_map_png16(out / map_file, pred.anomaly_map)

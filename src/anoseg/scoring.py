@@ -3,8 +3,8 @@
 The image score of a map is (1 - w) x its maximum + w x the mean of its highest TOPK_FRACTION pixels, with
 w = ``image_score_topk_weight``. The model carries two thresholds, both chosen from held-out normal images only
 (:mod:`anoseg.calibrate`): the **image threshold** decides the verdict on the image score (on the detector's score
-when the model has a detector), the **map threshold** is the lowest map value an outline may hold: an image's
-outline holds the pixels above it that reach OUTLINE_FRACTION of the image's map maximum (:func:`outline_threshold`).
+when the model has a detector), the **map threshold** is the lowest map value an outline may hold in an image judged
+normal. An image's outline is drawn around its own peak (:func:`outline_levels`, :func:`outline_region`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from .config import Config
 from .errors import DataError
 
 TOPK_FRACTION = 0.01  # the top-k mean averages this share of a map's highest pixels
-# A defect's outline keeps the pixels whose map reaches this share of the image's maximum: its extent then follows
-# the defect's own peak, not one height for strong and faint defects alike (docs/design.md, "The outline").
-OUTLINE_FRACTION = 0.4
+# An outline's edge lies at this share of the image's map maximum, so its extent follows the defect's own peak, not
+# one height for strong and faint defects alike; and it holds only the regions whose own maximum reaches
+# OUTLINE_REACH of the image's, so weaker bumps elsewhere in a defect image stay unmarked (docs/design.md,
+# "The outline").
+OUTLINE_EDGE = 0.35
+OUTLINE_REACH = 0.9
+OUTLINE_RULE = (f"the regions of the map above {OUTLINE_EDGE:g} x its maximum (and above the map threshold in an "
+                f"image judged normal) whose own maximum reaches {OUTLINE_REACH:g} x the image's")
+_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -97,9 +104,38 @@ def verdict(score: float, threshold: float | None) -> str | None:
     return "defect" if score > threshold else "normal"
 
 
-def outline_threshold(thresholds: Thresholds, peak: float) -> float | None:
-    """The map value above which one image's pixels are outlined: the map threshold or OUTLINE_FRACTION x `peak`
-    (the image's map maximum), whichever is higher; None (nothing outlined) without a map threshold."""
+@dataclass(frozen=True)
+class OutlineLevels:
+    """One image's outline: the regions of map values above `edge` whose maximum reaches `reach`."""
+
+    edge: float
+    reach: float
+
+
+def outline_levels(thresholds: Thresholds, peak: float, score: float) -> OutlineLevels | None:
+    """The outline of an image whose map maximum is `peak` and image score `score`; None (nothing outlined) without
+    a map threshold.
+
+    The edge is OUTLINE_EDGE x `peak`, and in an image judged normal at least the map threshold; a region is kept
+    where it reaches OUTLINE_REACH x `peak`. An image judged defect has no floor: its defect is outlined down to
+    its own edge, however faint."""
     if thresholds.map is None:
         return None
-    return max(thresholds.map, OUTLINE_FRACTION * float(peak))
+    floor = 0.0 if verdict(score, thresholds.image) == "defect" else thresholds.map
+    edge = max(floor, OUTLINE_EDGE * float(peak))
+    return OutlineLevels(edge, max(edge, OUTLINE_REACH * float(peak)))
+
+
+def outline_region(amap: np.ndarray, levels: OutlineLevels | None) -> np.ndarray:
+    """The pixels `levels` outline in `amap` (bool, the map's shape; none without levels). The region of `amap`'s
+    own maximum always reaches: resized to the image, a map may lose a little of the peak its levels came from."""
+    if levels is None:
+        return np.zeros(np.shape(amap), dtype=bool)
+    above = amap > levels.edge
+    labels, n = ndimage.label(above, structure=_EIGHT_NEIGHBOURS)
+    if n == 0:
+        return above
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[np.unique(labels[amap >= min(levels.reach, float(amap.max()))])] = True
+    keep[0] = False
+    return keep[labels]

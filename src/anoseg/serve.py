@@ -123,14 +123,14 @@ class Inspector:
         saved = self.save_upload(data, name) if self.settings.save_uploads else {}
         h, w = image.shape[:2]
         thresholds = Thresholds(self.map_threshold, self.image_threshold)
-        cut = pred.outline_threshold(thresholds)
+        region = pred.outline(thresholds) if thresholds.map is not None else None
         result: dict[str, Any] = {
             **pred.to_record(thresholds),
             "score_kind": "detector" if pred.detector_score is not None else self.model.scorer.kind, "map_size": [w, h],
-            "defect_fraction": None if cut is None else round(float((pred.anomaly_map > cut).mean()), 6), **saved,
+            "defect_fraction": None if region is None else round(float(region.mean()), 6), **saved,
         }
         if overlay_png or pictures:
-            result["overlay_png"] = png_b64(overlay(image, pred.anomaly_map, cut))
+            result["overlay_png"] = png_b64(overlay(image, pred.anomaly_map, region))
         if pictures:  # what the page needs to re-draw outlines at any threshold without a new upload
             result["heatmap_png"] = png_b64(overlay(image, pred.anomaly_map, None))
             result["map_png"] = png_b64(map_to_uint8(pred.anomaly_map))

@@ -43,7 +43,7 @@ def outline(region: np.ndarray, width: int = 2) -> np.ndarray:
     return region & ~inner
 
 
-def _overlay_bands(image: np.ndarray, amap: np.ndarray, threshold: float | None,
+def _overlay_bands(image: np.ndarray, amap: np.ndarray, region: np.ndarray | None,
                    alpha: float) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, RGB uint8 band) of the overlay, top to bottom: the whole overlay is never held as floats."""
     lut = _jet_lut().astype(np.float32) * alpha
@@ -52,33 +52,33 @@ def _overlay_bands(image: np.ndarray, amap: np.ndarray, threshold: float | None,
     for r in range(0, image.shape[0], step):
         rows = slice(r, r + step)
         band = (image[rows].astype(np.float32) * (1 - alpha) + lut[_lut_index(amap[rows])]).astype(np.uint8)
-        if threshold is not None:
-            band[_outline_rows(amap, threshold, width, r, len(band))] = OUTLINE_RGB
+        if region is not None:
+            band[_outline_rows(region, width, r, len(band))] = OUTLINE_RGB
         yield r, band
 
 
-def _outline_rows(amap: np.ndarray, threshold: float, width: int, start: int, n: int) -> np.ndarray:
-    """Rows start..start+n of ``outline(amap > threshold, width)``, computed from those rows and `width` more
-    on each side: an erosion of `width` steps reaches no further, so the rows are exactly the whole-map ones."""
-    lo, hi = max(0, start - width), min(amap.shape[0], start + n + width)
-    region = amap[lo:hi] > threshold
-    inner = ndimage.binary_erosion(region, iterations=width, border_value=0)
-    edge = region & ~inner  # wrong only within `width` rows of a cut that is not the image border: dropped here
+def _outline_rows(region: np.ndarray, width: int, start: int, n: int) -> np.ndarray:
+    """Rows start..start+n of ``outline(region, width)``, computed from those rows and `width` more on each side:
+    an erosion of `width` steps reaches no further, so the rows are exactly the whole-map ones."""
+    lo, hi = max(0, start - width), min(region.shape[0], start + n + width)
+    rows = region[lo:hi]
+    inner = ndimage.binary_erosion(rows, iterations=width, border_value=0)
+    edge = rows & ~inner  # wrong only within `width` rows of a cut that is not the image border: dropped here
     return edge[start - lo:start - lo + n]
 
 
-def overlay(image: np.ndarray, amap: np.ndarray, threshold: float | None, alpha: float = 0.45) -> np.ndarray:
-    """Image blended with the heat map, regions above the threshold outlined in green."""
+def overlay(image: np.ndarray, amap: np.ndarray, region: np.ndarray | None, alpha: float = 0.45) -> np.ndarray:
+    """Image blended with the heat map, `region` (bool, the image's shape; None: nothing) outlined in green."""
     out = np.empty_like(image)
-    for r, band in _overlay_bands(image, amap, threshold, alpha):
+    for r, band in _overlay_bands(image, amap, region, alpha):
         out[r:r + len(band)] = band
     return out
 
 
-def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, threshold: float | None,
+def save_overlay(path: Path, image: np.ndarray, amap: np.ndarray, region: np.ndarray | None,
                  alpha: float = 0.45) -> None:
     """:func:`overlay` written to a PNG band by band: neither the overlay nor its picture is held whole."""
-    save_png_bands(path, image.shape[0], image.shape[1], (band for _, band in _overlay_bands(image, amap, threshold,
+    save_png_bands(path, image.shape[0], image.shape[1], (band for _, band in _overlay_bands(image, amap, region,
                                                                                              alpha)))
 
 
