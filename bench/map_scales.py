@@ -121,7 +121,7 @@ def scored(model, hold: list[dict], test: list[dict], which: list[int], fusion: 
     thresholds chosen on the held-out images as `calibrate` chooses them."""
     from anoseg.metrics import auroc
     from anoseg.pixel_histograms import PixelHistograms
-    from anoseg.scoring import outline_threshold, quantile_thresholds
+    from anoseg.scoring import outline_levels, outline_region, quantile_thresholds
 
     weights = noise_weights(model, hold, which) if fusion == "noise_weighted" else None
 
@@ -134,7 +134,7 @@ def scored(model, hold: list[dict], test: list[dict], which: list[int], fusion: 
     hist, scores = PixelHistograms(outlines=True), []
     for t in test:
         amap, score = finish(t, t["mask"].shape)
-        outline = outline_threshold(thresholds, float(amap.max()))
+        outline = outline_region(amap, outline_levels(thresholds, float(amap.max()), score))
         hist.add(None if t["label"] == 0 else t["type"], amap, t["mask"], outline)
         scores.append(score)
     found = hist.metrics()

@@ -4,9 +4,10 @@
 
 For each benchmark model found in RUNS: its held-out normal training images (model.json `holdout_files`, the images
 `calibrate` uses) give each rule's threshold, without any test label. A rule outlines the pixels above a threshold
-(global rules), or above the 0.999 quantile and a fraction of the image's own map maximum (the default:
-anoseg.scoring.outline_threshold), some in images judged defect only. The test set is scored once and each
-rule's outline counted image by image. Writes bench/threshold_rules.json and .md: each category's F1 per rule,
+(global rules), or above the 0.999 quantile and a fraction of the image's own map maximum, some only in the regions
+that reach a larger fraction of it, some without the quantile in images judged defect, some in images judged defect
+only (the default: anoseg.scoring.outline_levels). The test set is scored once and each rule's outline counted
+image by image. Writes bench/threshold_rules.json and .md: each category's F1 per rule,
 the best F1 of one threshold over all test pixels (labels used: the upper bound of a global threshold) and the
 mean over categories.
 """
@@ -69,23 +70,29 @@ def synthetic_f1_threshold(model, files: list[Path]) -> float:
 
 @dataclass(frozen=True)
 class Rule:
-    """An outline rule: pixels above `floor` and above `fraction` x the image's map maximum; with `gated`, only in
-    images judged defect (the model's image threshold)."""
+    """An outline rule: pixels above `floor` and above `fraction` x the image's map maximum, in the regions whose
+    maximum reaches `reach` x it; with `gated`, only in images judged defect (the model's image threshold); with
+    `no_floor_in_defect`, without `floor` in images judged defect."""
 
     floor: float
     fraction: float = 0.0
+    reach: float = 0.0
     gated: bool = False
+    no_floor_in_defect: bool = False
 
-    def cut(self, pred, image_threshold: float) -> float | None:
-        from anoseg.scoring import verdict
+    def region(self, pred, image_threshold: float) -> np.ndarray | None:
+        from anoseg.scoring import OutlineLevels, outline_region, verdict
 
-        if self.gated and verdict(pred.score, image_threshold) == "normal":
+        judged_defect = verdict(pred.score, image_threshold) == "defect"
+        if self.gated and not judged_defect:
             return None
-        return max(self.floor, self.fraction * pred.max_score)
+        floor = 0.0 if self.no_floor_in_defect and judged_defect else self.floor
+        edge = max(floor, self.fraction * pred.max_score)
+        return outline_region(pred.anomaly_map, OutlineLevels(edge, max(edge, self.reach * pred.max_score)))
 
 
 def rules(model, files: list[Path]) -> dict[str, Rule]:
-    from anoseg.scoring import OUTLINE_FRACTION
+    from anoseg.scoring import OUTLINE_EDGE, OUTLINE_REACH
 
     maps, maxima = held_out_maps(model, files)
     pixels = np.concatenate([m.ravel() for m in maps])
@@ -101,11 +108,17 @@ def rules(model, files: list[Path]) -> dict[str, Rule]:
     }
     out = {k: Rule(t) for k, t in global_rules.items()}
     for fraction in (0.3, 0.4, 0.5):
-        name = f"q0.999 and {fraction:g} x peak"
-        out[name + (" (default)" if fraction == OUTLINE_FRACTION else "")] = Rule(float(q999), fraction)
+        out[f"q0.999 and {fraction:g} x peak"] = Rule(float(q999), fraction)
     out["q0.99 and 0.4 x peak"] = Rule(float(q99), 0.4)
-    out["q0.999, images judged defect"] = Rule(float(q999), 0.0, True)
-    out["q0.999 and 0.4 x peak, images judged defect"] = Rule(float(q999), 0.4, True)
+    out["q0.999, images judged defect"] = Rule(float(q999), 0.0, gated=True)
+    out["q0.999 and 0.4 x peak, images judged defect"] = Rule(float(q999), 0.4, gated=True)
+    out["q0.999 and 0.4 x peak, no floor in images judged defect"] = Rule(float(q999), 0.4, no_floor_in_defect=True)
+    for fraction, reach in ((0.4, 0.9), (OUTLINE_EDGE, OUTLINE_REACH)):
+        out[f"q0.999 and {fraction:g} x peak, regions reaching {reach:g} x peak"] = Rule(float(q999), fraction, reach)
+    for fraction, reach in ((0.3, 0.9), (0.35, 0.8), (0.35, 0.9), (0.35, 0.95), (0.4, 0.9)):
+        name = f"{fraction:g} x peak, regions reaching {reach:g} x peak, q0.999 in images judged normal"
+        default = (fraction, reach) == (OUTLINE_EDGE, OUTLINE_REACH)
+        out[name + (" (default)" if default else "")] = Rule(float(q999), fraction, reach, no_floor_in_defect=True)
     return out
 
 
@@ -128,7 +141,7 @@ def one(folder: Path, root: Path) -> dict:
             mask = load_sample_mask(s, im.shape[:2])
             hist.add(None if s.label == 0 else s.defect_type, p.anomaly_map, mask)
             for k, rule in found.items():
-                counts[k] += outline_counts(mask, p.anomaly_map, rule.cut(p, model.map_score_threshold))
+                counts[k] += outline_counts(mask, rule.region(p, model.image_threshold))
     curve = hist.curve(hist.merged())
     return {"rules": {k: vars(r) for k, r in found.items()},
             "seg_f1": {k: outline_scores(*(int(v) for v in c))["seg_f1"] for k, c in counts.items()},
