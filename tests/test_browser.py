@@ -111,6 +111,27 @@ def test_upload_shows_verdict_overlay_and_slider_redraws_without_a_new_upload(se
     page.close()
 
 
+def test_the_page_outlines_the_regions_the_server_does(server, browser):
+    """The page's own outline (regions above the edge that reach the reach level) against anoseg.scoring's."""
+    from anoseg.scoring import OutlineLevels, outline_region
+
+    amap = np.zeros((20, 40), np.uint8)
+    amap[2:6, 2:6] = 204  # the peak's region
+    amap[12:16, 12:16] = 128  # above the edge, short of the reach: not outlined
+    amap[2:6, 30:34] = 191  # reaches: outlined
+    amap[6, 6] = 100  # a diagonal neighbour of the peak's region, above the edge: part of it
+    page = browser.new_page()
+    page.goto(server)
+    for edge, reach in ((0.31, 0.71), (0.31, 0.0), (0.61, 0.71), (0.91, 0.95)):
+        drawn = page.evaluate("([m, w, h, t, r]) => Array.from(outlineRegions(Uint8ClampedArray.from(m), w, h, t, r))",
+                              [amap.ravel().tolist(), 40, 20, edge, reach])
+        # the page reads the map as 8-bit levels: the server's rule on those levels
+        levels = OutlineLevels(round(edge * 255) / 255, max(round(edge * 255), round(reach * 255)) / 255)
+        expected = outline_region(amap / 255, levels)
+        assert np.array_equal(np.array(drawn, bool).reshape(20, 40), expected), (edge, reach)
+    page.close()
+
+
 def test_a_bad_upload_shows_the_server_error(server, browser, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a picture")
