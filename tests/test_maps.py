@@ -166,3 +166,31 @@ def test_a_strong_and_a_faint_defect_get_outlines_of_their_own_width():
         widths.append(int(region[32].sum()))
     assert widths[0] == widths[1] > 0
     assert (0.9 * spot[32] > 0.05).sum() > (0.3 * spot[32] > 0.05).sum()  # as one height would draw them
+
+
+@pytest.mark.parametrize("band_pixels", [1, 40, 97, 10_000])
+def test_regions_found_band_by_band_are_the_whole_maps(band_pixels):
+    """Bands of any height (one row; a region that joins only in a later band) give whole-map labelling's answer."""
+    from scipy import ndimage
+
+    from anoseg.regions import regions_reaching
+
+    rng = np.random.default_rng(band_pixels)
+    amap = ndimage.gaussian_filter(rng.random((60, 40)), 1.5).astype(np.float32)
+    amap = (amap - amap.min()) / (amap.max() - amap.min())
+    u = np.zeros((30, 20), np.float32)
+    u[2:28, 3] = u[2:28, 16] = u[27, 3:17] = 0.6  # a U: its arms meet only at the bottom
+    u[2, 16] = 0.9  # the reaching pixel, on the right arm
+    u[10, 9] = 0.9  # a separate dot that also reaches
+    u[5, 5] = 0.7  # two columns off the left arm: a region of its own, short of the reach
+    for i in range(7):
+        u[12 + i, 6 + i] = 0.6  # a diagonal line: its pixels touch only at corners
+    u[18, 12] = 0.9  # ... and reaches at its lower end
+    for m in (amap, u):
+        for edge, reach in ((0.5, 0.8), (0.3, 0.95), (0.65, 0.65), (0.99, 1.0)):
+            labels, n = ndimage.label(m > edge, structure=np.ones((3, 3), bool))
+            reached = np.unique(labels[m >= reach])
+            expected = np.isin(labels, reached[reached > 0])
+            assert np.array_equal(regions_reaching(m, edge, reach, band_pixels), expected), (edge, reach)
+    whole = regions_reaching(u, 0.5, 0.8, band_pixels)
+    assert whole[2:28, 3].all() and whole[10, 9] and not whole[5, 5] and whole[12, 6]

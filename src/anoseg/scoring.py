@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from .config import Config
 from .errors import DataError
+from .regions import regions_reaching
 
 TOPK_FRACTION = 0.01  # the top-k mean averages this share of a map's highest pixels
 # An outline's edge lies at this share of the image's map maximum, so its extent follows the defect's own peak, not
@@ -27,7 +27,6 @@ OUTLINE_EDGE = 0.35
 OUTLINE_REACH = 0.9
 OUTLINE_RULE = (f"the regions of the map above {OUTLINE_EDGE:g} x its maximum (and above the map threshold in an "
                 f"image judged normal) whose own maximum reaches {OUTLINE_REACH:g} x the image's")
-_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -129,13 +128,6 @@ def outline_levels(thresholds: Thresholds, peak: float, score: float) -> Outline
 def outline_region(amap: np.ndarray, levels: OutlineLevels | None) -> np.ndarray:
     """The pixels `levels` outline in `amap` (bool, the map's shape; none without levels). The region of `amap`'s
     own maximum always reaches: resized to the image, a map may lose a little of the peak its levels came from."""
-    if levels is None:
+    if levels is None or np.size(amap) == 0:
         return np.zeros(np.shape(amap), dtype=bool)
-    above = amap > levels.edge
-    labels, n = ndimage.label(above, structure=_EIGHT_NEIGHBOURS)
-    if n == 0:
-        return above
-    keep = np.zeros(n + 1, dtype=bool)
-    keep[np.unique(labels[amap >= min(levels.reach, float(amap.max()))])] = True
-    keep[0] = False
-    return keep[labels]
+    return regions_reaching(amap, levels.edge, min(levels.reach, float(np.max(amap))))
