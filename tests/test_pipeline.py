@@ -53,8 +53,8 @@ def test_each_image_is_outlined_at_its_own_threshold(tiny_model_dir, demo_root, 
     records = predict(model, [str(demo_root / "test" / "*" / "*.png")], tmp_path, progress=False,
                       map_threshold=map_threshold)
     for r in records:
-        floor = r["map_threshold"] if r["verdict"] == "normal" else 0.0
-        assert r["outline_threshold"] == pytest.approx(max(floor, OUTLINE_EDGE * r["max_score"]), abs=1e-6)
+        assert r["outline_threshold"] == pytest.approx(max(r["map_threshold"], OUTLINE_EDGE * r["max_score"]),
+                                                       abs=1e-6)
         assert r["outline_reach"] == pytest.approx(max(r["outline_threshold"], OUTLINE_REACH * r["max_score"]),
                                                    abs=1e-6)
         image = np.asarray(Image.open(r["path"]).convert("RGB"))

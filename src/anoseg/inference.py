@@ -109,7 +109,7 @@ class Prediction:
 
     def outline_levels(self, thresholds: Thresholds) -> OutlineLevels | None:
         """This image's outline levels; None: no outline (see :func:`anoseg.scoring.outline_levels`)."""
-        return outline_levels(thresholds, self.max_score, self.score)
+        return outline_levels(thresholds, self.max_score)
 
     def outline(self, thresholds: Thresholds) -> np.ndarray:
         """The pixels this image's outline holds (bool, the map's shape)."""

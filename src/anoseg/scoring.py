@@ -3,8 +3,8 @@
 The image score of a map is (1 - w) x its maximum + w x the mean of its highest TOPK_FRACTION pixels, with
 w = ``image_score_topk_weight``. The model carries two thresholds, both chosen from held-out normal images only
 (:mod:`anoseg.calibrate`): the **image threshold** decides the verdict on the image score (on the detector's score
-when the model has a detector), the **map threshold** is the lowest map value an outline may hold in an image judged
-normal. An image's outline is drawn around its own peak (:func:`outline_levels`, :func:`outline_region`).
+when the model has a detector), the **map threshold** is the lowest map value an outline may hold. An image's
+outline is drawn around its own peak (:func:`outline_levels`, :func:`outline_region`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ TOPK_FRACTION = 0.01  # the top-k mean averages this share of a map's highest pi
 # "The outline").
 OUTLINE_EDGE = 0.35
 OUTLINE_REACH = 0.9
-OUTLINE_RULE = (f"the regions of the map above {OUTLINE_EDGE:g} x its maximum (and above the map threshold in an "
-                f"image judged normal) whose own maximum reaches {OUTLINE_REACH:g} x the image's")
+OUTLINE_RULE = (f"the regions of the map above the map threshold and {OUTLINE_EDGE:g} x the map's maximum whose own "
+                f"maximum reaches {OUTLINE_REACH:g} x the image's")
 
 
 @dataclass(frozen=True)
@@ -111,17 +111,14 @@ class OutlineLevels:
     reach: float
 
 
-def outline_levels(thresholds: Thresholds, peak: float, score: float) -> OutlineLevels | None:
-    """The outline of an image whose map maximum is `peak` and image score `score`; None (nothing outlined) without
-    a map threshold.
+def outline_levels(thresholds: Thresholds, peak: float) -> OutlineLevels | None:
+    """The outline of an image whose map maximum is `peak`; None (nothing outlined) without a map threshold.
 
-    The edge is OUTLINE_EDGE x `peak`, and in an image judged normal at least the map threshold; a region is kept
-    where it reaches OUTLINE_REACH x `peak`. An image judged defect has no floor: its defect is outlined down to
-    its own edge, however faint."""
+    The edge is the map threshold or OUTLINE_EDGE x `peak`, whichever is higher; a region is kept where it reaches
+    OUTLINE_REACH x `peak`."""
     if thresholds.map is None:
         return None
-    floor = 0.0 if verdict(score, thresholds.image) == "defect" else thresholds.map
-    edge = max(floor, OUTLINE_EDGE * float(peak))
+    edge = max(thresholds.map, OUTLINE_EDGE * float(peak))
     return OutlineLevels(edge, max(edge, OUTLINE_REACH * float(peak)))
 
 
