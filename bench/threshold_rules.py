@@ -113,12 +113,13 @@ def rules(model, files: list[Path]) -> dict[str, Rule]:
     out["q0.999, images judged defect"] = Rule(float(q999), 0.0, gated=True)
     out["q0.999 and 0.4 x peak, images judged defect"] = Rule(float(q999), 0.4, gated=True)
     out["q0.999 and 0.4 x peak, no floor in images judged defect"] = Rule(float(q999), 0.4, no_floor_in_defect=True)
-    for fraction, reach in ((0.4, 0.9), (OUTLINE_EDGE, OUTLINE_REACH)):
-        out[f"q0.999 and {fraction:g} x peak, regions reaching {reach:g} x peak"] = Rule(float(q999), fraction, reach)
     for fraction, reach in ((0.3, 0.9), (0.35, 0.8), (0.35, 0.9), (0.35, 0.95), (0.4, 0.9)):
-        name = f"{fraction:g} x peak, regions reaching {reach:g} x peak, q0.999 in images judged normal"
+        name = f"q0.999 and {fraction:g} x peak, regions reaching {reach:g} x peak"
         default = (fraction, reach) == (OUTLINE_EDGE, OUTLINE_REACH)
-        out[name + (" (default)" if default else "")] = Rule(float(q999), fraction, reach, no_floor_in_defect=True)
+        out[name + (" (default)" if default else "")] = Rule(float(q999), fraction, reach)
+    for fraction, reach in ((0.35, 0.9), (0.4, 0.9)):
+        name = f"{fraction:g} x peak, regions reaching {reach:g} x peak, q0.999 in images judged normal"
+        out[name] = Rule(float(q999), fraction, reach, no_floor_in_defect=True)
     return out
 
 
