@@ -111,9 +111,10 @@ class Prediction:
         """This image's outline levels; None: no outline (see :func:`anoseg.scoring.outline_levels`)."""
         return outline_levels(thresholds, self.max_score)
 
-    def outline(self, thresholds: Thresholds) -> np.ndarray:
-        """The pixels this image's outline holds (bool, the map's shape)."""
-        return outline_region(self.anomaly_map, self.outline_levels(thresholds))
+    def outline(self, thresholds: Thresholds) -> np.ndarray | None:
+        """The pixels this image's outline holds (bool, the map's shape); None without a map threshold."""
+        levels = self.outline_levels(thresholds)
+        return None if levels is None else outline_region(self.anomaly_map, levels)
 
 
 class AnoSegModel:

@@ -22,13 +22,13 @@ def regions_reaching(amap: np.ndarray, edge: float, reach: float, band_pixels: i
         return out
     rows = max(1, band_pixels // max(1, amap.shape[1]))
     starts = range(0, amap.shape[0], rows)
-    parent, reaches, offsets = [0], [False], []
+    parent, reaches, bands = [0], [False], []  # bands: (first row, label offset, label count) of each
     previous_row = None
     for start in starts:
         band = amap[start:start + rows]
         labels, n = ndimage.label(band > edge, structure=_EIGHT_NEIGHBOURS)
         offset = len(parent) - 1
-        offsets.append(offset)
+        bands.append((start, offset, n))
         parent.extend(range(offset + 1, offset + n + 1))
         hit = np.zeros(n + 1, dtype=bool)
         hit[labels[band >= reach]] = True
@@ -43,7 +43,9 @@ def regions_reaching(amap: np.ndarray, edge: float, reach: float, band_pixels: i
     keep[roots[np.asarray(reaches)]] = True
     keep = keep[roots]
     keep[0] = False
-    for start, offset in zip(starts, offsets):
+    for start, offset, n in bands:
+        if not keep[offset + 1:offset + n + 1].any():  # nothing kept in this band: it stays empty, unlabelled
+            continue
         labels, _ = ndimage.label(amap[start:start + rows] > edge, structure=_EIGHT_NEIGHBOURS)
         out[start:start + rows] = keep[labels + offset] & (labels > 0)
     return out

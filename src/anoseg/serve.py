@@ -123,7 +123,7 @@ class Inspector:
         saved = self.save_upload(data, name) if self.settings.save_uploads else {}
         h, w = image.shape[:2]
         thresholds = Thresholds(self.map_threshold, self.image_threshold)
-        region = pred.outline(thresholds) if thresholds.map is not None else None
+        region = pred.outline(thresholds)
         result: dict[str, Any] = {
             **pred.to_record(thresholds),
             "score_kind": "detector" if pred.detector_score is not None else self.model.scorer.kind, "map_size": [w, h],
