@@ -134,7 +134,7 @@ def scored(model, hold: list[dict], test: list[dict], which: list[int], fusion: 
     hist, scores = PixelHistograms(outlines=True), []
     for t in test:
         amap, score = finish(t, t["mask"].shape)
-        outline = outline_region(amap, outline_levels(thresholds, float(amap.max())))
+        outline = outline_region(amap, outline_levels(thresholds, float(amap.max()), score))
         hist.add(None if t["label"] == 0 else t["type"], amap, t["mask"], outline)
         scores.append(score)
     found = hist.metrics()

@@ -4,12 +4,12 @@
 
 For each benchmark model found in RUNS: its held-out normal training images (model.json `holdout_files`, the images
 `calibrate` uses) give each rule's threshold, without any test label. A rule outlines the pixels above a threshold
-(global rules), or above the 0.999 quantile and a fraction of the image's own map maximum, some only in the regions
-that reach a larger fraction of it, some without the quantile in images judged defect, some in images judged defect
-only (the default: anoseg.scoring.outline_levels). The test set is scored once and each rule's outline counted
-image by image. Writes bench/threshold_rules.json and .md: each category's F1 per rule,
-the best F1 of one threshold over all test pixels (labels used: the upper bound of a global threshold) and the
-mean over categories.
+(global rules), or above the 0.999 quantile and a fraction of the image's own map maximum (or of the way to it from
+the median normal pixel), some only in the regions that reach a larger fraction of it, some with another floor or
+none in images judged defect, some in images judged defect only (the default: anoseg.scoring.outline_levels). The
+test set is scored once and each rule's outline counted image by image. Writes bench/threshold_rules.json and .md:
+each category's F1 per rule, the best F1 of one threshold over all test pixels (labels used: the upper bound of a
+global threshold) and the mean over categories.
 """
 
 from __future__ import annotations
@@ -70,15 +70,18 @@ def synthetic_f1_threshold(model, files: list[Path]) -> float:
 
 @dataclass(frozen=True)
 class Rule:
-    """An outline rule: pixels above `floor` and above `fraction` x the image's map maximum, in the regions whose
-    maximum reaches `reach` x it; with `gated`, only in images judged defect (the model's image threshold); with
-    `no_floor_in_defect`, without `floor` in images judged defect."""
+    """An outline rule: pixels above `floor` and `fraction` of the way from `base` to the image's map maximum, in
+    the regions whose maximum reaches `reach` x it; with `gated`, only in images judged defect (the model's image
+    threshold); with `defect_floor`, that floor instead of `floor` in images judged defect; with `image_base`, `base`
+    is the image's own median map value."""
 
     floor: float
     fraction: float = 0.0
     reach: float = 0.0
     gated: bool = False
-    no_floor_in_defect: bool = False
+    defect_floor: float | None = None
+    base: float = 0.0
+    image_base: bool = False
 
     def region(self, pred, image_threshold: float) -> np.ndarray | None:
         from anoseg.scoring import OutlineLevels, outline_region, verdict
@@ -86,8 +89,9 @@ class Rule:
         judged_defect = verdict(pred.score, image_threshold) == "defect"
         if self.gated and not judged_defect:
             return None
-        floor = 0.0 if self.no_floor_in_defect and judged_defect else self.floor
-        edge = max(floor, self.fraction * pred.max_score)
+        floor = self.defect_floor if self.defect_floor is not None and judged_defect else self.floor
+        base = float(np.median(pred.anomaly_map)) if self.image_base else self.base
+        edge = max(floor, base + self.fraction * (pred.max_score - base))
         return outline_region(pred.anomaly_map, OutlineLevels(edge, max(edge, self.reach * pred.max_score)))
 
 
@@ -112,14 +116,23 @@ def rules(model, files: list[Path]) -> dict[str, Rule]:
     out["q0.99 and 0.4 x peak"] = Rule(float(q99), 0.4)
     out["q0.999, images judged defect"] = Rule(float(q999), 0.0, gated=True)
     out["q0.999 and 0.4 x peak, images judged defect"] = Rule(float(q999), 0.4, gated=True)
-    out["q0.999 and 0.4 x peak, no floor in images judged defect"] = Rule(float(q999), 0.4, no_floor_in_defect=True)
+    out["q0.999 and 0.4 x peak, no floor in images judged defect"] = Rule(float(q999), 0.4, defect_floor=0.0)
     for fraction, reach in ((0.3, 0.9), (0.35, 0.8), (0.35, 0.9), (0.35, 0.95), (0.4, 0.9)):
         name = f"q0.999 and {fraction:g} x peak, regions reaching {reach:g} x peak"
-        default = (fraction, reach) == (OUTLINE_EDGE, OUTLINE_REACH)
-        out[name + (" (default)" if default else "")] = Rule(float(q999), fraction, reach)
+        out[name] = Rule(float(q999), fraction, reach)
     for fraction, reach in ((0.35, 0.9), (0.4, 0.9)):
         name = f"{fraction:g} x peak, regions reaching {reach:g} x peak, q0.999 in images judged normal"
-        out[name] = Rule(float(q999), fraction, reach, no_floor_in_defect=True)
+        out[name] = Rule(float(q999), fraction, reach, defect_floor=0.0)
+    for fraction in (0.3, 0.35, 0.4):  # the edge measured from the map background, the median normal pixel
+        name = (f"{fraction:g} of the way from the median normal pixel to the peak, regions reaching 0.9 x peak, "
+                "q0.999 in images judged normal")
+        default = (fraction, 0.9) == (OUTLINE_EDGE, OUTLINE_REACH)
+        out[name + (" (default)" if default else "")] = Rule(float(q999), fraction, 0.9, defect_floor=0.0,
+                                                             base=float(median))
+    out["0.35 of the way from the image's median to the peak, regions reaching 0.9 x peak, q0.999 in images "
+        "judged normal"] = Rule(float(q999), 0.35, 0.9, defect_floor=0.0, image_base=True)
+    out["q0.999 and 0.35 x peak, regions reaching 0.9 x peak, q0.99 in images judged defect"] = \
+        Rule(float(q999), 0.35, 0.9, defect_floor=float(q99))
     return out
 
 

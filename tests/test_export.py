@@ -32,13 +32,14 @@ def test_onnx_matches_pytorch_on_images_of_any_size(tiny_model_dir, exported):
         assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-4
         assert abs(a.score - b.score) <= 1e-4 and abs(a.topk_score - b.topk_score) <= 1e-4
     assert runner.image_threshold == model.image_threshold and runner.map_threshold == model.map_threshold
+    assert runner.map_background == model.map_background is not None
 
 
 def test_dynamic_batch_and_sidecar(exported, tiny_model_dir):
     meta = json.loads((exported / ONNX_META).read_text())
     model = load(tiny_model_dir)
     assert meta["image_size"] == model.config.image_size and meta["image_threshold"] == model.image_threshold
-    assert meta["map_threshold"] == model.map_threshold
+    assert meta["map_threshold"] == model.map_threshold and meta["map_background"] == model.map_background
     assert meta["outline"]["edge_fraction"] == OUTLINE_EDGE and meta["outline"]["reach_fraction"] == OUTLINE_REACH
     assert meta["input"]["scale"] == pytest.approx(1 / 127.5) and meta["input"]["offset"] == -1.0
     runner = OnnxModel(exported)

@@ -130,14 +130,33 @@ def test_calibrate_applies_a_map_setting_and_chooses_thresholds_for_it(tiny_mode
 
 
 def test_outline_follows_the_maps_own_peak_above_the_map_threshold():
-    t = Thresholds(map=0.1, image=0.5)
-    levels = outline_levels(t, peak=0.9)
+    t = Thresholds(map=0.1, image=0.5)  # no background (a model calibrated before it existed): a floor everywhere
+    levels = outline_levels(t, peak=0.9, score=0.9)
     assert levels.edge == pytest.approx(OUTLINE_EDGE * 0.9) and levels.reach == pytest.approx(OUTLINE_REACH * 0.9)
-    faint = outline_levels(t, peak=0.2)  # a faint peak: the map threshold is the floor, and a region must pass it
+    faint = outline_levels(t, peak=0.2, score=0.6)  # a faint peak: the map threshold is the floor, a region passes it
     assert faint.edge == 0.1 and faint.reach == pytest.approx(OUTLINE_REACH * 0.2)
-    assert outline_levels(Thresholds(map=0.1, image=0.5), peak=0.1).reach == 0.1  # never below the edge
-    assert outline_levels(Thresholds(None, 0.5), peak=0.9) is None  # no map threshold, no outline
+    assert outline_levels(t, peak=0.1, score=0.1).reach == 0.1  # never below the edge
+    assert outline_levels(Thresholds(None, 0.5), peak=0.9, score=0.9) is None  # no map threshold, no outline
     assert not outline_region(np.ones((4, 4), np.float32), None).any()
+
+
+def test_outline_edge_rises_from_the_map_background_and_the_floor_holds_in_images_judged_normal():
+    t = Thresholds(map=0.1, image=0.5, background=0.02)
+    defect = outline_levels(t, peak=0.2, score=0.6)  # judged defect: a faint peak's edge may lie below the floor
+    assert defect.edge == pytest.approx(0.02 + OUTLINE_EDGE * (0.2 - 0.02)) and defect.edge < 0.1
+    assert defect.reach == pytest.approx(OUTLINE_REACH * 0.2)
+    assert outline_levels(t, peak=0.2, score=0.4).edge == 0.1  # judged normal: the map threshold is the floor
+    assert outline_levels(Thresholds(0.1, None, 0.02), peak=0.2, score=0.9).edge == 0.1  # no verdict: the floor
+    strong = outline_levels(t, peak=0.9, score=0.9)
+    assert strong.edge == pytest.approx(0.02 + OUTLINE_EDGE * 0.88)  # measured from the background
+    assert strong.edge > OUTLINE_EDGE * 0.9
+    # a faint spot on a raised background: the edge stays above the background, so the outline cannot flood it
+    amap = np.full((40, 40), 0.02, np.float32)
+    amap[18:22, 18:22] = 0.05
+    region = outline_region(amap, outline_levels(t, peak=0.05, score=0.6))
+    assert region.sum() == 16 and region[18:22, 18:22].all()
+    floorless = outline_region(amap, outline_levels(Thresholds(map=0.1, image=0.5, background=0.0), 0.05, 0.6))
+    assert floorless.all()  # as an edge of 0.35 x the peak alone would draw it
 
 
 def test_outline_keeps_the_regions_that_reach_the_peak():
@@ -146,10 +165,10 @@ def test_outline_keeps_the_regions_that_reach_the_peak():
     amap[5:10, 5:10] = 0.8  # the peak's region
     amap[25:30, 25:30] = 0.5  # above 0.35 x 0.8, below 0.9 x 0.8: left out
     amap[5:10, 30:35] = 0.75  # reaches 0.9 x 0.8: outlined
-    region = outline_region(amap, outline_levels(Thresholds(map=0.1, image=0.3), peak=0.8))
+    region = outline_region(amap, outline_levels(Thresholds(map=0.1, image=0.3), peak=0.8, score=0.8))
     assert region[5:10, 5:10].all() and region[5:10, 30:35].all()
     assert not region[25:30, 25:30].any() and region.sum() == 50
-    shrunk = outline_region(amap * 0.5, outline_levels(Thresholds(map=0.1, image=0.3), peak=0.8))
+    shrunk = outline_region(amap * 0.5, outline_levels(Thresholds(map=0.1, image=0.3), peak=0.8, score=0.8))
     assert shrunk[5:10, 5:10].all()  # a resized map below its levels' reach: its own peak's region still counts
 
 
@@ -161,7 +180,7 @@ def test_a_strong_and_a_faint_defect_get_outlines_of_their_own_width():
     widths = []
     for height in (0.9, 0.3):
         amap = (height * spot).astype(np.float32)
-        region = outline_region(amap, outline_levels(t, peak=float(amap.max())))
+        region = outline_region(amap, outline_levels(t, peak=float(amap.max()), score=float(amap.max())))
         widths.append(int(region[32].sum()))
     assert widths[0] == widths[1] > 0
     assert (0.9 * spot[32] > 0.05).sum() > (0.3 * spot[32] > 0.05).sum()  # as one height would draw them

@@ -52,9 +52,13 @@ def test_each_image_is_outlined_at_its_own_threshold(tiny_model_dir, demo_root, 
     model = load(tiny_model_dir)
     records = predict(model, [str(demo_root / "test" / "*" / "*.png")], tmp_path, progress=False,
                       map_threshold=map_threshold)
+    background = None if map_threshold is not None else model.map_background  # a given threshold: the floor always
     for r in records:
-        assert r["outline_threshold"] == pytest.approx(max(r["map_threshold"], OUTLINE_EDGE * r["max_score"]),
-                                                       abs=1e-6)
+        base = background or 0.0
+        edge = base + OUTLINE_EDGE * (r["max_score"] - base)
+        if background is None or r["verdict"] == "normal":
+            edge = max(r["map_threshold"], edge)
+        assert r["outline_threshold"] == pytest.approx(edge, abs=1e-6)
         assert r["outline_reach"] == pytest.approx(max(r["outline_threshold"], OUTLINE_REACH * r["max_score"]),
                                                    abs=1e-6)
         image = np.asarray(Image.open(r["path"]).convert("RGB"))
@@ -152,8 +156,11 @@ def test_thresholds_come_from_held_out_normal_maps(tiny_model_dir):
     pixels = np.concatenate([p.anomaly_map.ravel() for p in preds])
     assert model.map_score_threshold == pytest.approx(np.quantile(maxima, cfg.threshold_quantile), abs=1e-6)
     assert model.map_threshold == pytest.approx(np.quantile(pixels, cfg.map_threshold_quantile), abs=1e-6)
+    assert model.map_background == pytest.approx(np.median(pixels), abs=1e-6)
+    assert 0 < model.map_background < model.map_threshold
     assert model.image_threshold == model.map_score_threshold  # no detector: the verdict is on the map maximum
     assert meta["map_threshold"] == model.map_threshold and meta["map_score_threshold"] == model.map_score_threshold
+    assert meta["map_background"] == model.map_background
 
 
 def test_models_saved_with_the_old_threshold_name_still_load(tiny_model_dir, tmp_path):
@@ -164,9 +171,11 @@ def test_models_saved_with_the_old_threshold_name_still_load(tiny_model_dir, tmp
     meta = json.loads((old / "model.json").read_text())
     meta["threshold"] = meta.pop("map_threshold")  # model.json as written before the rename ...
     del meta["map_score_threshold"]  # ... and before the map maximum had its own threshold
+    del meta["map_background"]  # ... and before the map background
     (old / "model.json").write_text(json.dumps(meta))
     model = load(old)
     assert model.map_threshold == meta["threshold"] == model.image_threshold  # one threshold did both then
+    assert model.map_background is None and model.thresholds().background is None  # the floor in every image
     t_map, t_img = model.thresholds(map_threshold=0.25)
     assert t_map == 0.25 and t_img == meta["threshold"]
 
@@ -181,8 +190,10 @@ def test_calibrate_chooses_thresholds_again_without_training(tiny_model_copy):
     model = calibrate(folder, overrides={"map_threshold_quantile": 0.5})
     assert model.map_threshold < before.map_threshold  # the median pixel, not the 0.999 quantile
     assert model.map_score_threshold == pytest.approx(before.map_score_threshold)  # its quantile is unchanged
+    assert model.map_background == pytest.approx(before.map_background)  # the median of the same pixels
     again = load(folder)
     assert again.map_threshold == model.map_threshold and again.config.map_threshold_quantile == 0.5
+    assert again.map_background == model.map_background
     assert (folder / "model.safetensors").read_bytes() == weights  # no training
     with pytest.raises(ConfigError, match="not lr"):
         calibrate(folder, overrides={"lr": 1e-3})  # it would need training

@@ -43,6 +43,7 @@ def test_health_and_page(client, model):
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["image_size"] == model.config.image_size
     assert h["image_threshold"] == model.image_threshold and h["map_threshold"] == model.map_threshold
+    assert h["map_background"] == model.map_background is not None
     page = client.get("/")
     assert page.status_code == 200 and 'id="verdict"' in page.text and 'id="threshold"' in page.text
     assert "/predict" in client.get("/openapi.json").json()["paths"]
@@ -58,6 +59,8 @@ def test_predict_multipart_and_raw_body_agree_with_the_model(client, model, imag
     assert a["score"] == pytest.approx(expected.score, abs=1e-6) and a["score"] == b["score"]
     assert a["verdict"] == ("defect" if expected.score > model.image_threshold else "normal")
     assert a["image_threshold"] == model.image_threshold and a["map_threshold"] == model.map_threshold
+    levels = expected.outline_levels(model.thresholds())  # measured from the model's map background
+    assert a["outline_threshold"] == pytest.approx(levels.edge) and a["outline_reach"] == pytest.approx(levels.reach)
     assert a["score_kind"] == "map_blend" and a["map_score"] == pytest.approx(0.5 * (a["max_score"] + a["topk_score"]),
                                                                              abs=2e-6)
     w, h = Image.open(io.BytesIO(image)).size

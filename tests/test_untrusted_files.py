@@ -128,6 +128,12 @@ def test_non_finite_or_non_number_threshold_in_model_json_is_refused(tiny_model_
     (broken / "model.json").write_text(text)
     with pytest.raises(ModelFileError, match=r"model\.json: map_score_threshold .* must be a finite number"):
         load(broken)
+    meta["map_score_threshold"] = 0.5  # and the map background, which must also lie where map values do
+    for bad in (value, "1.5", "-0.1"):
+        text = json.dumps({**meta, "map_background": 0.0}).replace('"map_background": 0.0', f'"map_background": {bad}')
+        (broken / "model.json").write_text(text)
+        with pytest.raises(ModelFileError, match=r"model\.json: map_background .* must be a number in \[0, 1\]"):
+            load(broken)
 
 
 @pytest.mark.parametrize("setting", ["smoothing_sigma", "lr", "region_max"])

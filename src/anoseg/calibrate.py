@@ -29,8 +29,8 @@ def holdout_split(n: int, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
 def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
     """Set the model's thresholds from normal images (:func:`anoseg.scoring.quantile_thresholds`).
 
-    The map threshold, the threshold of the map's image score and, when the model has a detector, the
-    detector's. Returns what was done, for the model's metadata.
+    The map threshold, the map background, the threshold of the map's image score and, when the model has a
+    detector, the detector's. Returns what was done, for the model's metadata.
     """
     rng = np.random.default_rng([model.config.seed, 4])
     per_image = max(1, min(PIXEL_SAMPLE, PIXEL_BUDGET // max(len(normal_files), 1)))
@@ -42,9 +42,11 @@ def calibrate(model: AnoSegModel, normal_files: list[Path]) -> dict:
         pixels.append(flat if flat.size <= per_image else rng.choice(flat, per_image, replace=False))
     chosen = quantile_thresholds(model.config, map_scores, np.concatenate(pixels))
     model.map_threshold, model.map_score_threshold = chosen.map, chosen.image
+    model.map_background = chosen.background
     q, qm = model.config.threshold_quantile, model.config.map_threshold_quantile
     info = {"threshold_source": f"quantile {q} of {len(map_scores)} held-out normal image scores",
             "map_threshold_source": f"quantile {qm} of the map pixels of {len(map_scores)} held-out normal images",
+            "map_background_source": f"median of the map pixels of {len(map_scores)} held-out normal images",
             "holdout_scores": [round(float(s), 6) for s in map_scores],
             "holdout_files": [str(f) for f in normal_files]}
     model.meta.update(info)

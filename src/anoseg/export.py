@@ -163,6 +163,7 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
            if cfg.second_short_side else {}),
         "batch": batch,
         "map_threshold": t_map,
+        "map_background": model.map_background,
         "outline": {"rule": OUTLINE_RULE, "edge_fraction": OUTLINE_EDGE, "reach_fraction": OUTLINE_REACH},
         "score_output": "detector_score" if model.detector is not None else "map_score",
         "image_threshold": t_img,
@@ -209,6 +210,7 @@ class OnnxModel:
         # "threshold": the image threshold's name in sidecars written before the two had their own names
         self.image_threshold = self.meta.get("image_threshold", self.meta.get("threshold"))
         self.map_threshold = self.meta.get("map_threshold")
+        self.map_background = self.meta.get("map_background")
 
     def run(self, x: np.ndarray, *second: np.ndarray) -> dict[str, np.ndarray]:
         """Raw outputs for a normalised batch (B x 3 x H x W float32 in [-1, 1]), and for two-scale models the

@@ -109,7 +109,7 @@ class Prediction:
 
     def outline_levels(self, thresholds: Thresholds) -> OutlineLevels | None:
         """This image's outline levels; None: no outline (see :func:`anoseg.scoring.outline_levels`)."""
-        return outline_levels(thresholds, self.max_score)
+        return outline_levels(thresholds, self.max_score, self.score)
 
     def outline(self, thresholds: Thresholds) -> np.ndarray | None:
         """The pixels this image's outline holds (bool, the map's shape); None without a map threshold."""
@@ -121,12 +121,14 @@ class AnoSegModel:
     """A trained generator with its configuration and decision thresholds."""
 
     def __init__(self, config: Config, generator: Generator | None = None, map_threshold: float | None = None,
-                 meta: dict | None = None, device: str | None = None, map_score_threshold: float | None = None) -> None:
+                 meta: dict | None = None, device: str | None = None, map_score_threshold: float | None = None,
+                 map_background: float | None = None) -> None:
         self.config = config
         self.device = resolve_device(device or config.device)
         self.generator = (generator or Generator(config)).to(self.device).eval()
-        self.map_threshold = map_threshold  # map pixels above it are defect (outlined)
+        self.map_threshold = map_threshold  # an outline's floor in images judged normal
         self.map_score_threshold = map_score_threshold  # the map's image score above it: verdict "defect"
+        self.map_background = map_background  # the normal surface's map level: outline edges are measured from it
         self.meta = dict(meta or {})
         self.detector: Detector | None = None
 
@@ -159,7 +161,8 @@ class AnoSegModel:
         make_output_dir(folder)
         self.config.save(folder / CONFIG_FILE)
         save_json(folder / META_FILE, {**self.meta, "map_threshold": self.map_threshold,
-                                       "map_score_threshold": self.map_score_threshold})
+                                       "map_score_threshold": self.map_score_threshold,
+                                       "map_background": self.map_background})
 
     @classmethod
     def load(cls, folder: str | Path, device: str | None = None) -> AnoSegModel:
@@ -171,11 +174,11 @@ class AnoSegModel:
             hint = " (training has not finished; resume it with --resume)" if unfinished else ""
             raise ModelFileError(f"{folder / WEIGHTS_FILE}: no trained model here{hint}")
         config = read_config(folder / CONFIG_FILE)
-        meta, threshold, score_threshold = read_model_meta(folder)
+        meta, threshold, score_threshold, background = read_model_meta(folder)
         generator = Generator(config)
         tensors = finite_weights(load_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
         load_module(generator, tensors, "generator", folder / WEIGHTS_FILE)
-        model = cls(config, generator, threshold, meta, device, score_threshold)
+        model = cls(config, generator, threshold, meta, device, score_threshold, background)
         if (folder / DETECTOR_WEIGHTS).exists():
             model.detector = Detector.load(folder, config, model.device)
         return model
@@ -242,13 +245,13 @@ class AnoSegModel:
             yield pred
 
     def thresholds(self, map_threshold: float | None = None, image_threshold: float | None = None) -> Thresholds:
-        """The map and image thresholds, the model's own unless overridden.
+        """The model's thresholds and map background, the thresholds overridden where given.
 
-        The map threshold is the outlines' floor; the image threshold decides the verdict on
-        `Prediction.score` (the detector's score when the model has a detector, else the map's maximum).
-        """
+        The image threshold decides the verdict on `Prediction.score` (the detector's score when the model has a
+        detector, else the map's image score). A map threshold given here is the outlines' floor in every image:
+        the model's background is then not used."""
         t_map = self.map_threshold if map_threshold is None else \
             check_threshold(map_threshold, "--map-threshold", in_unit_range=True)
         t_img = self.image_threshold if image_threshold is None else \
             check_threshold(image_threshold, "--image-threshold", in_unit_range=self.detector is None)
-        return Thresholds(t_map, t_img)
+        return Thresholds(t_map, t_img, self.map_background if map_threshold is None else None)

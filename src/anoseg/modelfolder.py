@@ -128,12 +128,18 @@ def pop_threshold(meta: dict, path: Path, key: str) -> float | None:
     return float(value)
 
 
-def read_model_meta(folder: Path) -> tuple[dict, float | None, float | None]:
-    """model.json: (metadata, map threshold, threshold of the map's image score). Models saved before the two
-    thresholds had their own values use the map threshold for both."""
+def read_model_meta(folder: Path) -> tuple[dict, float | None, float | None, float | None]:
+    """model.json: (metadata, map threshold, threshold of the map's image score, map background). Models saved
+    before the two thresholds had their own values use the map threshold for both; models calibrated before the map
+    background existed have none (their outlines keep the map threshold as the floor in every image)."""
     path = Path(folder) / META_FILE
     meta = load_json(path) if path.exists() else {}
     map_threshold = pop_threshold(dict(meta), path, "map_threshold")
     score_threshold = pop_threshold(meta, path, "map_score_threshold")
     meta.pop("map_threshold", None)
-    return meta, map_threshold, map_threshold if score_threshold is None else score_threshold
+    background = meta.pop("map_background", None)
+    if background is not None and (isinstance(background, bool) or not isinstance(background, (int, float))
+                                   or not 0.0 <= background <= 1.0):
+        raise ModelFileError(f"{path}: map_background {background!r} must be a number in [0, 1]")
+    score_threshold = map_threshold if score_threshold is None else score_threshold
+    return meta, map_threshold, score_threshold, None if background is None else float(background)

@@ -159,7 +159,7 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
     """
     start = time.perf_counter()
     _check_options(map_format, workers)
-    t_map, t_img = model.thresholds(map_threshold, image_threshold)
+    thresholds = model.thresholds(map_threshold, image_threshold)
     out = _check_output_folder(Path(out), resume)
     check_inputs(inputs)
     done = _resume_tables(out) if resume else set()
@@ -179,7 +179,7 @@ def predict_stream(model: AnoSegModel, inputs: list[str | Path], out: str | Path
     bar = progress_bar(desc="predicting", unit="img", disable=not progress)
     try:
         for batch in _batches(loader, model.config.batch_size_infer):
-            _score_batch(model, batch, out, inputs, tables, summary, (t_map, t_img, map_format), keep_records)
+            _score_batch(model, batch, out, inputs, tables, summary, (thresholds, map_format), keep_records)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -210,7 +210,7 @@ def _check_options(map_format: str, workers: int) -> None:
 
 
 def _score_batch(model: AnoSegModel, batch: list, out: Path, inputs: list, tables: _Tables, summary: PredictSummary,
-                 how: tuple[float | None, float | None, str], keep_records: bool) -> None:
+                 how: tuple[Thresholds, str], keep_records: bool) -> None:
     """Score one batch of decoded items (path, name, image, error), write its files and table rows."""
     summary.seen += len(batch)
     good = [(p, n, im) for p, n, im, err in batch if err is None]
@@ -248,9 +248,8 @@ def _check_something_scored(summary: PredictSummary, inputs: list, out: Path, do
                         f"first: {summary.first_skipped}")
 
 
-def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Prediction, t_map: float | None,
-               t_img: float | None, map_format: str) -> dict[str, Any]:
-    thresholds = Thresholds(t_map, t_img)
+def _write_one(out: Path, name: str, path: Path, image: np.ndarray, pred: Prediction, thresholds: Thresholds,
+               map_format: str) -> dict[str, Any]:
     overlay_file = f"{name}_overlay.png"
     save_overlay(out / overlay_file, image, pred.anomaly_map, pred.outline(thresholds))
     map_file = f"{name}_map.{map_format}"

@@ -3,8 +3,9 @@
 The image score of a map is (1 - w) x its maximum + w x the mean of its highest TOPK_FRACTION pixels, with
 w = ``image_score_topk_weight``. The model carries two thresholds, both chosen from held-out normal images only
 (:mod:`anoseg.calibrate`): the **image threshold** decides the verdict on the image score (on the detector's score
-when the model has a detector), the **map threshold** is the lowest map value an outline may hold. An image's
-outline is drawn around its own peak (:func:`outline_levels`, :func:`outline_region`).
+when the model has a detector), the **map threshold** is the lowest map value an outline may hold in an image judged
+normal. With them comes the **map background**, where a normal surface's map lies. An image's outline is drawn
+around its own peak (:func:`outline_levels`, :func:`outline_region`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from .errors import DataError
 from .regions import regions_reaching
 
 TOPK_FRACTION = 0.01  # the top-k mean averages this share of a map's highest pixels
-# An outline's edge lies at this share of the image's map maximum, so its extent follows the defect's own peak, not
-# one height for strong and faint defects alike; and it holds only the regions whose own maximum reaches
-# OUTLINE_REACH of the image's, so weaker bumps elsewhere in a defect image stay unmarked (docs/design.md,
-# "The outline").
+# An outline's edge lies this share of the way from the normal surface's map level (the model's map background) up
+# to the image's map maximum, so its extent follows the defect's own peak, not one height for strong and faint
+# defects alike; and it holds only the regions whose own maximum reaches OUTLINE_REACH of the image's, so weaker
+# bumps elsewhere in a defect image stay unmarked (docs/design.md, "The outline").
 OUTLINE_EDGE = 0.35
 OUTLINE_REACH = 0.9
-OUTLINE_RULE = (f"the regions of the map above the map threshold and {OUTLINE_EDGE:g} x the map's maximum whose own "
-                f"maximum reaches {OUTLINE_REACH:g} x the image's")
+OUTLINE_RULE = (f"the regions of the map above the edge, {OUTLINE_EDGE:g} of the way from the map background to the "
+                f"map's maximum (in images judged normal, or without a map background, not below the map threshold), "
+                f"whose own maximum reaches {OUTLINE_REACH:g} x the image's")
 
 
 @dataclass(frozen=True)
@@ -72,19 +74,23 @@ def _topk_mean_exportable(flat: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The two thresholds of a model. `map` is the lowest value an outline holds; `image` decides the verdict."""
+    """A model's thresholds. `image` decides the verdict; `map` is the lowest value an outline holds in an image
+    judged normal; `background`, the normal surface's map level, is where an outline's edge is measured from (None:
+    from 0, with `map` the floor in every image)."""
 
     map: float | None
     image: float | None
+    background: float | None = None
 
     def __iter__(self):  # t_map, t_img = model.thresholds()
         return iter((self.map, self.image))
 
 
 def quantile_thresholds(cfg: Config, image_scores: list[float], map_pixels: np.ndarray) -> Thresholds:
-    """Thresholds from normal images: quantiles of their image scores and of their map pixels."""
+    """Thresholds from normal images: quantiles of their image scores and of their map pixels, and the median of
+    their map pixels as the map background."""
     return Thresholds(float(np.quantile(map_pixels, cfg.map_threshold_quantile)),
-                      float(np.quantile(image_scores, cfg.threshold_quantile)))
+                      float(np.quantile(image_scores, cfg.threshold_quantile)), float(np.median(map_pixels)))
 
 
 def check_threshold(threshold: float, option: str, in_unit_range: bool) -> float:
@@ -111,14 +117,19 @@ class OutlineLevels:
     reach: float
 
 
-def outline_levels(thresholds: Thresholds, peak: float) -> OutlineLevels | None:
-    """The outline of an image whose map maximum is `peak`; None (nothing outlined) without a map threshold.
+def outline_levels(thresholds: Thresholds, peak: float, score: float) -> OutlineLevels | None:
+    """The outline of an image whose map maximum is `peak` and whose image score is `score`; None (nothing
+    outlined) without a map threshold.
 
-    The edge is the map threshold or OUTLINE_EDGE x `peak`, whichever is higher; a region is kept where it reaches
-    OUTLINE_REACH x `peak`."""
+    The edge lies OUTLINE_EDGE of the way from the map background up to `peak`; in an image judged normal, or
+    without a background, it is not below the map threshold. A region is kept where it reaches OUTLINE_REACH x
+    `peak`."""
     if thresholds.map is None:
         return None
-    edge = max(thresholds.map, OUTLINE_EDGE * float(peak))
+    base = thresholds.background or 0.0
+    edge = base + OUTLINE_EDGE * (float(peak) - base)
+    if thresholds.background is None or verdict(score, thresholds.image) != "defect":
+        edge = max(edge, thresholds.map)
     return OutlineLevels(edge, max(edge, OUTLINE_REACH * float(peak)))
 
 

@@ -28,7 +28,6 @@ from PIL import Image
 from .errors import AnosegError, DataError, ImageError, OutputError
 from .fileio import READABLE_FORMATS, load_image_bytes, make_output_dir, safe_name, write_bytes_atomic
 from .inference import AnoSegModel
-from .scoring import Thresholds
 from .visualize import map_to_uint8, overlay
 
 STATUS = {"empty": 400, "damaged": 400, "no_pixels": 400, "not_image": 415, "too_large": 413}
@@ -96,7 +95,8 @@ class Inspector:
         self.lock = threading.Lock()  # one forward pass at a time: torch modules are not re-entrant
         # decoding a small file can take gigabytes (a solid 6000 x 6000 PNG is 120 KB): only a few at a time
         self.slots = threading.BoundedSemaphore(settings.max_concurrent)
-        self.map_threshold, self.image_threshold = model.thresholds()
+        self.thresholds = model.thresholds()
+        self.map_threshold, self.image_threshold = self.thresholds
         # the map's image score: its maximum, or that blended with its top-k mean (image_score_topk_weight)
         if settings.save_uploads:
             check_writable(Path(settings.save_uploads))
@@ -122,7 +122,7 @@ class Inspector:
             pred = self.model.maps_for_batch([image])[0]
         saved = self.save_upload(data, name) if self.settings.save_uploads else {}
         h, w = image.shape[:2]
-        thresholds = Thresholds(self.map_threshold, self.image_threshold)
+        thresholds = self.thresholds
         region = pred.outline(thresholds)
         result: dict[str, Any] = {
             **pred.to_record(thresholds),
@@ -258,7 +258,8 @@ def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None =
         """Liveness and what is loaded."""
         m = inspector.model
         return {"status": "ok", "image_size": m.config.image_size, "image_threshold": inspector.image_threshold,
-                "map_threshold": inspector.map_threshold, "detector": m.detector is not None,
+                "map_threshold": inspector.map_threshold, "map_background": inspector.thresholds.background,
+                "detector": m.detector is not None,
                 "device": str(m.device), "limits": asdict(settings) | {"max_bytes": settings.max_bytes}}
 
     @app.post("/predict", responses={400: {"description": "empty, damaged or truncated image"},
