@@ -49,7 +49,8 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
 def _threshold_options(p: argparse.ArgumentParser) -> None:
     # --threshold and --detector-threshold: the names before the two thresholds had their own, still accepted
     p.add_argument("--map-threshold", "--threshold", dest="map_threshold", type=float,
-                   help="override the map threshold (the lowest map value an outline holds)")
+                   help="override the map threshold (the lowest map value an outline holds; given here, in every "
+                        "image)")
     p.add_argument("--image-threshold", "--detector-threshold", dest="image_threshold", type=float,
                    help="override the image threshold (the verdict on the image score: the detector's, "
                         "else the map's image score)")
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ca = sub.add_parser("calibrate", help="choose a trained model's thresholds again (no training)",
-                        description="Choose the image threshold (verdict) and the map threshold (outlines' floor) "
+                        description="Choose the image threshold (verdict), the map threshold (outlines' floor) and "
+                        "the map background (where outline edges are measured from) "
                         "again from the held-out normal images the model lists, e.g. with other "
                         f"quantiles, with other map settings ({', '.join(MAP_SETTINGS)}: they change the maps, not "
                         "the weights), or for a model saved before the map had its own threshold. The detector stays.")

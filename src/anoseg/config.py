@@ -143,7 +143,7 @@ class Config:
     image_score_topk_weight: float = 0.5  # w: the image score is (1 - w) x the map's maximum + w x its top-1% mean
     holdout_fraction: float = 0.1  # share of normal training images kept out to choose the thresholds
     threshold_quantile: float = 0.99  # quantile of held-out normal image scores: the image threshold (verdict)
-    map_threshold_quantile: float = 0.999  # quantile of held-out normal map pixels: the lowest value an outline holds
+    map_threshold_quantile: float = 0.999  # quantile of held-out normal map pixels: outlines' floor where judged normal
     # --- anomaly detector (paper section 3.4; trained with train --detector) -----------
     detector_steps: int = 400  # detector training iterations
     detector_batch_size: int = 16  # images per detector training batch
