@@ -110,12 +110,13 @@ def check_reused(saved, wanted, folder: Path) -> None:
 
 def rescored(model, cfg, folder: Path):
     """A reused `model` with `cfg`'s map and score settings (the profile's as it stands, or --set), its thresholds
-    chosen again for them as `anoseg calibrate` does; unchanged where they already match (also bench/ablation.py)."""
+    chosen again for them as `anoseg calibrate` does; unchanged where they already match and the model has its map
+    background (also bench/ablation.py)."""
     import anoseg
     from anoseg.config import MAP_SETTINGS
 
     changed = {k: getattr(cfg, k) for k in MAP_SETTINGS if getattr(model.config, k) != getattr(cfg, k)}
-    return anoseg.calibrate(folder, overrides=changed) if changed else model
+    return anoseg.calibrate(folder, overrides=changed) if changed or model.map_background is None else model
 
 
 def run_one(dataset: str, category: str, profile: str, work: Path, sets: list[str], reuse: bool,
