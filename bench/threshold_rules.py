@@ -1,15 +1,15 @@
 """Label-free outline rules, compared by the outline F1 they give on the test set (issue 59).
 
-    python bench/threshold_rules.py --work RUNS [--seeds 0,1]
+    python bench/threshold_rules.py --work RUNS [--seeds 0,1] [--out bench/threshold_rules]
 
 For each benchmark model found in RUNS: its held-out normal training images (model.json `holdout_files`, the images
 `calibrate` uses) give each rule's threshold, without any test label. A rule outlines the pixels above a threshold
 (global rules), or above the 0.999 quantile and a fraction of the image's own map maximum (or of the way to it from
 the median normal pixel), some only in the regions that reach a larger fraction of it, some with another floor or
 none in images judged defect, some in images judged defect only (the default: anoseg.scoring.outline_levels). The
-test set is scored once and each rule's outline counted image by image. Writes bench/threshold_rules.json and .md:
-each category's F1 per rule, the best F1 of one threshold over all test pixels (labels used: the upper bound of a
-global threshold) and the mean over categories.
+test set is scored once and each rule's outline counted image by image. Writes --out's .json and .md (by default
+bench/threshold_rules): each category's F1 per rule, the best F1 of one threshold over all test pixels (labels used:
+the upper bound of a global threshold) and the mean over categories.
 """
 
 from __future__ import annotations
@@ -167,6 +167,7 @@ def main() -> int:
     p.add_argument("--work", default=str(HERE / "runs"))
     p.add_argument("--seeds", default="0", type=seed_list)
     p.add_argument("--profile", default="fast")
+    p.add_argument("--out", default=str(HERE / "threshold_rules"), help="results file stem (.json and .md)")
     args = p.parse_args()
     results: dict[str, dict] = {}
     for dataset, category in CATEGORIES:
@@ -182,18 +183,18 @@ def main() -> int:
     if not results:
         print("no benchmark models found", file=sys.stderr)
         return 1
-    write(results, recorded_command("threshold_rules.py", sys.argv[1:]))
+    write(results, recorded_command("threshold_rules.py", sys.argv[1:]), Path(args.out))
     return 0
 
 
-def write(results: dict, command: str) -> None:
+def write(results: dict, command: str, stem: Path) -> None:
     names = list(next(iter(next(iter(results.values())).values()))["seg_f1"])
     per_cat = {c: {k: float(np.mean([r["seg_f1"][k] for r in runs.values()])) for k in names}
                for c, runs in results.items()}
     best = {c: float(np.mean([r["pixel_f1_max"] for r in runs.values()])) for c, runs in results.items()}
     mean = {k: float(np.mean([per_cat[c][k] for c in per_cat])) for k in names}
     record = {"command": command, "date": time.strftime("%Y-%m-%d"), "results": results, "mean_seg_f1": mean}
-    (HERE / "threshold_rules.json").write_text(json.dumps(record, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     cats = list(per_cat)
     lines = ["# Map threshold rules, chosen without test labels: outline F1 on the test set", "",
              f"`{command}`, {record['date']}. Each cell: pixel F1 of the rule's outlines over the category's test "
@@ -204,7 +205,7 @@ def write(results: dict, command: str) -> None:
         lines.append(f"| {k} | " + " | ".join(f"{per_cat[c][k]:.3f}" for c in cats) + f" | {mean[k]:.3f} |")
     lines.append("| best over thresholds (labels) | " + " | ".join(f"{best[c]:.3f}" for c in cats)
                  + f" | {np.mean(list(best.values())):.3f} |")
-    (HERE / "threshold_rules.md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
