@@ -223,7 +223,8 @@ def _cmd_train_all(args: argparse.Namespace, progress: bool) -> None:
 
 def _cmd_calibrate(args: argparse.Namespace, progress: bool) -> None:  # noqa: ARG001 (no progress bar)
     model = api.calibrate(args.model, overrides=parse_sets(args.set))
-    print(f"{args.model}: map threshold {model.map_threshold:.4f}, image threshold {model.image_threshold:.4f}")
+    print(f"{args.model}: map threshold {model.map_threshold:.4f}, map background {model.map_background:.4f}, "
+          f"image threshold {model.image_threshold:.4f}")
 
 
 def _cmd_train_detector(args: argparse.Namespace, progress: bool) -> None:
