@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the map background (where outline edges are measured from) "
                         "again from the held-out normal images the model lists, e.g. with other "
                         f"quantiles, with other map settings ({', '.join(MAP_SETTINGS)}: they change the maps, not "
-                        "the weights), or for a model saved before the map had its own threshold. The detector stays.")
+                        "the weights), or for a model saved before the map had its own threshold or its map "
+                        "background. The detector stays.")
     ca.add_argument("model", help="trained model folder")
     ca.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="threshold_quantile, map_threshold_quantile or a map setting, "
