@@ -139,7 +139,7 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
         _write_atomic(out / ONNX_FILE, write)
     finally:
         graph.to(model.device)
-    t_map, t_img = model.thresholds()
+    thresholds = model.thresholds()
     meta = {
         "format": EXPORT_FORMAT,
         "onnx": ONNX_FILE,
@@ -162,11 +162,11 @@ def export_onnx(model: AnoSegModel, out: str | Path, batch: int | None = None, o
                              "resize": SECOND_RESIZE_DOC}, "second_short_side": cfg.second_short_side}
            if cfg.second_short_side else {}),
         "batch": batch,
-        "map_threshold": t_map,
-        "map_background": model.map_background,
+        "map_threshold": thresholds.map,
+        "map_background": thresholds.background,
         "outline": {"rule": OUTLINE_RULE, "edge_fraction": OUTLINE_EDGE, "reach_fraction": OUTLINE_REACH},
         "score_output": "detector_score" if model.detector is not None else "map_score",
-        "image_threshold": t_img,
+        "image_threshold": thresholds.image,
         "topk_fraction": TOPK_FRACTION,
         "image_score_topk_weight": cfg.image_score_topk_weight,
         "precision": "fp32",  # a bf16 model's graph computes in fp32: its maps differ by bf16's rounding

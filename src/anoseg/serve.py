@@ -96,7 +96,6 @@ class Inspector:
         # decoding a small file can take gigabytes (a solid 6000 x 6000 PNG is 120 KB): only a few at a time
         self.slots = threading.BoundedSemaphore(settings.max_concurrent)
         self.thresholds = model.thresholds()
-        self.map_threshold, self.image_threshold = self.thresholds
         # the map's image score: its maximum, or that blended with its top-k mean (image_score_topk_weight)
         if settings.save_uploads:
             check_writable(Path(settings.save_uploads))
@@ -122,10 +121,9 @@ class Inspector:
             pred = self.model.maps_for_batch([image])[0]
         saved = self.save_upload(data, name) if self.settings.save_uploads else {}
         h, w = image.shape[:2]
-        thresholds = self.thresholds
-        region = pred.outline(thresholds)
+        region = pred.outline(self.thresholds)
         result: dict[str, Any] = {
-            **pred.to_record(thresholds),
+            **pred.to_record(self.thresholds),
             "score_kind": "detector" if pred.detector_score is not None else self.model.scorer.kind, "map_size": [w, h],
             "defect_fraction": None if region is None else round(float(region.mean()), 6), **saved,
         }
@@ -256,10 +254,9 @@ def create_app(model: AnoSegModel | str | Path, settings: ServeSettings | None =
     @app.get("/health")
     def health() -> dict[str, Any]:
         """Liveness and what is loaded."""
-        m = inspector.model
-        return {"status": "ok", "image_size": m.config.image_size, "image_threshold": inspector.image_threshold,
-                "map_threshold": inspector.map_threshold, "map_background": inspector.thresholds.background,
-                "detector": m.detector is not None,
+        m, t = inspector.model, inspector.thresholds
+        return {"status": "ok", "image_size": m.config.image_size, "image_threshold": t.image,
+                "map_threshold": t.map, "map_background": t.background, "detector": m.detector is not None,
                 "device": str(m.device), "limits": asdict(settings) | {"max_bytes": settings.max_bytes}}
 
     @app.post("/predict", responses={400: {"description": "empty, damaged or truncated image"},
