@@ -150,7 +150,7 @@ class Config:
     detector_lr: float = 2e-4  # Adam learning rate of both detector networks
     # --- runtime (may change on resume; never change the recipe) -----------------------
     device: str = "auto"  # "auto" picks CUDA when available, else CPU
-    precision: str = "auto"  # bf16: networks in bfloat16 autocast (losses, EMA, Adam in fp32); auto: bf16 where native
+    precision: str = "auto"  # bf16: networks in bfloat16 autocast (losses, EMA, Adam in fp32); auto: bf16 where faster
     compile: bool = False  # torch.compile the networks (falls back to eager, with a warning, where it fails)
     num_threads: int = 0  # CPU threads for torch (0 = torch's default)
     batch_size_infer: int = 16  # images per forward pass in predict and evaluate
