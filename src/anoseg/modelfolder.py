@@ -120,11 +120,15 @@ def pop_threshold(meta: dict, path: Path, key: str) -> float | None:
     Files written before thresholds had two names store it as plain ``threshold``; that is read too.
     """
     legacy = meta.pop("threshold", None)
-    value = meta.pop(key, legacy)
+    return _stored_number(meta.pop(key, legacy), path, key, "a finite number", math.isfinite)
+
+
+def _stored_number(value: Any, path: Path, key: str, what: str, test: Any) -> float | None:
+    """A number read from `path` (None stays None); a bool, text or a number failing `test` is refused by name."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ModelFileError(f"{path}: {key} {value!r} must be a finite number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not test(value):
+        raise ModelFileError(f"{path}: {key} {value!r} must be {what}")
     return float(value)
 
 
@@ -137,9 +141,7 @@ def read_model_meta(folder: Path) -> tuple[dict, float | None, float | None, flo
     map_threshold = pop_threshold(dict(meta), path, "map_threshold")
     score_threshold = pop_threshold(meta, path, "map_score_threshold")
     meta.pop("map_threshold", None)
-    background = meta.pop("map_background", None)
-    if background is not None and (isinstance(background, bool) or not isinstance(background, (int, float))
-                                   or not 0.0 <= background <= 1.0):
-        raise ModelFileError(f"{path}: map_background {background!r} must be a number in [0, 1]")
+    background = _stored_number(meta.pop("map_background", None), path, "map_background", "a number in [0, 1]",
+                                lambda v: 0.0 <= v <= 1.0)
     score_threshold = map_threshold if score_threshold is None else score_threshold
-    return meta, map_threshold, score_threshold, None if background is None else float(background)
+    return meta, map_threshold, score_threshold, background
