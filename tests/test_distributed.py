@@ -58,6 +58,23 @@ def test_two_processes_train_in_bf16(demo_root, tmp_path):
     assert (tmp_path / "bf16" / "model.safetensors").is_file()
 
 
+def test_ranks_train_in_one_precision_when_their_hardware_disagrees(demo_root, tmp_path):
+    # auto resolves on each rank's own hardware; here rank 1 finds bf16 faster and rank 0 does not
+    script = tmp_path / "train_script.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import anoseg.trainer
+        rank = os.environ["RANK"]
+        anoseg.trainer.resolve_precision = lambda precision, device: "bf16" if rank == "1" else "fp32"
+        from anoseg import profile_config, train
+        model = train(profile_config("tiny", steps=2, batch_size=8, precision="auto"), sys.argv[1], sys.argv[2],
+                      progress=False)
+        open(f"{sys.argv[2]}/rank{rank}.precision", "w").write(model.meta["precision"])
+    """))
+    run_training(script, demo_root, tmp_path / "auto", 2, 2)
+    assert [(tmp_path / "auto" / f"rank{r}.precision").read_text() for r in (0, 1)] == ["fp32", "fp32"]
+
+
 def test_global_batch_must_split_evenly(demo_root, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "anoseg",
            "train", str(demo_root), "--out", str(tmp_path / "run"), "--profile", "tiny", "--steps", "2",

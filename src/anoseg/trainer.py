@@ -31,13 +31,13 @@ from .checkpoint import (
 )
 from .config import Config
 from .data import Crops
-from .distributed import DistContext, all_reduce_sum, convert_batchnorm, shard, wrap
+from .distributed import DistContext, all_reduce_sum, broadcast_flag, convert_batchnorm, shard, wrap
 from .errors import AnosegError, ModelFileError
 from .fileio import temp_files, write_text_atomic
 from .losses import AnoSegLoss, fooled_loss, real_fake_loss
 from .modelfolder import CKPT_STATE, CKPT_STEM, CKPT_WEIGHTS, CONFIG_FILE, LOG_FILE, has_checkpoint
 from .models import Discriminator, Generator
-from .runtime import autocast, maybe_compile
+from .runtime import autocast, maybe_compile, resolve_precision
 
 BETAS = (0.5, 0.999)  # Adam's betas, as usual for GANs
 EMA_WARMUP = 10  # the average's decay at step t is min(ema_decay, (1 + t) / (EMA_WARMUP + t))
@@ -79,7 +79,14 @@ class Trainer:
         # under several processes the image decoder always runs: DistributedDataParallel expects every
         # parameter to get a gradient (zero here) on every step
         self.reconstruct = self.loss.needs_reconstruction or self.dist.enabled
+        self.precision = self._agreed_precision()
         self._build()
+
+    def _agreed_precision(self) -> str:
+        """The precision the networks train in. Under several processes each rank resolves `auto` on its own
+        hardware; bf16 is kept only where every rank chose it, so that all ranks round alike."""
+        mine = resolve_precision(self.cfg.precision, self.device)
+        return "fp32" if broadcast_flag(mine == "fp32", self.dist, self.device) else mine
 
     def _build(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -108,7 +115,7 @@ class Trainer:
         self._apply_lr()  # a function of the step: set every step, right after a resume or rollback too
         x, mask = self.augment(crops.images.float() / 255.0, rng, crops.coarse)  # the global batch
         x, mask, coords = self._my_share(x, mask, crops.coords)
-        with autocast(self.cfg.precision, self.device):  # the losses are computed in fp32
+        with autocast(self.precision, self.device):  # the losses are computed in fp32
             recon, amap = self.g_step(x, coords, reconstruct=self.reconstruct)
         amap, recon = amap.float(), None if recon is None else recon.float()
         d_loss, adv = self._adversarial(x, mask, recon, amap)
@@ -147,7 +154,7 @@ class Trainer:
         """
         if self.discriminator is None:
             return {"d": 0.0}, torch.zeros((), device=x.device)
-        with autocast(self.cfg.precision, self.device):
+        with autocast(self.precision, self.device):
             real, _ = self.d_step(x, mask)
             fake, _ = self.d_step(recon.detach(), amap.detach())
         loss_d = real_fake_loss(real.float(), fake.float())
@@ -157,7 +164,7 @@ class Trainer:
         self.opt_d.step()
 
         self.discriminator.requires_grad_(False)  # the generator's step needs no discriminator gradients
-        with autocast(self.cfg.precision, self.device):
+        with autocast(self.precision, self.device):
             fake, _ = self.discriminator(recon, amap)
         self.discriminator.requires_grad_(True)
         return d_value, fooled_loss(fake.float())

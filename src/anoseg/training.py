@@ -38,7 +38,7 @@ from .modelfolder import (
     read_config,
 )
 from .progress import bar as progress_bar
-from .runtime import resolve_device, resolve_precision
+from .runtime import resolve_device
 from .trainer import Trainer, TrainingUnstable
 
 
@@ -174,7 +174,7 @@ def _finish(run: TrainingRun, stopped_early: bool) -> AnoSegModel:
         "steps_done": trainer.step_done, "stopped_early": stopped_early, "train_seconds": round(run.seconds(), 2),
         "n_train": len(run.train_idx), "data": str(run.data), "rollbacks": trainer.rollbacks,
         "lr_scale": trainer.lr_scale, "world_size": run.ctx.world,
-        "precision": resolve_precision(run.cfg.precision, trainer.device), "train_images": run.images.description})
+        "precision": trainer.precision, "train_images": run.images.description})
     model.generator.eval()
     if run.ctx.is_main:
         calibrate(model, [run.files[i] for i in run.hold_idx] or [run.files[i] for i in run.train_idx])
