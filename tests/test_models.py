@@ -134,7 +134,7 @@ def test_focal_loss_weighs_pixels_by_their_error():
     assert FOCAL_GAMMA == 2.0
 
 
-@pytest.mark.parametrize("kind", ["bce", "focal", "balanced"])
+@pytest.mark.parametrize("kind", ["bce", "focal"])
 def test_defect_weight_multiplies_only_defect_pixels(kind):
     from anoseg.losses import segmentation_loss
 
@@ -145,42 +145,6 @@ def test_defect_weight_multiplies_only_defect_pixels(kind):
     weighted = 4 * segmentation_loss(pred, target, kind, defect_weight=5.0)
     only_normal = 2 * segmentation_loss(pred[normal][None], target[normal][None], kind)
     assert torch.allclose(weighted - only_normal, 5 * (plain - only_normal))  # the defect pixels' share, times 5
-
-
-def test_balanced_loss_weighs_every_defect_the_same():
-    from anoseg.losses import MIN_DEFECT_AREA, segmentation_loss
-
-    target = torch.zeros(3, 1, 16, 16)
-    target[0, 0, :8, :8] = 1.0  # 64 pixels
-    target[1, 0, :4, :8] = 1.0  # 32 pixels; image 2 is normal
-    pred = torch.rand(target.shape, generator=torch.Generator().manual_seed(0))
-    bce = torch.nn.functional.binary_cross_entropy(pred, target, reduction="none")
-    # mean area 48: image 0's defect pixels weigh 2 x 48/64, image 1's 2 x 48/32, so each defect weighs 2 x 48
-    weight = torch.ones_like(target)
-    weight[0][target[0] > 0] = 2 * 48 / 64
-    weight[1][target[1] > 0] = 2 * 48 / 32
-    assert weight[target > 0].sum() == 2 * 96  # the batch's defect weight is plain bce's with defect weight 2
-    assert torch.allclose(segmentation_loss(pred, target, "balanced", 2.0), (weight * bce).mean())
-    # a batch without defects, or with defects all of one size, is plain bce
-    normal = segmentation_loss(pred[2:], target[2:], "balanced")
-    assert torch.equal(normal, segmentation_loss(pred[2:], target[2:], "bce"))
-    same = torch.zeros_like(target)
-    same[:, 0, :2, :int(MIN_DEFECT_AREA) // 2] = 1.0
-    assert torch.allclose(segmentation_loss(pred, same, "balanced", 3.0), segmentation_loss(pred, same, "bce", 3.0))
-
-
-def test_balanced_loss_weighs_a_few_stray_pixels_as_a_small_defect():
-    from anoseg.losses import MIN_DEFECT_AREA, segmentation_loss
-
-    target = torch.zeros(2, 1, 16, 16)
-    target[0, 0, :8, :8] = 1.0  # 64 pixels
-    target[1, 0, 0, 0] = 1.0  # one stray pixel
-    pred = torch.full_like(target, 0.5)
-    unit = segmentation_loss(pred, torch.zeros_like(target), "bce")
-    total = segmentation_loss(pred, target, "balanced") * target.numel()
-    mean = 65 / 2
-    expected = target.numel() - 65 + 64 * mean / 64 + mean / MIN_DEFECT_AREA  # not the whole mean on one pixel
-    assert torch.allclose(total, unit * expected)
 
 
 def test_the_loss_adds_its_terms_with_their_weights():

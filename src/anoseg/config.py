@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 CONFIG_VERSION = 1
 
-SEG_LOSSES = ("focal", "bce", "balanced")
+SEG_LOSSES = ("focal", "bce")
 ANOMALY_FAMILIES = ("paste", "noise", "crack", "streak")
 RESIZE_MODES = ("square", "aspect")
 LR_SCHEDULES = ("constant", "cosine")
@@ -127,7 +127,7 @@ class Config:
     batch_size: int = 8  # images per batch
     lr: float = 3e-4  # peak learning rate (Adam), of generator and discriminator
     lr_schedule: str = "cosine"  # constant, or cosine: the rate falls along half a cosine to 0 at `steps`
-    seg_loss: str = "bce"  # map loss: bce (binary cross-entropy), focal (gamma 2), balanced (bce, each defect alike)
+    seg_loss: str = "bce"  # map loss: bce (binary cross-entropy) or focal (gamma 2)
     seg_defect_weight: float = 2.0  # a defect pixel counts this many times as much as a normal one in the map loss
     lambda_rec: float = 0.0  # weight of the masked reconstruction loss (0: the image decoder is not trained)
     lambda_adv: float = 0.0  # weight of the adversarial loss (the paper's third technique; 0: no discriminator step)

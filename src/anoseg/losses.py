@@ -12,35 +12,20 @@ from .distributed import DistContext, all_reduce_sum
 
 SEG_WEIGHT = 10.0  # weight of the segmentation loss; the other two weights are settings (lambda_rec, lambda_adv)
 FOCAL_GAMMA = 2.0  # the focal loss weighs each pixel by (1 - p_t) ** FOCAL_GAMMA
-MIN_DEFECT_AREA = 16.0  # balanced loss: a defect of fewer pixels is weighed as if it had this many, so that a
-# few stray marked pixels do not take the weight of a whole defect
 
 
 def segmentation_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, defect_weight: float = 1.0) -> torch.Tensor:
-    """Pixel-wise loss between the predicted map and the reference mask (same shape, in [0, 1]; batch first).
+    """Pixel-wise loss between the predicted map and the reference mask (same shape, in [0, 1]).
 
-    kind: bce; focal (rare defect pixels are not drowned out by the many easy normal ones); or balanced, bce in
-    which each image's defect pixels together weigh as much as the batch's average defect, whatever its size;
-    defect_weight: how many times a defect pixel counts as much as a normal one (on average, for balanced).
+    kind: bce, or focal (rare defect pixels are not drowned out by the many easy normal ones);
+    defect_weight: how many times a defect pixel counts as much as a normal one.
     """
-    scale = defect_scale(target) if kind == "balanced" else 1.0
-    weight = 1.0 + (defect_weight * scale - 1.0) * target
+    weight = 1.0 + (defect_weight - 1.0) * target
     bce = F.binary_cross_entropy(pred.clamp(1e-6, 1 - 1e-6), target, reduction="none")
-    if kind != "focal":
+    if kind == "bce":
         return (weight * bce).mean()
     p_t = pred * target + (1 - pred) * (1 - target)
     return (weight * (1 - p_t) ** FOCAL_GAMMA * bce).mean()
-
-
-def defect_scale(target: torch.Tensor) -> torch.Tensor:
-    """Per image, the batch's mean defect area over the image's own (1 where nothing is marked), shaped to
-    broadcast over `target`: a small synthetic defect then teaches the map as much as a large one, and the
-    batch's total defect weight is unchanged."""
-    area = target.flatten(1).sum(1)
-    marked = area > 0
-    mean_area = area[marked].mean() if bool(marked.any()) else area.new_ones(())
-    scale = torch.where(marked, mean_area / area.clamp_min(MIN_DEFECT_AREA), torch.ones_like(area))
-    return scale.view(-1, *([1] * (target.dim() - 1)))
 
 
 def masked_reconstruction_loss(recon: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
