@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ def pop_threshold(meta: dict, path: Path, key: str) -> float | None:
     return _stored_number(meta.pop(key, legacy), path, key, "a finite number", math.isfinite)
 
 
-def _stored_number(value: Any, path: Path, key: str, what: str, test: Any) -> float | None:
+def _stored_number(value: Any, path: Path, key: str, what: str, test: Callable[[float], bool]) -> float | None:
     """A number read from `path` (None stays None); a bool, text or a number failing `test` is refused by name."""
     if value is None:
         return None
