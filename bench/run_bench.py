@@ -295,12 +295,14 @@ def detail_lines(records: list[dict]) -> list[str]:
             lines.append(f"| {r['category']} | {t} | {d['n_images']} | {_f(d['pixel_auroc'])} | {_f(d['aupro'])} | "
                          f"{_f(d['pixel_ap'])} | {_f(d['image_auroc'])} | {_f(d.get('pixel_f1_max'))} | "
                          f"{_f(d.get('seg_f1'))} | {_f(d.get('aupimo'))} |")
-    lines += ["", "## Inference on a full-size test image (PyTorch, one image at a time)", "",
-              "| category | image size | img/s |", "|---|---|---|"]
-    for r in records:
-        if r.get("images_per_second_full_size"):
-            size = "x".join(map(str, r["full_size"]))
-            lines.append(f"| {r['category']} | {size} | {r['images_per_second_full_size']} |")
+    lines += ["", "## Inference on a full-size test image (PyTorch, one image at a time)", ""]
+    timed = [r for r in records if r.get("images_per_second_full_size")]
+    if not timed:
+        return [*lines, "Not measured in these records (`python bench/run_bench.py --speed` measures it)."]
+    lines += ["| category | image size | img/s |", "|---|---|---|"]
+    for r in timed:
+        size = "x".join(map(str, r["full_size"]))
+        lines.append(f"| {r['category']} | {size} | {r['images_per_second_full_size']} |")
     return lines
 
 

@@ -189,6 +189,14 @@ def test_targets_table_says_by_how_much_a_target_is_missed_and_when_all_are_met(
     assert lines[-1].startswith("What was tried for the missed ones")
 
 
+def test_full_size_speed_table_says_when_no_record_measured_it(run_bench):
+    row = {"category": "tire", "per_defect_type": {}}
+    lines = run_bench.detail_lines([row])
+    assert lines[-1].startswith("Not measured in these records") and "| category | image size |" not in lines
+    lines = run_bench.detail_lines([row, {**row, "images_per_second_full_size": 4.5, "full_size": [384, 512]}])
+    assert lines[-1] == "| tire | 384x512 | 4.5 |"
+
+
 def test_headline_gives_the_mean_over_categories_and_the_outline_ratio(run_bench):
     base = {"dataset": "d", "profile": "fast", "seeds": [0], "pixel_ap": 0.5, "image_auroc": 0.9, "aupro": 0.8,
             "pixel_f1_max": 0.5, "aupimo": 0.3, "iou": 0.2, "best_iou": 0.3, "image_f1_max": 0.8, "train_seconds": 1.0}
