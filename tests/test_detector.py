@@ -157,6 +157,19 @@ def test_detector_batch_size_sets_the_detector_batch_alone(tiny_model_dir, tmp_p
     assert (fast.batch_size, fast.detector_batch_size) == (8, 16)
 
 
+def test_a_detector_for_a_model_an_older_anoseg_trained_keeps_how_that_model_was_trained(tiny_model_copy):
+    import json
+
+    from anoseg import train_detector
+
+    retired = {"seg_loss": "l1", "anomaly_families": ["paste", "shading"], "edge_feather": 2}
+    saved = {**json.loads((tiny_model_copy / "config.json").read_text()), **retired}
+    (tiny_model_copy / "config.json").write_text(json.dumps(saved))
+    train_detector(tiny_model_copy, overrides={"detector_steps": 2}, progress=False)
+    assert json.loads((tiny_model_copy / "config.json").read_text()) == {**saved, "detector_steps": 2}
+    assert (tiny_model_copy / DETECTOR_WEIGHTS).is_file()
+
+
 def test_resume_without_a_detector_checkpoint_says_so(tiny_model_dir, tmp_path):
     from anoseg import AnosegError, train_detector
 

@@ -104,6 +104,47 @@ def test_a_config_with_a_retired_setting_loads_when_today_reproduces_it_else_is_
         read_config(tmp_path / "maps.json")
 
 
+def test_a_retired_training_choice_loads_for_inference_and_is_refused_for_training(tmp_path):
+    from anoseg.modelfolder import read_config
+
+    old = {**profile_config("fast").to_dict(), "seg_loss": "balanced", "anomaly_families": ["paste", "shading"]}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = read_config(tmp_path / "config.json")  # the loss and the families play no part in a trained model's maps
+    assert cfg == profile_config("fast", anomaly_families=("paste",))
+    with pytest.raises(ConfigError, match="seg_loss='balanced': 'balanced' can no longer be trained"):
+        read_config(tmp_path / "config.json", for_training=True)
+    (tmp_path / "config.json").write_text(json.dumps({**old, "seg_loss": "bce"}))
+    with pytest.raises(ConfigError, match="'shading' can no longer be trained.*paste, noise, crack, streak"):
+        read_config(tmp_path / "config.json", for_training=True)
+
+
+def test_a_model_an_older_anoseg_trained_predicts_and_calibrate_keeps_how_it_was_trained(tiny_model_copy):
+    from anoseg.modelfolder import read_config
+
+    folder = tiny_model_copy
+    retired = {"seg_loss": "asymmetric", "anomaly_families": ["paste", "band"], "crack_points_max": 80}
+    saved = {**json.loads((folder / "config.json").read_text()), **retired}
+    (folder / "config.json").write_text(json.dumps(saved))
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert load(folder).predict_images([image])[0].anomaly_map.shape == (64, 64)
+    calibrate(folder, overrides={"peak_boost": 4.0})
+    rewritten = json.loads((folder / "config.json").read_text())
+    assert rewritten == {**saved, "peak_boost": 4.0}  # only what calibrate changes
+    with pytest.raises(ConfigError, match="crack_points_max=80"):
+        read_config(folder / "config.json", for_training=True)  # still refused where it would train again
+
+
+def test_train_from_a_saved_config_refuses_what_this_version_cannot_train(demo_root, tmp_path, capsys):
+    from anoseg.cli import main
+
+    old = {**profile_config("tiny").to_dict(), "crack_points_max": 80}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    out = tmp_path / "run"
+    assert main(["train", str(demo_root), "--config", str(tmp_path / "config.json"), "--out", str(out)]) == 2
+    assert "crack_points_max=80, a setting that no longer exists" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_maps_follow_the_setting():
     cfg = profile_config("tiny", peak_boost=0.0, broad_weight=0.0)
     model = AnoSegModel(cfg, map_threshold=0.5, device="cpu")

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace) -> Config:
-    base = read_config(args.config) if args.config else profile_config(args.profile)
+    # a new run from a saved recipe: what this version cannot train is refused, not silently dropped
+    base = read_config(args.config, for_training=True) if args.config else profile_config(args.profile)
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     overrides.update(parse_sets(args.set))
     return base.replace(**overrides)

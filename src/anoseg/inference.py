@@ -26,8 +26,9 @@ from .modelfolder import (
     WEIGHTS_FILE,
     has_checkpoint,
     is_finished,
-    read_config,
+    read_model_config,
     read_model_meta,
+    save_model_config,
 )
 from .models import Generator
 from .postprocess import MapPostprocessor, fuse_scales
@@ -131,6 +132,7 @@ class AnoSegModel:
         self.map_background = map_background  # the normal surface's map level: outline edges are measured from it
         self.meta = dict(meta or {})
         self.detector: Detector | None = None
+        self.retired_settings: dict = {}  # how an older anoseg trained it, kept in config.json (see modelfolder)
 
     @property
     def config(self) -> Config:
@@ -159,7 +161,7 @@ class AnoSegModel:
         """config.json and model.json (metadata and thresholds): everything but the weights."""
         folder = Path(folder)
         make_output_dir(folder)
-        self.config.save(folder / CONFIG_FILE)
+        save_model_config(folder / CONFIG_FILE, self.config, self.retired_settings)
         save_json(folder / META_FILE, {**self.meta, "map_threshold": self.map_threshold,
                                        "map_score_threshold": self.map_score_threshold,
                                        "map_background": self.map_background})
@@ -173,12 +175,13 @@ class AnoSegModel:
             unfinished = has_checkpoint(folder)
             hint = " (training has not finished; resume it with --resume)" if unfinished else ""
             raise ModelFileError(f"{folder / WEIGHTS_FILE}: no trained model here{hint}")
-        config = read_config(folder / CONFIG_FILE)
+        config, retired = read_model_config(folder / CONFIG_FILE)
         meta, threshold, score_threshold, background = read_model_meta(folder)
         generator = Generator(config)
         tensors = finite_weights(load_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
         load_module(generator, tensors, "generator", folder / WEIGHTS_FILE)
         model = cls(config, generator, threshold, meta, device, score_threshold, background)
+        model.retired_settings = retired
         if (folder / DETECTOR_WEIGHTS).exists():
             model.detector = Detector.load(folder, config, model.device)
         return model

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_json
-from .config import Config
+from .config import CHOICES, Config
 from .errors import ConfigError, ModelFileError
+from .fileio import write_text_atomic
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # written last: its presence marks a finished model
@@ -55,6 +56,10 @@ OLD_DEFAULTS: dict[str, Any] = {
     "image_score_topk_weight": 0.0, "detector_batch_size": 0, "precision": "fp32", "crack_soft": False,
     "crack_points_max": 80, "crack_turn_min": 0.25,
 }
+# Choices older versions offered for settings that only shape training. A model trained with one loads for
+# inference (the choice read as today's default, or left out of a list) and is refused where it would train.
+RETIRED_CHOICES: dict[str, tuple[str, ...]] = {"seg_loss": ("l1", "asymmetric", "balanced"),
+                                               "anomaly_families": ("shading", "band")}
 # No effect on what a model computes (robustness limits, memory order, free notes): dropped.
 RETIRED_QUIETLY = ("max_rollbacks", "rollback_lr_factor", "collapse_d_loss", "collapse_patience", "channels_last",
                    "extra")
@@ -70,6 +75,12 @@ def has_checkpoint(folder: Path) -> bool:
 
 def read_config(path: str | Path, for_training: bool = False) -> Config:
     """A saved config.json, converted from the form older versions wrote (see :func:`upgrade_settings`)."""
+    return read_model_config(path, for_training)[0]
+
+
+def read_model_config(path: str | Path, for_training: bool = False) -> tuple[Config, dict[str, Any]]:
+    """A saved config.json as :func:`read_config` reads it, and the entries of it that today's settings cannot
+    hold (see :func:`upgrade_settings`): :func:`save_model_config` writes them back."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -82,14 +93,24 @@ def read_config(path: str | Path, for_training: bool = False) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: configuration must be a JSON object")
     try:
-        return Config.from_dict(upgrade_settings(data, for_training))
+        settings, retired = upgrade_settings(data, for_training)
+        return Config.from_dict(settings), retired
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def upgrade_settings(data: dict[str, Any], for_training: bool = False) -> dict[str, Any]:
-    """Settings of an older config.json in today's form: retired settings whose saved value today's code
-    reproduces are dropped, "0 means inherit" values are made explicit; anything else is refused."""
+def save_model_config(path: str | Path, cfg: Config, retired: dict[str, Any] | None = None) -> None:
+    """Write a trained model's config.json: `cfg` and the `retired` entries its file held (how the model was
+    trained, in settings or choices today's anoseg no longer has), so that rewriting never loses that record."""
+    write_text_atomic(Path(path), json.dumps({**cfg.to_dict(), **(retired or {})}, indent=2) + "\n")
+
+
+def upgrade_settings(data: dict[str, Any], for_training: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Settings of an older config.json in today's form, and the entries today's settings cannot hold.
+
+    Retired settings whose saved value today's code reproduces are dropped, and "0 means inherit" values are made
+    explicit. A retired setting or choice that only shaped training is set aside for inference (returned as the
+    second dict, to be written back unchanged) and refused `for_training`; one that shapes maps is refused."""
     data = dict(data)
     if "hard_augmentation" not in data:  # written by a version before this one: what it lacks, it did by default
         data = {**OLD_DEFAULTS, **data}
@@ -97,22 +118,41 @@ def upgrade_settings(data: dict[str, Any], for_training: bool = False) -> dict[s
         data["detector_batch_size"] = data.get("batch_size", 16)
     if data.get("coarse_region_max") == 0:
         data["coarse_region_max"] = data.get("region_max", 0.25)
+    retired = {name: data[name] for name in ("lr_d", *RETIRED_FOR_TRAINING) if name in data}
     lr_d = data.pop("lr_d", data.get("lr"))
     fixed = {**RETIRED_FOR_MAPS, **(RETIRED_FOR_TRAINING if for_training else {})}
     if for_training and lr_d != data.get("lr"):
-        raise ConfigError(_refusal("lr_d", lr_d, "the discriminator now trains at lr"))
+        raise ConfigError(_refusal("lr_d", lr_d, "the discriminator now trains at lr", for_training))
     for name in [*RETIRED_FOR_MAPS, *RETIRED_FOR_TRAINING, *RETIRED_QUIETLY]:
         if name in data:
             value = data.pop(name)
             same = value == fixed.get(name) or (name == "short_side" and value == data.get("image_size"))
             if name in fixed and not same:
-                raise ConfigError(_refusal(name, value, f"today's anoseg behaves as {name}={fixed[name]!r}"))
-    return data
+                why = f"today's anoseg behaves as {name}={fixed[name]!r}"
+                raise ConfigError(_refusal(name, value, why, for_training))
+    return data, {**retired, **_set_aside_retired_choices(data, for_training)}
 
 
-def _refusal(name: str, value: Any, why: str) -> str:
-    return (f"saved by an older anoseg with {name}={value!r}, a setting that no longer exists ({why}); "
-            "train the model again with this version")
+def _set_aside_retired_choices(data: dict[str, Any], for_training: bool) -> dict[str, Any]:
+    """Replace in `data` the choices of RETIRED_CHOICES (a model loaded for inference); returns the saved values."""
+    saved = {}
+    for name, gone in RETIRED_CHOICES.items():
+        value, default = data.get(name), getattr(Config, name)
+        is_list = isinstance(default, tuple) and isinstance(value, list | tuple)
+        old = [v for v in (value if is_list else [value]) if isinstance(v, str) and v in gone]
+        if not old:
+            continue  # today's choices, or a malformed value that Config refuses by name
+        if for_training:
+            raise ConfigError(f"{name}={value!r}: {', '.join(map(repr, old))} can no longer be trained (choose "
+                              f"from {', '.join(CHOICES[name])}); a model trained with it still predicts")
+        saved[name] = value
+        data[name] = ([v for v in value if v not in gone] or list(default)) if is_list else default
+    return saved
+
+
+def _refusal(name: str, value: Any, why: str, for_training: bool) -> str:
+    advice = "this version cannot train with it" if for_training else "train the model again with this version"
+    return f"saved by an older anoseg with {name}={value!r}, a setting that no longer exists ({why}); {advice}"
 
 
 def pop_threshold(meta: dict, path: Path, key: str) -> float | None:
