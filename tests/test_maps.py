@@ -134,6 +134,17 @@ def test_a_model_an_older_anoseg_trained_predicts_and_calibrate_keeps_how_it_was
         read_config(folder / "config.json", for_training=True)  # still refused where it would train again
 
 
+def test_a_model_saved_elsewhere_takes_its_own_record_not_the_folders(tiny_model_copy, tmp_path):
+    folder = tiny_model_copy
+    saved = {**json.loads((folder / "config.json").read_text()), "seg_loss": "balanced"}
+    (folder / "config.json").write_text(json.dumps(saved))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**saved, "seg_loss": "bce", "crack_points_max": 80}))
+    load(folder).save(other)
+    assert json.loads((other / "config.json").read_text()) == saved
+
+
 def test_train_from_a_saved_config_refuses_what_this_version_cannot_train(demo_root, tmp_path, capsys):
     from anoseg.cli import main
 
