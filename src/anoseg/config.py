@@ -257,10 +257,12 @@ class Config:
         except TypeError as e:
             raise ConfigError(f"configuration is invalid: {e}") from None
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, keep: dict[str, Any] | None = None) -> None:
+        """Write config.json; `keep`: entries an older anoseg wrote that today's settings cannot hold (a trained
+        model's record of how it was trained, :func:`anoseg.modelfolder.read_model_config`)."""
         from .fileio import write_text_atomic
 
-        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(Path(path), json.dumps({**self.to_dict(), **(keep or {})}, indent=2) + "\n")
 
 
 PROFILES: dict[str, dict[str, Any]] = {

@@ -35,14 +35,7 @@ from .data import TrainingImages, train_images
 from .detector import Detector
 from .errors import AnosegError, ConfigError, ModelFileError
 from .inference import AnoSegModel
-from .modelfolder import (
-    CONFIG_FILE,
-    DETECTOR_CKPT_STATE,
-    DETECTOR_CKPT_STEM,
-    DETECTOR_META,
-    DETECTOR_WEIGHTS,
-    save_model_config,
-)
+from .modelfolder import CONFIG_FILE, DETECTOR_CKPT_STATE, DETECTOR_CKPT_STEM, DETECTOR_META, DETECTOR_WEIGHTS
 from .progress import bar
 
 # the paper's loss weights (appendix A): adversarial, reconstruction, synthetic-anomaly classification, feature matching
@@ -232,7 +225,7 @@ def train_detector(folder: str | Path, data: str | Path | None = None, overrides
     model.detector = detector
     detector.meta = {"train_seconds": round(seconds, 2), "steps_done": cfg.detector_steps, "data": str(data)}
     calibrate(model, [files[i] for i in hold_idx] or [files[i] for i in train_idx])
-    save_model_config(folder / CONFIG_FILE, cfg, model.retired_settings)
+    cfg.save(folder / CONFIG_FILE, keep=model.retired_settings)
     detector.save(folder)
     remove_checkpoint(folder)  # the detector is written: its resume point is no longer needed
     return model

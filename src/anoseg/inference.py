@@ -28,7 +28,6 @@ from .modelfolder import (
     is_finished,
     read_model_config,
     read_model_meta,
-    save_model_config,
 )
 from .models import Generator
 from .postprocess import MapPostprocessor, fuse_scales
@@ -161,7 +160,7 @@ class AnoSegModel:
         """config.json and model.json (metadata and thresholds): everything but the weights."""
         folder = Path(folder)
         make_output_dir(folder)
-        save_model_config(folder / CONFIG_FILE, self.config, self.retired_settings)
+        self.config.save(folder / CONFIG_FILE, keep=self.retired_settings)
         save_json(folder / META_FILE, {**self.meta, "map_threshold": self.map_threshold,
                                        "map_score_threshold": self.map_score_threshold,
                                        "map_background": self.map_background})

@@ -17,7 +17,6 @@ from typing import Any
 from .checkpoint import load_json
 from .config import CHOICES, Config
 from .errors import ConfigError, ModelFileError
-from .fileio import write_text_atomic
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # written last: its presence marks a finished model
@@ -80,7 +79,8 @@ def read_config(path: str | Path, for_training: bool = False) -> Config:
 
 def read_model_config(path: str | Path, for_training: bool = False) -> tuple[Config, dict[str, Any]]:
     """A saved config.json as :func:`read_config` reads it, and the entries of it that today's settings cannot
-    hold (see :func:`upgrade_settings`): :func:`save_model_config` writes them back."""
+    hold (see :func:`upgrade_settings`): ``Config.save(path, keep=...)`` writes them back, so that rewriting a
+    model's config.json never loses how it was trained."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -97,12 +97,6 @@ def read_model_config(path: str | Path, for_training: bool = False) -> tuple[Con
         return Config.from_dict(settings), retired
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-
-
-def save_model_config(path: str | Path, cfg: Config, retired: dict[str, Any] | None = None) -> None:
-    """Write a trained model's config.json: `cfg` and the `retired` entries its file held (how the model was
-    trained, in settings or choices today's anoseg no longer has), so that rewriting never loses that record."""
-    write_text_atomic(Path(path), json.dumps({**cfg.to_dict(), **(retired or {})}, indent=2) + "\n")
 
 
 def upgrade_settings(data: dict[str, Any], for_training: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
