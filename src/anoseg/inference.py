@@ -131,7 +131,7 @@ class AnoSegModel:
         self.map_background = map_background  # the normal surface's map level: outline edges are measured from it
         self.meta = dict(meta or {})
         self.detector: Detector | None = None
-        self.retired_settings: dict = {}  # how an older anoseg trained it, kept in config.json (see modelfolder)
+        self.retired_settings: dict[str, Any] = {}  # how an older anoseg trained it, kept in config.json
 
     @property
     def config(self) -> Config:
